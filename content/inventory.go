@@ -1,0 +1,175 @@
+package content
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"slices"
+	"strings"
+	"sync"
+
+	digest "github.com/opencontainers/go-digest"
+)
+
+// Blob is one blob held by a node.
+type Blob struct {
+	Digest digest.Digest `json:"digest"`
+	Size   int64         `json:"size"`
+}
+
+// Snapshot is a consistent view of an inventory.
+type Snapshot struct {
+	// Epoch is new each time the inventory is created (each node start).
+	Epoch string `json:"epoch"`
+	// Seq grows by one on every change within an epoch.
+	Seq uint64 `json:"seq"`
+	// Blobs are the blobs held, sorted by digest.
+	Blobs []Blob `json:"blobs"`
+}
+
+// Recorder is fed with the blobs a node gains and loses. The proxy store feeds
+// it on Commit and Delete; another source (containerd's events) can feed it
+// the same way.
+type Recorder interface {
+	// Add records that the node holds dgst with the given size.
+	Add(dgst digest.Digest, size int64)
+	// Remove records that the node no longer holds dgst.
+	Remove(dgst digest.Digest)
+}
+
+// Change is one inventory change, delivered to watchers.
+type Change struct {
+	Epoch   string
+	Seq     uint64
+	Added   []Blob
+	Removed []digest.Digest
+}
+
+// Inventory is the set of (digest, size) a node holds, with an epoch and a
+// sequence number. It is safe for concurrent use.
+type Inventory struct {
+	mu       sync.RWMutex
+	epoch    string
+	seq      uint64
+	blobs    map[digest.Digest]int64
+	watchers map[int]func(Change)
+	nextW    int
+}
+
+var _ Recorder = (*Inventory)(nil)
+
+// NewInventory returns an empty inventory with a new random epoch.
+func NewInventory() *Inventory {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return &Inventory{
+		epoch:    hex.EncodeToString(b[:]),
+		blobs:    map[digest.Digest]int64{},
+		watchers: map[int]func(Change){},
+	}
+}
+
+// Epoch returns the inventory's epoch.
+func (i *Inventory) Epoch() string {
+	return i.epoch
+}
+
+// Add records dgst with size. Adding a blob already held with the same size is
+// not a change.
+func (i *Inventory) Add(dgst digest.Digest, size int64) {
+	i.mu.Lock()
+	if old, ok := i.blobs[dgst]; ok && old == size {
+		i.mu.Unlock()
+		return
+	}
+	i.blobs[dgst] = size
+	i.seq++
+	c := Change{Epoch: i.epoch, Seq: i.seq, Added: []Blob{{Digest: dgst, Size: size}}}
+	ws := i.watchersLocked()
+	i.mu.Unlock()
+	for _, w := range ws {
+		w(c)
+	}
+}
+
+// Remove forgets dgst. Removing a blob not held is not a change.
+func (i *Inventory) Remove(dgst digest.Digest) {
+	i.mu.Lock()
+	if _, ok := i.blobs[dgst]; !ok {
+		i.mu.Unlock()
+		return
+	}
+	delete(i.blobs, dgst)
+	i.seq++
+	c := Change{Epoch: i.epoch, Seq: i.seq, Removed: []digest.Digest{dgst}}
+	ws := i.watchersLocked()
+	i.mu.Unlock()
+	for _, w := range ws {
+		w(c)
+	}
+}
+
+func (i *Inventory) watchersLocked() []func(Change) {
+	if len(i.watchers) == 0 {
+		return nil
+	}
+	ws := make([]func(Change), 0, len(i.watchers))
+	for _, w := range i.watchers {
+		ws = append(ws, w)
+	}
+	return ws
+}
+
+// Watch calls fn after every change, in the order of changes for a single
+// writer; fn must not block. The returned function stops the watch.
+func (i *Inventory) Watch(fn func(Change)) (cancel func()) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	id := i.nextW
+	i.nextW++
+	i.watchers[id] = fn
+	return func() {
+		i.mu.Lock()
+		delete(i.watchers, id)
+		i.mu.Unlock()
+	}
+}
+
+// Size returns the size of dgst and whether it is held.
+func (i *Inventory) Size(dgst digest.Digest) (int64, bool) {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	s, ok := i.blobs[dgst]
+	return s, ok
+}
+
+// Have returns the blobs among dgsts that are held, in the order asked.
+func (i *Inventory) Have(dgsts []digest.Digest) []Blob {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	out := make([]Blob, 0, len(dgsts))
+	for _, d := range dgsts {
+		if s, ok := i.blobs[d]; ok {
+			out = append(out, Blob{Digest: d, Size: s})
+		}
+	}
+	return out
+}
+
+// Snapshot returns the whole inventory.
+func (i *Inventory) Snapshot() Snapshot {
+	i.mu.RLock()
+	s := Snapshot{Epoch: i.epoch, Seq: i.seq, Blobs: make([]Blob, 0, len(i.blobs))}
+	for d, n := range i.blobs {
+		s.Blobs = append(s.Blobs, Blob{Digest: d, Size: n})
+	}
+	i.mu.RUnlock()
+	slices.SortFunc(s.Blobs, func(a, b Blob) int { return strings.Compare(string(a.Digest), string(b.Digest)) })
+	return s
+}
+
+// Len returns the number of blobs held.
+func (i *Inventory) Len() int {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return len(i.blobs)
+}

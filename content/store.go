@@ -1,0 +1,159 @@
+package content
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	digest "github.com/opencontainers/go-digest"
+)
+
+// Store is a content store on disk that tells a Recorder about every blob it
+// gains (Commit) and loses (Delete).
+type Store struct {
+	ctdcontent.Store
+	rec    Recorder
+	labels *labels
+}
+
+var _ ctdcontent.Store = (*Store)(nil)
+
+// NewStore opens (creating if needed) the local store under root and feeds rec
+// with every blob already there, then with every later commit and delete.
+func NewStore(ctx context.Context, root string, rec Recorder) (*Store, error) {
+	if rec == nil {
+		return nil, fmt.Errorf("content store needs a recorder: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "blobs"), 0o755); err != nil {
+		return nil, fmt.Errorf("create content store %s: %w", root, err)
+	}
+	lbl := newLabels()
+	ls, err := local.NewLabeledStore(root, lbl)
+	if err != nil {
+		return nil, fmt.Errorf("open content store %s: %w", root, err)
+	}
+	s := &Store{Store: ls, rec: rec, labels: lbl}
+	n := 0
+	if err := ls.Walk(ctx, func(info ctdcontent.Info) error {
+		rec.Add(info.Digest, info.Size)
+		n++
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("walk content store %s: %w", root, err)
+	}
+	log.G(ctx).WithField("root", root).WithField("blobs", n).Debug("content store opened")
+	return s, nil
+}
+
+// Writer returns a writer whose successful Commit is recorded.
+func (s *Store) Writer(ctx context.Context, opts ...ctdcontent.WriterOpt) (ctdcontent.Writer, error) {
+	w, err := s.Store.Writer(ctx, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &writer{Writer: w, s: s}, nil
+}
+
+// Delete removes the blob and records it.
+// If the content is not present, ErrNotFound is returned.
+func (s *Store) Delete(ctx context.Context, dgst digest.Digest) error {
+	if _, err := s.Store.Info(ctx, dgst); err != nil {
+		return err
+	}
+	if err := s.Store.Delete(ctx, dgst); err != nil {
+		return err
+	}
+	_ = s.labels.Set(dgst, nil)
+	s.rec.Remove(dgst)
+	return nil
+}
+
+type writer struct {
+	ctdcontent.Writer
+	s *Store
+}
+
+// Commit commits the blob and records it, also when no digest is expected:
+// the digest is then the writer's own.
+func (w *writer) Commit(ctx context.Context, size int64, expected digest.Digest, opts ...ctdcontent.Opt) error {
+	err := w.Writer.Commit(ctx, size, expected, opts...)
+	if err != nil && !errdefs.IsAlreadyExists(err) {
+		return err
+	}
+	dgst := expected
+	if dgst == "" {
+		dgst = w.Writer.Digest()
+	}
+	info, ierr := w.s.Store.Info(ctx, dgst)
+	if ierr != nil {
+		log.G(ctx).WithError(ierr).WithField("digest", dgst).Warn("committed blob has no info")
+		return err
+	}
+	w.s.rec.Add(info.Digest, info.Size)
+	return err
+}
+
+// labels is an in-memory label store. containerd keeps labels in its own
+// metadata and never sends them to a proxy store, so they need not persist.
+type labels struct {
+	mu sync.Mutex
+	m  map[digest.Digest]map[string]string
+}
+
+var _ local.LabelStore = (*labels)(nil)
+
+func newLabels() *labels {
+	return &labels{m: map[digest.Digest]map[string]string{}}
+}
+
+func (l *labels) Get(d digest.Digest) (map[string]string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return copyLabels(l.m[d]), nil
+}
+
+func (l *labels) Set(d digest.Digest, m map[string]string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(m) == 0 {
+		delete(l.m, d)
+		return nil
+	}
+	l.m[d] = copyLabels(m)
+	return nil
+}
+
+func (l *labels) Update(d digest.Digest, update map[string]string) (map[string]string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	m := copyLabels(l.m[d])
+	if m == nil {
+		m = map[string]string{}
+	}
+	for k, v := range update {
+		if v == "" {
+			delete(m, k)
+		} else {
+			m[k] = v
+		}
+	}
+	l.m[d] = m
+	return copyLabels(m), nil
+}
+
+func copyLabels(m map[string]string) map[string]string {
+	if m == nil {
+		return nil
+	}
+	c := make(map[string]string, len(m))
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}

@@ -1,0 +1,106 @@
+package content
+
+import (
+	"bytes"
+	"context"
+	"testing"
+
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/content/testsuite"
+	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
+)
+
+func TestContentSuite(t *testing.T) {
+	testsuite.ContentSuite(t, "coop", func(ctx context.Context, root string) (context.Context, ctdcontent.Store, func() error, error) {
+		s, err := NewStore(ctx, root, NewInventory())
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return ctx, s, func() error { return nil }, nil
+	})
+}
+
+func write(ctx context.Context, t *testing.T, s ctdcontent.Store, ref string, data []byte, expected digest.Digest) {
+	t.Helper()
+	w, err := s.Writer(ctx, ctdcontent.WithRef(ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Commit(ctx, int64(len(data)), expected); err != nil && !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+}
+
+func TestStoreRecordsInventory(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	inv := NewInventory()
+	s, err := NewStore(ctx, root, inv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := []byte("with an expected digest")
+	b := bytes.Repeat([]byte("x"), 1<<20+3)
+	write(ctx, t, s, "a", a, digest.FromBytes(a))
+	write(ctx, t, s, "b", b, "") // as ctr import does: no expected digest
+	if got := inv.Snapshot().Seq; got != 2 {
+		t.Fatalf("seq after two commits = %d, want 2", got)
+	}
+	if n, ok := inv.Size(digest.FromBytes(b)); !ok || n != int64(len(b)) {
+		t.Fatalf("blob committed without a digest: size %d held %v", n, ok)
+	}
+	write(ctx, t, s, "a2", a, digest.FromBytes(a)) // already exists: no change
+	if got := inv.Snapshot().Seq; got != 2 {
+		t.Fatalf("seq after a duplicate commit = %d, want 2", got)
+	}
+	if err := s.Delete(ctx, digest.FromBytes(a)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := inv.Size(digest.FromBytes(a)); ok {
+		t.Fatal("deleted blob still in the inventory")
+	}
+	if got := inv.Snapshot().Seq; got != 3 {
+		t.Fatalf("seq after delete = %d, want 3", got)
+	}
+	if err := s.Delete(ctx, digest.FromBytes(a)); !errdefs.IsNotFound(err) {
+		t.Fatalf("second delete: %v, want not found", err)
+	}
+
+	// A restart walks the store: new epoch, same blobs.
+	inv2 := NewInventory()
+	if _, err := NewStore(ctx, root, inv2); err != nil {
+		t.Fatal(err)
+	}
+	if inv2.Epoch() == inv.Epoch() {
+		t.Fatal("restart kept the epoch")
+	}
+	got := inv2.Have([]digest.Digest{digest.FromBytes(a), digest.FromBytes(b)})
+	want := []Blob{{Digest: digest.FromBytes(b), Size: int64(len(b))}}
+	if len(got) != 1 || got[0] != want[0] {
+		t.Fatalf("rebuilt inventory = %v, want %v", got, want)
+	}
+}
+
+func TestInventoryWatch(t *testing.T) {
+	inv := NewInventory()
+	var got []Change
+	stop := inv.Watch(func(c Change) { got = append(got, c) })
+	d := digest.FromString("x")
+	inv.Add(d, 1)
+	inv.Add(d, 1) // no change
+	inv.Remove(d)
+	inv.Remove(d) // no change
+	stop()
+	inv.Add(d, 1)
+	if len(got) != 2 {
+		t.Fatalf("changes = %d, want 2: %+v", len(got), got)
+	}
+	if got[0].Seq != 1 || len(got[0].Added) != 1 || got[1].Seq != 2 || got[1].Removed[0] != d {
+		t.Fatalf("unexpected changes %+v", got)
+	}
+}
