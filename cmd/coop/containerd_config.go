@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+
+	"github.com/coopnet/coop/plugin"
+)
+
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error {
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			*l = append(*l, v)
+		}
+	}
+	return nil
+}
+
+func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("containerd-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		socket      = fs.String("content-socket", defaultContentSocket, "coop node's content and diff socket")
+		mirror      = fs.String("mirror-listen", defaultMirrorListen, "coop node's mirror address (loopback)")
+		hostsDir    = fs.String("hosts-dir", "/etc/containerd/certs.d", "registry hosts directory (CRI config_path; pass it to `ctr pull --hosts-dir`)")
+		base        = fs.String("base", "", "an existing containerd config.toml (version 3) to merge coop's settings into; without it only coop's part is printed")
+		output      = fs.String("output", "", "write the config here (atomically) instead of stdout")
+		write       = fs.Bool("write", false, "also write HOSTS_DIR/<registry>/hosts.toml for each --registry, merging existing files")
+		snaps, plat listFlag
+		registries  listFlag
+	)
+	fs.Var(&snaps, "snapshotter", "snapshotters to unpack with coop's differ (comma list; default overlayfs,native)")
+	fs.Var(&plat, "platform", "platforms to unpack with coop's differ (comma list; default this machine's, linux/"+runtime.GOARCH+")")
+	fs.Var(&registries, "registry", "registry to mirror, HOST[=UPSTREAM_URL] (repeatable; _default for every registry; default _default)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	if len(snaps) == 0 {
+		snaps = listFlag{"overlayfs", "native"}
+	}
+	if len(plat) == 0 {
+		plat = listFlag{"linux/" + runtime.GOARCH}
+	}
+	if len(registries) == 0 {
+		registries = listFlag{"_default"}
+	}
+	mirrorURL, err := plugin.MirrorURL(*mirror)
+	if err != nil {
+		return err
+	}
+	var baseCfg []byte
+	if *base != "" {
+		if baseCfg, err = os.ReadFile(*base); err != nil {
+			return fmt.Errorf("--base: %w", err)
+		}
+	}
+	cfg, err := plugin.MergeContainerdConfig(baseCfg, plugin.ContainerdConfigOptions{
+		ContentSocket: *socket,
+		HostsDir:      *hostsDir,
+		Snapshotters:  snaps,
+		Platforms:     plat,
+	})
+	if err != nil {
+		return err
+	}
+	var regs []plugin.Registry
+	for _, r := range registries {
+		reg, err := plugin.ParseRegistry(r)
+		if err != nil {
+			return err
+		}
+		regs = append(regs, reg)
+	}
+	if *write {
+		for _, r := range regs {
+			path, err := plugin.WriteHostsTOML(*hostsDir, r, mirrorURL)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stderr, "wrote %s\n", path)
+		}
+	}
+	if *output != "" {
+		if err := plugin.WriteFileAtomic(*output, cfg, 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "wrote %s\n", *output)
+		return nil
+	}
+	_, err = stdout.Write(cfg)
+	return err
+}

@@ -1,0 +1,261 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/content"
+	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/resolver"
+	"github.com/pelletier/go-toml/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"golang.org/x/sync/errgroup"
+)
+
+const (
+	defaultContentSocket = "/run/coop/content.sock"
+	defaultMirrorListen  = "127.0.0.1:5051"
+	defaultPeerPort      = "5050"
+)
+
+// nodeConfig is coop node's configuration: flags, or the same keys in a TOML
+// file given with --config (flags win).
+type nodeConfig struct {
+	Name          string `toml:"name"`
+	Root          string `toml:"root"`
+	ContentSocket string `toml:"content_socket"`
+	PeerListen    string `toml:"peer_listen"`
+	Advertise     string `toml:"advertise"`
+	MirrorListen  string `toml:"mirror_listen"`
+	Neighbors     string `toml:"neighbors"`
+	Index         string `toml:"index"`
+	UploadLimit   int64  `toml:"upload_limit"`
+	PeerTimeout   string `toml:"peer_timeout"`
+	StallTimeout  string `toml:"stall_timeout"`
+	LogLevel      string `toml:"log_level"`
+}
+
+func defaultNodeConfig() nodeConfig {
+	host, _ := os.Hostname()
+	return nodeConfig{
+		Name:          host,
+		Root:          "/var/lib/coop",
+		ContentSocket: defaultContentSocket,
+		PeerListen:    ":" + defaultPeerPort,
+		MirrorListen:  defaultMirrorListen,
+		Index:         "online",
+		PeerTimeout:   "500ms",
+		StallTimeout:  "5s",
+		LogLevel:      "info",
+	}
+}
+
+func (c *nodeConfig) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Name, "name", c.Name, "this node's name (default: the hostname)")
+	fs.StringVar(&c.Root, "root", c.Root, "content store directory")
+	fs.StringVar(&c.ContentSocket, "content-socket", c.ContentSocket, "unix socket for containerd's content and diff proxy plugins")
+	fs.StringVar(&c.PeerListen, "peer-listen", c.PeerListen, "peer server address (blobs and the coop API for other nodes)")
+	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "URL other nodes use to reach the peer server (default http://<hostname>:<peer port>)")
+	fs.StringVar(&c.MirrorListen, "mirror-listen", c.MirrorListen, "mirror address containerd tries first; loopback only")
+	fs.StringVar(&c.Neighbors, "neighbors", c.Neighbors, "nodes this node may fetch from: NAME=URL,NAME=URL")
+	fs.StringVar(&c.Index, "index", c.Index, "neighbour index: online (ask every neighbour per pull) or none (registry only)")
+	fs.Int64Var(&c.UploadLimit, "upload-limit", c.UploadLimit, "cap on the peer server's upload, bytes per second (0: none)")
+	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
+	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
+}
+
+// parseNodeFlags applies defaults, then the config file, then the flags set
+// on the command line.
+func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
+	cfg := defaultNodeConfig()
+	fs := flag.NewFlagSet("node", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", "", "TOML file with the same keys as the flags (name, root, content_socket, ...); flags win")
+	cfg.flags(fs)
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	if *configPath != "" {
+		b, err := os.ReadFile(*configPath)
+		if err != nil {
+			return cfg, fmt.Errorf("--config: %w", err)
+		}
+		fileCfg := defaultNodeConfig()
+		dec := toml.NewDecoder(strings.NewReader(string(b)))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&fileCfg); err != nil {
+			return cfg, fmt.Errorf("--config %s: %w", *configPath, err)
+		}
+		// Flags given on the command line win over the file.
+		given := map[string]string{}
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name != "config" {
+				given[f.Name] = f.Value.String()
+			}
+		})
+		cfg = fileCfg
+		onFile := flag.NewFlagSet("node", flag.ContinueOnError)
+		cfg.flags(onFile)
+		for name, v := range given {
+			if err := onFile.Set(name, v); err != nil {
+				return cfg, err
+			}
+		}
+	}
+	if cfg.Advertise == "" {
+		_, port, err := net.SplitHostPort(cfg.PeerListen)
+		if err != nil {
+			return cfg, fmt.Errorf("--peer-listen %q: %w", cfg.PeerListen, err)
+		}
+		host, _ := os.Hostname()
+		cfg.Advertise = "http://" + net.JoinHostPort(host, port)
+	}
+	return cfg, nil
+}
+
+func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
+	cfg, err := parseNodeFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	if err := setLogLevel(cfg.LogLevel); err != nil {
+		return err
+	}
+	if cfg.Name == "" {
+		return errors.New("--name is required (no hostname)")
+	}
+	peerTimeout, err := time.ParseDuration(cfg.PeerTimeout)
+	if err != nil || peerTimeout <= 0 {
+		return fmt.Errorf("--peer-timeout %q: want a positive duration", cfg.PeerTimeout)
+	}
+	stallTimeout, err := time.ParseDuration(cfg.StallTimeout)
+	if err != nil || stallTimeout <= 0 {
+		return fmt.Errorf("--stall-timeout %q: want a positive duration", cfg.StallTimeout)
+	}
+	if _, err := plugin.MirrorURL(cfg.MirrorListen); err != nil {
+		return fmt.Errorf("--mirror-listen: %w", err)
+	}
+	if cfg.UploadLimit < 0 {
+		return fmt.Errorf("--upload-limit %d: want 0 or more bytes per second", cfg.UploadLimit)
+	}
+	neighbors, err := resolver.ParseNeighbors(cfg.Neighbors)
+	if err != nil {
+		return fmt.Errorf("--neighbors: %w", err)
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("node", cfg.Name))
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	inv := content.NewInventory()
+	store, err := content.NewStore(ctx, cfg.Root, inv)
+	if err != nil {
+		return err
+	}
+	invGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "coop_inventory_blobs", Help: "Blobs in this node's inventory.",
+	}, func() float64 { return float64(inv.Len()) })
+	reg.MustRegister(invGauge)
+
+	peerSrv, err := peers.NewServer(peers.ServerOptions{
+		Node: cfg.Name, Store: store, Inventory: inv, Registerer: reg, Gatherer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	client := &peers.Client{Node: cfg.Name, HTTP: &http.Client{Transport: &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 5 * time.Second,
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+	}}}
+	var res resolver.Resolver
+	switch cfg.Index {
+	case "online":
+		if res, err = resolver.NewOnline(resolver.OnlineOptions{Neighbors: neighbors, Client: client, Timeout: peerTimeout}); err != nil {
+			return err
+		}
+	case "none":
+		res = resolver.None{}
+	default:
+		return fmt.Errorf("--index %q: want online or none", cfg.Index)
+	}
+	mirror, err := plugin.NewMirror(plugin.MirrorOptions{Resolver: res, Peers: client, StallTimeout: stallTimeout, Registerer: reg})
+	if err != nil {
+		return err
+	}
+
+	sock, err := content.ListenUnix(ctx, cfg.ContentSocket)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cfg.ContentSocket)
+	peerL, err := net.Listen("tcp", cfg.PeerListen)
+	if err != nil {
+		sock.Close()
+		return fmt.Errorf("--peer-listen: %w", err)
+	}
+	mirrorL, err := net.Listen("tcp", cfg.MirrorListen)
+	if err != nil {
+		sock.Close()
+		peerL.Close()
+		return fmt.Errorf("--mirror-listen: %w", err)
+	}
+
+	grpcSrv := content.NewGRPCServer(store)
+	peerHTTP := &http.Server{Handler: peers.LimitUpload(peerSrv, cfg.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
+	mirrorHTTP := &http.Server{Handler: mirror, ReadHeaderTimeout: 10 * time.Second}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return grpcSrv.Serve(sock) })
+	g.Go(func() error { return ignoreClosed(peerHTTP.Serve(peerL)) })
+	g.Go(func() error { return ignoreClosed(mirrorHTTP.Serve(mirrorL)) })
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = peerHTTP.Shutdown(sctx)
+		_ = mirrorHTTP.Shutdown(sctx)
+		stopped := make(chan struct{})
+		go func() { grpcSrv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-sctx.Done():
+			grpcSrv.Stop()
+		}
+		return nil
+	})
+	log.G(ctx).WithFields(log.Fields{
+		"root": cfg.Root, "socket": cfg.ContentSocket, "peer": peerL.Addr().String(),
+		"advertise": cfg.Advertise, "mirror": mirrorL.Addr().String(), "index": cfg.Index,
+		"neighbors": len(neighbors), "blobs": inv.Len(), "epoch": inv.Epoch(),
+	}).Info("coop node ready")
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
+		log.G(ctx).Info("coop node stopped")
+		return nil
+	}
+	return err
+}
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestParseNodeFlags(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "node.toml")
+	if err := os.WriteFile(file, []byte("name = \"from-file\"\nroot = \"/file/root\"\nindex = \"none\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte("nmae = \"typo\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		check   func(nodeConfig) bool
+		wantErr bool
+	}{
+		{"defaults", nil, func(c nodeConfig) bool {
+			return c.Index == "online" && c.MirrorListen == defaultMirrorListen && c.Advertise != ""
+		}, false},
+		{"flags", []string{"--name", "a", "--peer-listen", "127.0.0.1:7000"}, func(c nodeConfig) bool {
+			return c.Name == "a" && c.Advertise != "" && c.PeerListen == "127.0.0.1:7000"
+		}, false},
+		{"file", []string{"--config", file}, func(c nodeConfig) bool {
+			return c.Name == "from-file" && c.Root == "/file/root" && c.Index == "none"
+		}, false},
+		{"flag wins over file", []string{"--config", file, "--name", "cli"}, func(c nodeConfig) bool {
+			return c.Name == "cli" && c.Root == "/file/root"
+		}, false},
+		{"unknown key in file", []string{"--config", bad}, nil, true},
+		{"missing file", []string{"--config", filepath.Join(dir, "nope")}, nil, true},
+		{"stray argument", []string{"extra"}, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := parseNodeFlags(tc.args, io.Discard)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tc.wantErr)
+			}
+			if err == nil && !tc.check(c) {
+				t.Fatalf("config %+v", c)
+			}
+		})
+	}
+}

@@ -1,0 +1,137 @@
+package peers
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
+)
+
+// Client talks to peer servers. Every request carries ForwardedHeader.
+type Client struct {
+	// HTTP is the client used for every request; it should have no overall
+	// timeout (blobs are long), and bound connection setup and headers instead.
+	HTTP *http.Client
+	// Node is this node's name, sent as ForwardedHeader's value.
+	Node string
+}
+
+// maxHaveResponse bounds the body of a have answer.
+const maxHaveResponse = 8 << 20
+
+// Have asks the peer at baseURL which of dgsts it holds.
+func (c *Client) Have(ctx context.Context, baseURL string, dgsts []digest.Digest) (*HaveResponse, error) {
+	body, err := json.Marshal(HaveRequest{Digests: dgsts})
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimRight(baseURL, "/")+HavePath, bytes.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("peer %s: have: %s: %w", baseURL, resp.Status, errdefs.ErrUnavailable)
+	}
+	var hr HaveResponse
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxHaveResponse)).Decode(&hr); err != nil {
+		return nil, fmt.Errorf("peer %s: have: bad answer: %v: %w", baseURL, err, errdefs.ErrDataLoss)
+	}
+	return &hr, nil
+}
+
+// Fetch opens dgst at the peer at baseURL from offset (0 for the whole blob).
+// size is the blob's expected size; the peer must serve exactly the bytes
+// from offset to size. The caller closes the body and verifies the digest.
+func (c *Client) Fetch(ctx context.Context, baseURL string, dgst digest.Digest, offset, size int64) (io.ReadCloser, error) {
+	u := strings.TrimRight(baseURL, "/") + "/v2/coop/blobs/" + dgst.String()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	if offset > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(offset, 10)+"-")
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	want := http.StatusOK
+	if offset > 0 {
+		want = http.StatusPartialContent
+	}
+	if resp.StatusCode != want {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusNotFound {
+			return nil, fmt.Errorf("peer %s: blob %s: %w", baseURL, dgst, errdefs.ErrNotFound)
+		}
+		return nil, fmt.Errorf("peer %s: blob %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
+	}
+	if resp.ContentLength >= 0 && resp.ContentLength != size-offset {
+		resp.Body.Close()
+		return nil, fmt.Errorf("peer %s: blob %s: length %d, want %d: %w", baseURL, dgst, resp.ContentLength, size-offset, errdefs.ErrDataLoss)
+	}
+	return resp.Body, nil
+}
+
+func (c *Client) mark(req *http.Request) {
+	node := c.Node
+	if node == "" {
+		node = "1"
+	}
+	req.Header.Set(ForwardedHeader, node)
+}
+
+// MaxManifestSize bounds a manifest fetched from a peer.
+const MaxManifestSize = 4 << 20
+
+// FetchManifest reads the manifest dgst from the peer at baseURL, verifies it
+// against dgst and returns it with its media type.
+func (c *Client) FetchManifest(ctx context.Context, baseURL string, dgst digest.Digest) ([]byte, string, error) {
+	u := strings.TrimRight(baseURL, "/") + "/v2/coop/manifests/" + dgst.String()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, "", fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, "", fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		if resp.StatusCode == http.StatusNotFound {
+			return nil, "", fmt.Errorf("peer %s: manifest %s: %w", baseURL, dgst, errdefs.ErrNotFound)
+		}
+		return nil, "", fmt.Errorf("peer %s: manifest %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestSize+1))
+	if err != nil {
+		return nil, "", fmt.Errorf("peer %s: manifest %s: %v: %w", baseURL, dgst, err, errdefs.ErrUnavailable)
+	}
+	if len(b) > MaxManifestSize {
+		return nil, "", fmt.Errorf("peer %s: manifest %s larger than %d bytes: %w", baseURL, dgst, MaxManifestSize, errdefs.ErrDataLoss)
+	}
+	if got := dgst.Algorithm().FromBytes(b); got != dgst {
+		return nil, "", fmt.Errorf("peer %s: manifest %s hashes to %s: %w", baseURL, dgst, got, errdefs.ErrDataLoss)
+	}
+	mt := resp.Header.Get("Content-Type")
+	if mt == "" {
+		return nil, "", fmt.Errorf("peer %s: manifest %s has no media type: %w", baseURL, dgst, errdefs.ErrDataLoss)
+	}
+	return b, mt, nil
+}

@@ -1,0 +1,473 @@
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/resolver"
+	digest "github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// PeerFetcher fetches blobs and manifests from peers (peers.Client does).
+type PeerFetcher interface {
+	// Fetch opens dgst at the peer from offset; the body holds exactly the
+	// bytes from offset to size.
+	Fetch(ctx context.Context, baseURL string, dgst digest.Digest, offset, size int64) (io.ReadCloser, error)
+	// FetchManifest returns the verified manifest dgst and its media type.
+	FetchManifest(ctx context.Context, baseURL string, dgst digest.Digest) ([]byte, string, error)
+}
+
+// MirrorOptions configure a Mirror.
+type MirrorOptions struct {
+	// Resolver finds the peers holding a blob. Required.
+	Resolver resolver.Resolver
+	// Peers fetches from them. Required.
+	Peers PeerFetcher
+	// StallTimeout cuts a peer that sends nothing for this long. Default 5s.
+	StallTimeout time.Duration
+	// FailedTTL is how long a blob whose peer transfer failed is answered
+	// with 404, so that containerd's resume goes to the registry. Default 2m.
+	FailedTTL time.Duration
+	// Registerer receives the mirror's metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+}
+
+// Mirror is the loopback OCI endpoint containerd tries before each registry
+// (hosts.toml). It serves blobs and manifests by digest from peers, and
+// answers 404 at once when no peer holds them, so containerd goes on to the
+// registry by itself.
+type Mirror struct {
+	resolver resolver.Resolver
+	peers    PeerFetcher
+	stall    time.Duration
+	ttl      time.Duration
+
+	mu     sync.Mutex
+	failed map[digest.Digest]time.Time
+
+	requests *prometheus.CounterVec
+	bytes    *prometheus.CounterVec
+	locate   prometheus.Histogram
+}
+
+var _ http.Handler = (*Mirror)(nil)
+
+// NewMirror returns a Mirror.
+func NewMirror(opts MirrorOptions) (*Mirror, error) {
+	m := &Mirror{
+		resolver: opts.Resolver,
+		peers:    opts.Peers,
+		stall:    5 * time.Second,
+		ttl:      2 * time.Minute,
+		failed:   map[digest.Digest]time.Time{},
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coop_mirror_requests_total",
+			Help: "Mirror requests by kind (blob, manifest, other) and result (hit, miss, failed, loop, bad_request, aborted).",
+		}, []string{"kind", "result"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coop_mirror_peer_bytes_total",
+			Help: "Bytes the mirror received from each peer.",
+		}, []string{"node"}),
+		locate: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "coop_mirror_locate_seconds",
+			Help:    "Time the mirror spent asking the resolver for candidates.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+	}
+	if opts.StallTimeout != 0 {
+		m.stall = opts.StallTimeout
+	}
+	if opts.FailedTTL != 0 {
+		m.ttl = opts.FailedTTL
+	}
+	if m.resolver == nil || m.peers == nil {
+		return nil, fmt.Errorf("mirror needs a resolver and a peer fetcher: %w", errdefs.ErrInvalidArgument)
+	}
+	if m.stall < 0 || m.ttl < 0 {
+		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)
+	}
+	if opts.Registerer != nil {
+		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate} {
+			if err := opts.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("mirror metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
+}
+
+// The OCI name grammar, as in the distribution spec.
+var namePattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+
+// ServeHTTP routes /v2/ requests.
+func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))
+	r = r.WithContext(ctx)
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeOCIError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "the mirror is read-only")
+		return
+	}
+	p := r.URL.Path
+	switch {
+	case p == "/healthz":
+		_, _ = io.WriteString(w, "ok\n")
+		return
+	case p == "/v2/" || p == "/v2":
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, "{}")
+		return
+	}
+	kind, name, ref, ok := splitPath(p)
+	if !ok {
+		m.requests.WithLabelValues("other", "bad_request").Inc()
+		writeOCIError(w, http.StatusNotFound, "NOT_FOUND", "no such endpoint")
+		return
+	}
+	if r.Header.Get(peers.ForwardedHeader) != "" {
+		// Another coop node: never forward, or requests could loop.
+		m.requests.WithLabelValues(kind, "loop").Inc()
+		writeOCIError(w, http.StatusNotFound, unknownCode(kind), "coop mirrors do not forward")
+		return
+	}
+	if !namePattern.MatchString(name) {
+		m.requests.WithLabelValues(kind, "bad_request").Inc()
+		writeOCIError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name")
+		return
+	}
+	dgst, err := digest.Parse(ref)
+	if err != nil {
+		if kind == "manifest" {
+			// A tag: peers never resolve tags; the registry does.
+			m.requests.WithLabelValues(kind, "miss").Inc()
+			writeOCIError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "tags are not resolved through peers")
+			return
+		}
+		m.requests.WithLabelValues(kind, "bad_request").Inc()
+		writeOCIError(w, http.StatusBadRequest, "DIGEST_INVALID", err.Error())
+		return
+	}
+	if kind == "manifest" {
+		m.serveManifest(ctx, w, r, dgst)
+		return
+	}
+	m.serveBlob(ctx, w, r, dgst)
+}
+
+// splitPath splits /v2/<name>/(blobs|manifests)/<ref>.
+func splitPath(p string) (kind, name, ref string, ok bool) {
+	rest, found := strings.CutPrefix(p, "/v2/")
+	if !found {
+		return "", "", "", false
+	}
+	for _, k := range []struct{ sep, kind string }{{"/blobs/", "blob"}, {"/manifests/", "manifest"}} {
+		if i := strings.LastIndex(rest, k.sep); i > 0 {
+			ref = rest[i+len(k.sep):]
+			if ref == "" || strings.Contains(ref, "/") {
+				return "", "", "", false
+			}
+			return k.kind, rest[:i], ref, true
+		}
+	}
+	return "", "", "", false
+}
+
+func unknownCode(kind string) string {
+	if kind == "manifest" {
+		return "MANIFEST_UNKNOWN"
+	}
+	return "BLOB_UNKNOWN"
+}
+
+// candidates asks the resolver for dgst's holders, keeping those that agree
+// with the most common size.
+func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Candidate {
+	start := time.Now()
+	got, err := m.resolver.Locate(ctx, []digest.Digest{dgst})
+	m.locate.Observe(time.Since(start).Seconds())
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("locate failed; letting the registry serve")
+		return nil
+	}
+	cs := got[dgst]
+	if len(cs) < 2 {
+		return cs
+	}
+	votes := map[int64]int{}
+	for _, c := range cs {
+		votes[c.Size]++
+	}
+	best, bestN := int64(-1), 0
+	for s, n := range votes {
+		if n > bestN || (n == bestN && s < best) {
+			best, bestN = s, n
+		}
+	}
+	out := cs[:0:0]
+	for _, c := range cs {
+		if c.Size == best {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (m *Mirror) recentlyFailed(dgst digest.Digest) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	t, ok := m.failed[dgst]
+	if ok && time.Since(t) > m.ttl {
+		delete(m.failed, dgst)
+		return false
+	}
+	return ok
+}
+
+func (m *Mirror) markFailed(dgst digest.Digest) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	for d, t := range m.failed {
+		if now.Sub(t) > m.ttl {
+			delete(m.failed, d)
+		}
+	}
+	m.failed[dgst] = now
+}
+
+func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {
+	for _, c := range m.candidates(ctx, dgst) {
+		b, mt, err := m.peers.FetchManifest(ctx, c.URL, dgst)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("peer", c.Node).Info("peer failed to serve manifest")
+			continue
+		}
+		m.requests.WithLabelValues("manifest", "hit").Inc()
+		m.bytes.WithLabelValues(c.Node).Add(float64(len(b)))
+		w.Header().Set("Content-Type", mt)
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.Header().Set("Docker-Content-Digest", dgst.String())
+		if r.Method == http.MethodGet {
+			_, _ = w.Write(b)
+		}
+		return
+	}
+	m.requests.WithLabelValues("manifest", "miss").Inc()
+	writeOCIError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "no peer holds this manifest")
+}
+
+// parseRangeStart reads "bytes=N-" (the only form containerd sends). ok is
+// false for any other form.
+func parseRangeStart(h string) (int64, bool) {
+	s, found := strings.CutPrefix(h, "bytes=")
+	if !found {
+		return 0, false
+	}
+	start, end, found := strings.Cut(s, "-")
+	if !found || end != "" {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(start, 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {
+	var offset int64
+	if h := r.Header.Get("Range"); h != "" {
+		n, ok := parseRangeStart(h)
+		if !ok {
+			// Not a form containerd sends: let the registry handle it.
+			m.requests.WithLabelValues("blob", "miss").Inc()
+			writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "unsupported range; ask the registry")
+			return
+		}
+		offset = n
+	}
+	if m.recentlyFailed(dgst) {
+		// The resume of a transfer a peer broke: the registry finishes it.
+		m.requests.WithLabelValues("blob", "failed").Inc()
+		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "peer transfer failed; ask the registry")
+		return
+	}
+	cs := m.candidates(ctx, dgst)
+	if len(cs) == 0 {
+		m.requests.WithLabelValues("blob", "miss").Inc()
+		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer holds this blob")
+		return
+	}
+	size := cs[0].Size
+	if offset >= size && size > 0 {
+		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
+		writeOCIError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", "range starts past the blob")
+		return
+	}
+	if r.Method == http.MethodHead {
+		m.requests.WithLabelValues("blob", "hit").Inc()
+		w.Header().Set("Content-Length", strconv.FormatInt(size-offset, 10))
+		w.Header().Set("Docker-Content-Digest", dgst.String())
+		w.Header().Set("Content-Type", "application/octet-stream")
+		return
+	}
+
+	t := &transfer{m: m, dgst: dgst, size: size, offset: offset, cands: cs}
+	body, err := t.next(ctx)
+	if err != nil {
+		m.requests.WithLabelValues("blob", "miss").Inc()
+		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer could serve this blob")
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", dgst.String())
+	h.Set("Content-Length", strconv.FormatInt(size-offset, 10))
+	status := http.StatusOK
+	if offset > 0 {
+		status = http.StatusPartialContent
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", offset, size-1, size))
+	}
+	w.WriteHeader(status)
+	if err := t.stream(ctx, w, body); err != nil {
+		// Headers are out: the only honest answer is to cut the connection.
+		// containerd resumes with a Range request, answered 404 above, and
+		// the registry finishes the blob.
+		m.markFailed(dgst)
+		m.requests.WithLabelValues("blob", "aborted").Inc()
+		log.G(ctx).WithError(err).WithField("digest", dgst).Warn("peer transfer failed; cutting the connection so containerd resumes from the registry")
+		panic(http.ErrAbortHandler)
+	}
+	m.requests.WithLabelValues("blob", "hit").Inc()
+}
+
+// transfer streams one blob (from offset) from its candidates, one at a time,
+// moving to the next candidate at the current offset when one fails.
+type transfer struct {
+	m      *Mirror
+	dgst   digest.Digest
+	size   int64
+	offset int64
+	cands  []peers.Candidate
+	cur    peers.Candidate
+	cancel context.CancelFunc
+}
+
+// next opens the blob at the current offset from the next candidate that
+// answers.
+func (t *transfer) next(ctx context.Context) (io.ReadCloser, error) {
+	if t.cancel != nil {
+		t.cancel()
+		t.cancel = nil
+	}
+	for len(t.cands) > 0 {
+		c := t.cands[0]
+		t.cands = t.cands[1:]
+		cctx, cancel := context.WithCancel(ctx)
+		body, err := t.m.peers.Fetch(cctx, c.URL, t.dgst, t.offset, t.size)
+		if err != nil {
+			cancel()
+			log.G(ctx).WithError(err).WithField("peer", c.Node).Info("peer could not serve blob")
+			continue
+		}
+		t.cur, t.cancel = c, cancel
+		return body, nil
+	}
+	return nil, fmt.Errorf("blob %s: no candidate left: %w", t.dgst, errdefs.ErrNotFound)
+}
+
+// errStalled is returned when a peer sends nothing for the stall timeout.
+var errStalled = errors.New("peer stalled")
+
+// stream copies the blob to w, hashing as it goes (when it starts at 0). The
+// final byte is held back until the digest checks, so a corrupt blob is never
+// delivered complete.
+func (t *transfer) stream(ctx context.Context, w io.Writer, body io.ReadCloser) error {
+	defer func() {
+		if t.cancel != nil {
+			t.cancel()
+		}
+	}()
+	verify := t.offset == 0
+	h := t.dgst.Algorithm().Hash()
+	buf := make([]byte, 1<<20)
+	pos := t.offset
+	for pos < t.size {
+		n, err := t.read(body, buf[:min(int64(len(buf)), t.size-pos)])
+		if n > 0 {
+			chunk := buf[:n]
+			if verify {
+				h.Write(chunk)
+			}
+			t.m.bytes.WithLabelValues(t.cur.Node).Add(float64(n))
+			pos += int64(n)
+			if pos == t.size && verify {
+				if got := digest.NewDigest(t.dgst.Algorithm(), h); got != t.dgst {
+					body.Close()
+					return fmt.Errorf("peer %s: blob hashes to %s: %w", t.cur.Node, got, errdefs.ErrDataLoss)
+				}
+			}
+			if _, werr := w.Write(chunk); werr != nil {
+				body.Close()
+				return fmt.Errorf("write to containerd: %w", werr)
+			}
+		}
+		if err == nil {
+			continue
+		}
+		body.Close()
+		if errors.Is(err, io.EOF) && pos == t.size {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		log.G(ctx).WithError(err).WithField("peer", t.cur.Node).WithField("offset", pos).Info("peer failed mid-blob; trying the next")
+		t.offset = pos
+		var nerr error
+		if body, nerr = t.next(ctx); nerr != nil {
+			return fmt.Errorf("peer %s at offset %d: %v: %w", t.cur.Node, pos, err, nerr)
+		}
+	}
+	return nil
+}
+
+// read reads from body, cutting it off after the stall timeout without data.
+func (t *transfer) read(body io.ReadCloser, p []byte) (int, error) {
+	timer := time.AfterFunc(t.m.stall, func() {
+		if t.cancel != nil {
+			t.cancel()
+		}
+		body.Close()
+	})
+	n, err := body.Read(p)
+	if !timer.Stop() && n == 0 {
+		return 0, errStalled
+	}
+	if err == io.EOF && n > 0 {
+		err = nil
+	}
+	return n, err
+}
+
+// writeOCIError writes the OCI distribution error body.
+func writeOCIError(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+}
