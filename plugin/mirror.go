@@ -3,7 +3,6 @@ package plugin
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -41,6 +40,12 @@ type MirrorOptions struct {
 	// FailedTTL is how long a blob whose peer transfer failed is answered
 	// with 404, so that containerd's resume goes to the registry. Default 2m.
 	FailedTTL time.Duration
+	// HeaderDelay is how long a blob fetch may run before the response
+	// headers are sent anyway. Default 5s; containerd waits 30s for headers.
+	HeaderDelay time.Duration
+	// Store is the node's content store, where fetched blobs land verified.
+	// Required.
+	Store LocalStore
 	// Registerer receives the mirror's metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 }
@@ -50,10 +55,13 @@ type MirrorOptions struct {
 // answers 404 at once when no peer holds them, so containerd goes on to the
 // registry by itself.
 type Mirror struct {
-	resolver resolver.Resolver
-	peers    PeerFetcher
-	stall    time.Duration
-	ttl      time.Duration
+	resolver    resolver.Resolver
+	peers       PeerFetcher
+	store       LocalStore
+	stall       time.Duration
+	ttl         time.Duration
+	headerDelay time.Duration
+	fetches     *fetchGroup
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
@@ -65,17 +73,20 @@ type Mirror struct {
 
 var _ http.Handler = (*Mirror)(nil)
 
-// NewMirror returns a Mirror.
-func NewMirror(opts MirrorOptions) (*Mirror, error) {
+// NewMirror returns a Mirror. Fetches it starts end when ctx ends.
+func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	m := &Mirror{
-		resolver: opts.Resolver,
-		peers:    opts.Peers,
-		stall:    5 * time.Second,
-		ttl:      2 * time.Minute,
+		resolver:    opts.Resolver,
+		peers:       opts.Peers,
+		store:       opts.Store,
+		stall:       5 * time.Second,
+		ttl:         2 * time.Minute,
+		headerDelay: 5 * time.Second,
+		fetches:     newFetchGroup(ctx),
 		failed:   map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
-			Help: "Mirror requests by kind (blob, manifest, other) and result (hit, miss, failed, loop, bad_request, aborted).",
+			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
 		}, []string{"kind", "result"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_peer_bytes_total",
@@ -93,10 +104,13 @@ func NewMirror(opts MirrorOptions) (*Mirror, error) {
 	if opts.FailedTTL != 0 {
 		m.ttl = opts.FailedTTL
 	}
-	if m.resolver == nil || m.peers == nil {
-		return nil, fmt.Errorf("mirror needs a resolver and a peer fetcher: %w", errdefs.ErrInvalidArgument)
+	if opts.HeaderDelay != 0 {
+		m.headerDelay = opts.HeaderDelay
 	}
-	if m.stall < 0 || m.ttl < 0 {
+	if m.resolver == nil || m.peers == nil || m.store == nil {
+		return nil, fmt.Errorf("mirror needs a resolver, a peer fetcher and a store: %w", errdefs.ErrInvalidArgument)
+	}
+	if m.stall < 0 || m.ttl < 0 || m.headerDelay < 0 {
 		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)
 	}
 	if opts.Registerer != nil {
@@ -268,200 +282,6 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 	}
 	m.requests.WithLabelValues("manifest", "miss").Inc()
 	writeOCIError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "no peer holds this manifest")
-}
-
-// parseRangeStart reads "bytes=N-" (the only form containerd sends). ok is
-// false for any other form.
-func parseRangeStart(h string) (int64, bool) {
-	s, found := strings.CutPrefix(h, "bytes=")
-	if !found {
-		return 0, false
-	}
-	start, end, found := strings.Cut(s, "-")
-	if !found || end != "" {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(start, 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	return n, true
-}
-
-func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {
-	var offset int64
-	if h := r.Header.Get("Range"); h != "" {
-		n, ok := parseRangeStart(h)
-		if !ok {
-			// Not a form containerd sends: let the registry handle it.
-			m.requests.WithLabelValues("blob", "miss").Inc()
-			writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "unsupported range; ask the registry")
-			return
-		}
-		offset = n
-	}
-	if m.recentlyFailed(dgst) {
-		// The resume of a transfer a peer broke: the registry finishes it.
-		m.requests.WithLabelValues("blob", "failed").Inc()
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "peer transfer failed; ask the registry")
-		return
-	}
-	cs := m.candidates(ctx, dgst)
-	if len(cs) == 0 {
-		m.requests.WithLabelValues("blob", "miss").Inc()
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer holds this blob")
-		return
-	}
-	size := cs[0].Size
-	if offset >= size && size > 0 {
-		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
-		writeOCIError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", "range starts past the blob")
-		return
-	}
-	if r.Method == http.MethodHead {
-		m.requests.WithLabelValues("blob", "hit").Inc()
-		w.Header().Set("Content-Length", strconv.FormatInt(size-offset, 10))
-		w.Header().Set("Docker-Content-Digest", dgst.String())
-		w.Header().Set("Content-Type", "application/octet-stream")
-		return
-	}
-
-	t := &transfer{m: m, dgst: dgst, size: size, offset: offset, cands: cs}
-	body, err := t.next(ctx)
-	if err != nil {
-		m.requests.WithLabelValues("blob", "miss").Inc()
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer could serve this blob")
-		return
-	}
-	h := w.Header()
-	h.Set("Content-Type", "application/octet-stream")
-	h.Set("Docker-Content-Digest", dgst.String())
-	h.Set("Content-Length", strconv.FormatInt(size-offset, 10))
-	status := http.StatusOK
-	if offset > 0 {
-		status = http.StatusPartialContent
-		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", offset, size-1, size))
-	}
-	w.WriteHeader(status)
-	if err := t.stream(ctx, w, body); err != nil {
-		// Headers are out: the only honest answer is to cut the connection.
-		// containerd resumes with a Range request, answered 404 above, and
-		// the registry finishes the blob.
-		m.markFailed(dgst)
-		m.requests.WithLabelValues("blob", "aborted").Inc()
-		log.G(ctx).WithError(err).WithField("digest", dgst).Warn("peer transfer failed; cutting the connection so containerd resumes from the registry")
-		panic(http.ErrAbortHandler)
-	}
-	m.requests.WithLabelValues("blob", "hit").Inc()
-}
-
-// transfer streams one blob (from offset) from its candidates, one at a time,
-// moving to the next candidate at the current offset when one fails.
-type transfer struct {
-	m      *Mirror
-	dgst   digest.Digest
-	size   int64
-	offset int64
-	cands  []peers.Candidate
-	cur    peers.Candidate
-	cancel context.CancelFunc
-}
-
-// next opens the blob at the current offset from the next candidate that
-// answers.
-func (t *transfer) next(ctx context.Context) (io.ReadCloser, error) {
-	if t.cancel != nil {
-		t.cancel()
-		t.cancel = nil
-	}
-	for len(t.cands) > 0 {
-		c := t.cands[0]
-		t.cands = t.cands[1:]
-		cctx, cancel := context.WithCancel(ctx)
-		body, err := t.m.peers.Fetch(cctx, c.URL, t.dgst, t.offset, t.size)
-		if err != nil {
-			cancel()
-			log.G(ctx).WithError(err).WithField("peer", c.Node).Info("peer could not serve blob")
-			continue
-		}
-		t.cur, t.cancel = c, cancel
-		return body, nil
-	}
-	return nil, fmt.Errorf("blob %s: no candidate left: %w", t.dgst, errdefs.ErrNotFound)
-}
-
-// errStalled is returned when a peer sends nothing for the stall timeout.
-var errStalled = errors.New("peer stalled")
-
-// stream copies the blob to w, hashing as it goes (when it starts at 0). The
-// final byte is held back until the digest checks, so a corrupt blob is never
-// delivered complete.
-func (t *transfer) stream(ctx context.Context, w io.Writer, body io.ReadCloser) error {
-	defer func() {
-		if t.cancel != nil {
-			t.cancel()
-		}
-	}()
-	verify := t.offset == 0
-	h := t.dgst.Algorithm().Hash()
-	buf := make([]byte, 1<<20)
-	pos := t.offset
-	for pos < t.size {
-		n, err := t.read(body, buf[:min(int64(len(buf)), t.size-pos)])
-		if n > 0 {
-			chunk := buf[:n]
-			if verify {
-				h.Write(chunk)
-			}
-			t.m.bytes.WithLabelValues(t.cur.Node).Add(float64(n))
-			pos += int64(n)
-			if pos == t.size && verify {
-				if got := digest.NewDigest(t.dgst.Algorithm(), h); got != t.dgst {
-					body.Close()
-					return fmt.Errorf("peer %s: blob hashes to %s: %w", t.cur.Node, got, errdefs.ErrDataLoss)
-				}
-			}
-			if _, werr := w.Write(chunk); werr != nil {
-				body.Close()
-				return fmt.Errorf("write to containerd: %w", werr)
-			}
-		}
-		if err == nil {
-			continue
-		}
-		body.Close()
-		if errors.Is(err, io.EOF) && pos == t.size {
-			break
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		log.G(ctx).WithError(err).WithField("peer", t.cur.Node).WithField("offset", pos).Info("peer failed mid-blob; trying the next")
-		t.offset = pos
-		var nerr error
-		if body, nerr = t.next(ctx); nerr != nil {
-			return fmt.Errorf("peer %s at offset %d: %v: %w", t.cur.Node, pos, err, nerr)
-		}
-	}
-	return nil
-}
-
-// read reads from body, cutting it off after the stall timeout without data.
-func (t *transfer) read(body io.ReadCloser, p []byte) (int, error) {
-	timer := time.AfterFunc(t.m.stall, func() {
-		if t.cancel != nil {
-			t.cancel()
-		}
-		body.Close()
-	})
-	n, err := body.Read(p)
-	if !timer.Stop() && n == 0 {
-		return 0, errStalled
-	}
-	if err == io.EOF && n > 0 {
-		err = nil
-	}
-	return n, err
 }
 
 // writeOCIError writes the OCI distribution error body.

@@ -195,7 +195,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	default:
 		return fmt.Errorf("--index %q: want online or none", cfg.Index)
 	}
-	mirror, err := plugin.NewMirror(plugin.MirrorOptions{Resolver: res, Peers: client, StallTimeout: stallTimeout, Registerer: reg})
+	mirror, err := plugin.NewMirror(ctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
 	if err != nil {
 		return err
 	}

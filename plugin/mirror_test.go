@@ -1,0 +1,233 @@
+package plugin
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/coopnet/coop/content"
+	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/resolver"
+	digest "github.com/opencontainers/go-digest"
+)
+
+// staticResolver returns fixed candidates.
+type staticResolver map[digest.Digest][]peers.Candidate
+
+func (s staticResolver) Locate(_ context.Context, dgsts []digest.Digest) (map[digest.Digest][]peers.Candidate, error) {
+	if err := resolver.ValidateDigests(dgsts); err != nil {
+		return nil, err
+	}
+	out := map[digest.Digest][]peers.Candidate{}
+	for _, d := range dgsts {
+		if c, ok := s[d]; ok {
+			out[d] = c
+		}
+	}
+	return out, nil
+}
+
+// blobPeer serves data for any blob request; how depends on mode.
+func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(peers.ForwardedHeader) == "" {
+			t.Errorf("request to peer without %s", peers.ForwardedHeader)
+		}
+		off := int64(0)
+		if h := r.Header.Get("Range"); h != "" {
+			off, _ = parseRangeStart(h)
+		}
+		body := data[off:]
+		switch mode {
+		case "dead":
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		case "corrupt":
+			body = make([]byte, len(body))
+			_, _ = rand.Read(body)
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		if off > 0 {
+			w.WriteHeader(http.StatusPartialContent)
+		}
+		switch mode {
+		case "short":
+			_, _ = w.Write(body[:len(body)/2])
+			panic(http.ErrAbortHandler)
+		case "stall":
+			_, _ = w.Write(body[:len(body)/2])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+			return
+		}
+		_, _ = w.Write(body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func newTestMirror(t *testing.T, res resolver.Resolver) (*Mirror, *content.Store) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	store, err := content.NewStore(ctx, t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewMirror(ctx, MirrorOptions{
+		Resolver:     res,
+		Peers:        &peers.Client{HTTP: &http.Client{}, Node: "test"},
+		Store:        store,
+		StallTimeout: 200 * time.Millisecond,
+		HeaderDelay:  50 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, store
+}
+
+func TestMirrorBlob(t *testing.T) {
+	data := make([]byte, 3<<20+17)
+	_, _ = rand.Read(data)
+	d := digest.FromBytes(data)
+	size := int64(len(data))
+	for _, tc := range []struct {
+		name   string
+		modes  []string
+		ok     bool
+		status int
+	}{
+		{"one good peer", []string{"good"}, true, 200},
+		{"dead then good", []string{"dead", "good"}, true, 200},
+		{"short then good resumes", []string{"short", "good"}, true, 200},
+		{"stall then good resumes", []string{"stall", "good"}, true, 200},
+		{"corrupt then good", []string{"corrupt", "good"}, true, 200},
+		{"only corrupt", []string{"corrupt"}, false, 404},
+		{"only stalled", []string{"stall"}, false, 404},
+		{"no candidate", nil, false, 404},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var cs []peers.Candidate
+			for i, mode := range tc.modes {
+				cs = append(cs, peers.Candidate{Node: mode + strconv.Itoa(i), URL: blobPeer(t, data, mode).URL, Size: size})
+			}
+			m, store := newTestMirror(t, staticResolver{d: cs})
+			m.headerDelay = time.Minute // these blobs are small: answer after verifying
+			srv := httptest.NewServer(m)
+			defer srv.Close()
+			resp, err := http.Get(srv.URL + "/v2/library/x/blobs/" + d.String() + "?ns=registry.example")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			got, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, got)
+			}
+			_, err = store.Info(context.Background(), d)
+			if tc.ok {
+				if !bytes.Equal(got, data) {
+					t.Fatal("served bytes differ")
+				}
+				if err != nil {
+					t.Fatalf("blob not landed in the local store: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("a blob no peer served correctly was committed")
+			}
+			// The resume goes to the registry: 404 again, at once.
+			req, _ := http.NewRequest(http.MethodGet, srv.URL+"/v2/library/x/blobs/"+d.String(), nil)
+			req.Header.Set("Range", "bytes=100-")
+			resp2, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp2.Body.Close()
+			if resp2.StatusCode != 404 {
+				t.Fatalf("resume status %d, want 404", resp2.StatusCode)
+			}
+		})
+	}
+}
+
+// TestMirrorAbortsAfterHeaders: when headers went out before the fetch
+// failed, the body is cut before any byte, so containerd retries.
+func TestMirrorAbortsAfterHeaders(t *testing.T) {
+	data := make([]byte, 1<<20)
+	_, _ = rand.Read(data)
+	d := digest.FromBytes(data)
+	m, _ := newTestMirror(t, staticResolver{d: {{Node: "s", URL: blobPeer(t, data, "stall").URL, Size: int64(len(data))}}})
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/v2/x/blobs/" + d.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	if err == nil || n != 0 {
+		t.Fatalf("body: %d bytes, err %v; want a cut with no byte", n, err)
+	}
+}
+
+func TestMirrorRequests(t *testing.T) {
+	data := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}`)
+	d := digest.FromBytes(data)
+	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		_, _ = w.Write(data)
+	}))
+	defer peer.Close()
+	m, _ := newTestMirror(t, staticResolver{d: {{Node: "p", URL: peer.URL, Size: int64(len(data))}}})
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	for _, tc := range []struct {
+		name, method, path string
+		header             map[string]string
+		status             int
+		ctype              string
+	}{
+		{"base", "GET", "/v2/", nil, 200, "application/json"},
+		{"health", "GET", "/healthz", nil, 200, ""},
+		{"manifest by digest", "GET", "/v2/library/x/manifests/" + d.String(), nil, 200, "application/vnd.oci.image.manifest.v1+json"},
+		{"manifest head", "HEAD", "/v2/library/x/manifests/" + d.String(), nil, 200, "application/vnd.oci.image.manifest.v1+json"},
+		{"tag", "GET", "/v2/library/x/manifests/latest", nil, 404, "application/json"},
+		{"loop", "GET", "/v2/library/x/manifests/" + d.String(), map[string]string{peers.ForwardedHeader: "other"}, 404, "application/json"},
+		{"bad digest", "GET", "/v2/x/blobs/sha256:zz", nil, 400, "application/json"},
+		{"bad name", "GET", "/v2/UPPER/blobs/" + d.String(), nil, 400, "application/json"},
+		{"unknown path", "GET", "/v3/x", nil, 404, "application/json"},
+		{"push", "PUT", "/v2/x/blobs/uploads/", nil, 405, "application/json"},
+		{"bad range", "GET", "/v2/x/blobs/" + d.String(), map[string]string{"Range": "bytes=1-2"}, 404, "application/json"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, srv.URL+tc.path, nil)
+			for k, v := range tc.header {
+				req.Header.Set(k, v)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tc.status)
+			}
+			if tc.ctype != "" && resp.Header.Get("Content-Type") != tc.ctype {
+				t.Fatalf("content type %q, want %q", resp.Header.Get("Content-Type"), tc.ctype)
+			}
+		})
+	}
+}
