@@ -63,7 +63,7 @@ func (s *Store) Writer(ctx context.Context, opts ...ctdcontent.WriterOpt) (ctdco
 // Delete removes the blob and records it.
 // If the content is not present, ErrNotFound is returned.
 func (s *Store) Delete(ctx context.Context, dgst digest.Digest) error {
-	if _, err := s.Store.Info(ctx, dgst); err != nil {
+	if _, err := s.Info(ctx, dgst); err != nil {
 		return err
 	}
 	if err := s.Store.Delete(ctx, dgst); err != nil {
@@ -88,9 +88,9 @@ func (w *writer) Commit(ctx context.Context, size int64, expected digest.Digest,
 	}
 	dgst := expected
 	if dgst == "" {
-		dgst = w.Writer.Digest()
+		dgst = w.Digest()
 	}
-	info, ierr := w.s.Store.Info(ctx, dgst)
+	info, ierr := w.s.Info(ctx, dgst)
 	if ierr != nil {
 		log.G(ctx).WithError(ierr).WithField("digest", dgst).Warn("committed blob has no info")
 		return err

@@ -314,4 +314,3 @@ func (m *Mirror) readWithin(cancel context.CancelFunc, body io.ReadCloser, p []b
 	}
 	return n, err
 }
-

@@ -83,7 +83,7 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		ttl:         2 * time.Minute,
 		headerDelay: 5 * time.Second,
 		fetches:     newFetchGroup(ctx),
-		failed:   map[digest.Digest]time.Time{},
+		failed:      map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
 			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
@@ -136,11 +136,11 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := r.URL.Path
-	switch {
-	case p == "/healthz":
+	switch p {
+	case "/healthz":
 		_, _ = io.WriteString(w, "ok\n")
 		return
-	case p == "/v2/" || p == "/v2":
+	case "/v2/", "/v2":
 		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, "{}")

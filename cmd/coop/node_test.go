@@ -14,7 +14,7 @@ func TestParseNodeFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	bad := filepath.Join(dir, "bad.toml")
-	if err := os.WriteFile(bad, []byte("nmae = \"typo\"\n"), 0o644); err != nil {
+	if err := os.WriteFile(bad, []byte("nmea = \"typo\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
