@@ -26,8 +26,15 @@ func NewGRPCServer(store *Store) *grpc.Server {
 	srv := grpc.NewServer(
 		grpc.MaxRecvMsgSize(16<<20),
 		grpc.MaxSendMsgSize(16<<20),
+		// containerd writes blobs in 1 MiB messages, one round trip each:
+		// large flow-control windows and socket buffers keep a message
+		// from waiting for window updates.
+		grpc.InitialWindowSize(8<<20),
+		grpc.InitialConnWindowSize(16<<20),
+		grpc.ReadBufferSize(1<<20),
+		grpc.WriteBufferSize(256<<10),
 	)
-	contentapi.RegisterContentServer(srv, contentserver.New(store))
+	contentapi.RegisterContentServer(srv, &pipelinedContent{ContentServer: contentserver.New(store), store: store})
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(
 		apply.NewFileSystemApplier(store),
 		walking.NewWalkingDiff(store),

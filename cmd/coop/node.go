@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"time"
@@ -44,6 +45,7 @@ type nodeConfig struct {
 	PeerTimeout   string `toml:"peer_timeout"`
 	StallTimeout  string `toml:"stall_timeout"`
 	LogLevel      string `toml:"log_level"`
+	DebugListen   string `toml:"debug_listen"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -74,6 +76,7 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
+	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 }
 
 // parseNodeFlags applies defaults, then the config file, then the flags set
@@ -222,6 +225,19 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	mirrorHTTP := &http.Server{Handler: mirror, ReadHeaderTimeout: 10 * time.Second}
 
 	g, gctx := errgroup.WithContext(ctx)
+	if cfg.DebugListen != "" {
+		if _, err := plugin.MirrorURL(cfg.DebugListen); err != nil {
+			return fmt.Errorf("--debug-listen: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		debugHTTP := &http.Server{Addr: cfg.DebugListen, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		g.Go(func() error { return ignoreClosed(debugHTTP.ListenAndServe()) })
+		g.Go(func() error { <-gctx.Done(); return debugHTTP.Close() })
+	}
 	g.Go(func() error { return grpcSrv.Serve(sock) })
 	g.Go(func() error { return ignoreClosed(peerHTTP.Serve(peerL)) })
 	g.Go(func() error { return ignoreClosed(mirrorHTTP.Serve(mirrorL)) })
