@@ -212,4 +212,3 @@ func (q *writeQueue) close() {
 }
 
 var _ contentapi.ContentServer = (*pipelinedContent)(nil)
-
