@@ -134,6 +134,27 @@ func (i *Inventory) Watch(fn func(Change)) (cancel func()) {
 	}
 }
 
+// Version returns the epoch and the current seq.
+func (i *Inventory) Version() (epoch string, seq uint64) {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.epoch, i.seq
+}
+
+// HaveAt returns the blobs among dgsts that are held, with the epoch and seq
+// of the moment they were read.
+func (i *Inventory) HaveAt(dgsts []digest.Digest) (blobs []Blob, epoch string, seq uint64) {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	blobs = make([]Blob, 0, len(dgsts))
+	for _, d := range dgsts {
+		if s, ok := i.blobs[d]; ok {
+			blobs = append(blobs, Blob{Digest: d, Size: s})
+		}
+	}
+	return blobs, i.epoch, i.seq
+}
+
 // Size returns the size of dgst and whether it is held.
 func (i *Inventory) Size(dgst digest.Digest) (int64, bool) {
 	i.mu.RLock()
@@ -144,15 +165,8 @@ func (i *Inventory) Size(dgst digest.Digest) (int64, bool) {
 
 // Have returns the blobs among dgsts that are held, in the order asked.
 func (i *Inventory) Have(dgsts []digest.Digest) []Blob {
-	i.mu.RLock()
-	defer i.mu.RUnlock()
-	out := make([]Blob, 0, len(dgsts))
-	for _, d := range dgsts {
-		if s, ok := i.blobs[d]; ok {
-			out = append(out, Blob{Digest: d, Size: s})
-		}
-	}
-	return out
+	blobs, _, _ := i.HaveAt(dgsts)
+	return blobs
 }
 
 // Snapshot returns the whole inventory.

@@ -63,7 +63,7 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 		if !ok {
 			// Not a form containerd sends: let the registry handle it.
 			m.requests.WithLabelValues("blob", "miss").Inc()
-			writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "unsupported range; ask the registry")
+			writeOCIError(ctx, w, http.StatusNotFound, peers.CodeBlobUnknown, "unsupported range; ask the registry")
 			return
 		}
 		offset = n
@@ -75,19 +75,19 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 	}
 	if m.recentlyFailed(dgst) {
 		m.requests.WithLabelValues("blob", "failed").Inc()
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "peer transfer failed; ask the registry")
+		writeOCIError(ctx, w, http.StatusNotFound, peers.CodeBlobUnknown, "peer transfer failed; ask the registry")
 		return
 	}
 	cs := m.candidates(ctx, dgst)
 	if len(cs) == 0 {
 		m.requests.WithLabelValues("blob", "miss").Inc()
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer holds this blob")
+		writeOCIError(ctx, w, http.StatusNotFound, peers.CodeBlobUnknown, "no peer holds this blob")
 		return
 	}
 	size := cs[0].Size
 	if offset >= size {
 		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
-		writeOCIError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", "range starts past the blob")
+		writeOCIError(ctx, w, http.StatusRequestedRangeNotSatisfiable, peers.CodeRangeInvalid, "range starts past the blob")
 		return
 	}
 	if r.Method == http.MethodHead {
@@ -124,7 +124,7 @@ wait:
 		log.G(ctx).WithError(err).WithField("digest", dgst).Warn("no peer could serve the blob; the registry will")
 		if !headersSent {
 			m.requests.WithLabelValues("blob", "failed").Inc()
-			writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no peer could serve this blob")
+			writeOCIError(ctx, w, http.StatusNotFound, peers.CodeBlobUnknown, "no peer could serve this blob")
 			return
 		}
 		m.requests.WithLabelValues("blob", "aborted").Inc()
@@ -158,7 +158,7 @@ func (m *Mirror) sendLocal(ctx context.Context, w http.ResponseWriter, r *http.R
 		if headersSent {
 			panic(http.ErrAbortHandler)
 		}
-		writeOCIError(w, http.StatusNotFound, "BLOB_UNKNOWN", "blob vanished from the local store")
+		writeOCIError(ctx, w, http.StatusNotFound, peers.CodeBlobUnknown, "blob vanished from the local store")
 		return
 	}
 	defer ra.Close()
@@ -167,7 +167,7 @@ func (m *Mirror) sendLocal(ctx context.Context, w http.ResponseWriter, r *http.R
 			panic(http.ErrAbortHandler)
 		}
 		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(ra.Size(), 10))
-		writeOCIError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", "range starts past the blob")
+		writeOCIError(ctx, w, http.StatusRequestedRangeNotSatisfiable, peers.CodeRangeInvalid, "range starts past the blob")
 		return
 	}
 	if !headersSent {

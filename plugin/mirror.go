@@ -2,11 +2,10 @@ package plugin
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -123,8 +122,6 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	return m, nil
 }
 
-// The OCI name grammar, as in the distribution spec.
-var namePattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
 
 // ServeHTTP routes /v2/ requests.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -132,7 +129,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r = r.WithContext(ctx)
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		writeOCIError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "the mirror is read-only")
+		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "the mirror is read-only")
 		return
 	}
 	p := r.URL.Path
@@ -149,18 +146,18 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	kind, name, ref, ok := splitPath(p)
 	if !ok {
 		m.requests.WithLabelValues("other", "bad_request").Inc()
-		writeOCIError(w, http.StatusNotFound, "NOT_FOUND", "no such endpoint")
+		writeOCIError(ctx, w, http.StatusNotFound, peers.CodeNotFound, "no such endpoint")
 		return
 	}
 	if r.Header.Get(peers.ForwardedHeader) != "" {
 		// Another coop node: never forward, or requests could loop.
 		m.requests.WithLabelValues(kind, "loop").Inc()
-		writeOCIError(w, http.StatusNotFound, unknownCode(kind), "coop mirrors do not forward")
+		writeOCIError(ctx, w, http.StatusNotFound, unknownCode(kind), "coop mirrors do not forward")
 		return
 	}
-	if !namePattern.MatchString(name) {
+	if !peers.ValidName(name) {
 		m.requests.WithLabelValues(kind, "bad_request").Inc()
-		writeOCIError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name")
+		writeOCIError(ctx, w, http.StatusBadRequest, peers.CodeNameInvalid, "invalid repository name")
 		return
 	}
 	dgst, err := digest.Parse(ref)
@@ -168,11 +165,11 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if kind == "manifest" {
 			// A tag: peers never resolve tags; the registry does.
 			m.requests.WithLabelValues(kind, "miss").Inc()
-			writeOCIError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "tags are not resolved through peers")
+			writeOCIError(ctx, w, http.StatusNotFound, peers.CodeManifestUnknown, "tags are not resolved through peers")
 			return
 		}
 		m.requests.WithLabelValues(kind, "bad_request").Inc()
-		writeOCIError(w, http.StatusBadRequest, "DIGEST_INVALID", err.Error())
+		writeOCIError(ctx, w, http.StatusBadRequest, peers.CodeDigestInvalid, err.Error())
 		return
 	}
 	if kind == "manifest" {
@@ -202,9 +199,9 @@ func splitPath(p string) (kind, name, ref string, ok bool) {
 
 func unknownCode(kind string) string {
 	if kind == "manifest" {
-		return "MANIFEST_UNKNOWN"
+		return peers.CodeManifestUnknown
 	}
-	return "BLOB_UNKNOWN"
+	return peers.CodeBlobUnknown
 }
 
 // candidates asks the resolver for dgst's holders, keeping those that agree
@@ -281,13 +278,12 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 		return
 	}
 	m.requests.WithLabelValues("manifest", "miss").Inc()
-	writeOCIError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "no peer holds this manifest")
+	writeOCIError(ctx, w, http.StatusNotFound, peers.CodeManifestUnknown, "no peer holds this manifest")
 }
 
-// writeOCIError writes the OCI distribution error body.
-func writeOCIError(w http.ResponseWriter, status int, code, msg string) {
-	w.Header().Set("Content-Type", "application/json")
+// writeOCIError answers with the OCI distribution error body, through the
+// peer server's single error writer.
+func writeOCIError(ctx context.Context, w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+	peers.WriteError(ctx, w, &peers.Error{Status: status, Code: code, Err: errors.New(msg)})
 }
