@@ -1,0 +1,266 @@
+// Command bench measures coop against containerd alone, on real containerd
+// processes and a registry on loopback, and writes bench-results/latest.json.
+//
+//	P3: a pull through coop's mirror when no peer holds anything, against the
+//	    same pull with no mirror configured (the cost of a miss).
+//	P4: a local pull+unpack through coop's content proxy and diff service,
+//	    against containerd's built-in content store, through ctr and CRI.
+//
+// Every sample uses fresh nodes (empty stores), runs alternate between the
+// two sides, and the ratio is of medians taken in the same run.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coopnet/coop/test/harness"
+)
+
+// Run is one side of a comparison.
+type Run struct {
+	Label   string    `json:"label"`
+	Seconds float64   `json:"seconds"` // median
+	Samples []float64 `json:"samples"`
+}
+
+// Scenario is one comparison.
+type Scenario struct {
+	Name        string  `json:"name"`
+	Description string  `json:"description"`
+	Bytes       int64   `json:"bytes"`
+	Runs        []Run   `json:"runs"`
+	Ratio       float64 `json:"ratio"` // second run's median over the first's
+	Target      float64 `json:"target"`
+}
+
+// Results is bench-results/latest.json.
+type Results struct {
+	Date      string     `json:"date"`
+	Quick     bool       `json:"quick"`
+	Scenarios []Scenario `json:"scenarios"`
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	quick bool
+	runs  int
+	out   string
+	only  string
+}
+
+func run(ctx context.Context) error {
+	var o options
+	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
+	flag.IntVar(&o.runs, "runs", 5, "samples per side")
+	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P3,P4)")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		return errors.New("the benchmarks start containerd and mount overlays: run as root (sudo make bench)")
+	}
+	if o.quick && o.runs == 5 {
+		o.runs = 2
+	}
+	tools, err := harness.FindTools(true)
+	if err != nil {
+		return err
+	}
+	reg, err := harness.StartRegistry(ctx, harness.RegistryOptions{})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+
+	res := Results{Date: time.Now().UTC().Format(time.RFC3339), Quick: o.quick}
+	want := func(name string) bool {
+		return o.only == "" || slices.Contains(strings.Split(o.only, ","), name)
+	}
+	if want("P3") {
+		s, err := p3(ctx, tools, reg, o)
+		if err != nil {
+			return fmt.Errorf("P3: %w", err)
+		}
+		res.Scenarios = append(res.Scenarios, s)
+	}
+	if want("P4") {
+		for _, via := range []string{"ctr", "cri"} {
+			s, err := p4(ctx, tools, reg, o, via)
+			if err != nil {
+				return fmt.Errorf("P4 %s: %w", via, err)
+			}
+			res.Scenarios = append(res.Scenarios, s)
+		}
+	}
+	printTable(res)
+	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(o.out, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("\nwrote %s\n", o.out)
+	return nil
+}
+
+const mib = 1 << 20
+
+// timedPull starts a fresh node, times pull on it and stops it.
+func timedPull(ctx context.Context, tools *harness.Tools, opts harness.NodeOptions, pull func(*harness.Node) error) (float64, error) {
+	opts.CoopLogLevel = "info"
+	n, err := harness.StartNode(ctx, tools, opts)
+	if err != nil {
+		return 0, err
+	}
+	defer n.Stop()
+	start := time.Now()
+	if err := pull(n); err != nil {
+		return 0, fmt.Errorf("%s: %w\n%s", opts.Name, err, n.LogTail(20))
+	}
+	return time.Since(start).Seconds(), nil
+}
+
+// compare takes runs samples of each side, alternating which goes first.
+func compare(ctx context.Context, runs int, a, b func() (float64, error), la, lb string) ([]Run, error) {
+	ra, rb := Run{Label: la}, Run{Label: lb}
+	for i := range runs {
+		order := []*Run{&ra, &rb}
+		fns := []func() (float64, error){a, b}
+		if i%2 == 1 {
+			order[0], order[1] = order[1], order[0]
+			fns[0], fns[1] = fns[1], fns[0]
+		}
+		for k, f := range fns {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			s, err := f()
+			if err != nil {
+				return nil, err
+			}
+			order[k].Samples = append(order[k].Samples, s)
+			fmt.Fprintf(os.Stderr, "  %-22s %.3f s\n", order[k].Label, s)
+		}
+	}
+	ra.Seconds, rb.Seconds = median(ra.Samples), median(rb.Samples)
+	return []Run{ra, rb}, nil
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func p3(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options) (Scenario, error) {
+	layers := []int64{32 * mib, 32 * mib, 32 * mib, 32 * mib, 8 * mib, 8 * mib, 8 * mib, 8 * mib}
+	if o.quick {
+		layers = []int64{8 * mib, 8 * mib, 2 * mib, 2 * mib}
+	}
+	img, err := reg.PushRandomImage(ctx, harness.ImageSpec{Repo: "bench/p3", LayerSizes: layers})
+	if err != nil {
+		return Scenario{}, err
+	}
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	noMirror := func() (float64, error) {
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p3-direct", Registries: up}, func(n *harness.Node) error {
+			_, err := n.Ctr(ctx, "image", "pull", "--plain-http", img.Ref)
+			return err
+		})
+	}
+	mirror := func() (float64, error) {
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p3-mirror", Registries: up}, func(n *harness.Node) error {
+			return n.PullCtr(ctx, img.Ref)
+		})
+	}
+	runs, err := compare(ctx, o.runs, noMirror, mirror, "no mirror", "mirror, no candidate")
+	if err != nil {
+		return Scenario{}, err
+	}
+	return Scenario{
+		Name:        "P3",
+		Description: fmt.Sprintf("pull of %d layers (%d MiB) via ctr on a coop node: through the mirror with no candidate vs no mirror", len(layers), img.TotalBytes()/mib),
+		Bytes:       img.TotalBytes(),
+		Runs:        runs,
+		Ratio:       runs[1].Seconds / runs[0].Seconds,
+		Target:      1.02,
+	}, nil
+}
+
+func p4(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via string) (Scenario, error) {
+	layers := []int64{256 * mib}
+	if o.quick {
+		layers = []int64{64 * mib}
+	}
+	img, err := reg.PushRandomImage(ctx, harness.ImageSpec{Repo: "bench/p4-" + via, LayerSizes: layers})
+	if err != nil {
+		return Scenario{}, err
+	}
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	pull := func(n *harness.Node) error {
+		if via == "cri" {
+			return n.PullCRI(ctx, img.Ref)
+		}
+		return n.PullCtr(ctx, img.Ref)
+	}
+	builtin := func() (float64, error) {
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-builtin", Plain: true, Registries: up}, pull)
+	}
+	coop := func() (float64, error) {
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-coop", Registries: up}, pull)
+	}
+	runs, err := compare(ctx, o.runs, builtin, coop, "built-in store", "coop proxy + diff")
+	if err != nil {
+		return Scenario{}, err
+	}
+	return Scenario{
+		Name:        "P4-" + via,
+		Description: fmt.Sprintf("local pull+unpack of a %d MiB layer through %s: coop's content proxy and diff service vs the built-in store", img.LayerBytes()/mib, via),
+		Bytes:       img.TotalBytes(),
+		Runs:        runs,
+		Ratio:       runs[1].Seconds / runs[0].Seconds,
+		Target:      1.10,
+	}, nil
+}
+
+func printTable(res Results) {
+	fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
+	fmt.Println("|---|---|---|---|---|---|---|")
+	for _, s := range res.Scenarios {
+		verdict := "met"
+		if s.Ratio > s.Target {
+			verdict = "missed"
+		}
+		fmt.Printf("| %s | %s | %.3f | %s | %.3f | %.3f× | ≤ %.2f× (%s) |\n",
+			s.Name, s.Runs[0].Label, s.Runs[0].Seconds, s.Runs[1].Label, s.Runs[1].Seconds, s.Ratio, s.Target, verdict)
+	}
+}
