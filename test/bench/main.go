@@ -193,7 +193,17 @@ func p3(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o opti
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
 	noMirror := func() (float64, error) {
 		return timedPull(ctx, tools, harness.NodeOptions{Name: "p3-direct", Registries: up}, func(n *harness.Node) error {
-			_, err := n.Ctr(ctx, "image", "pull", "--plain-http", img.Ref)
+			// The same pull, through a hosts.toml that names only the
+			// registry.
+			dir := filepath.Join(n.Dir, "hosts-no-mirror")
+			hosts := fmt.Sprintf("server = %q\n", reg.URL())
+			if err := os.MkdirAll(filepath.Join(dir, reg.Host()), 0o755); err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dir, reg.Host(), "hosts.toml"), []byte(hosts), 0o644); err != nil {
+				return err
+			}
+			_, err := n.Ctr(ctx, "image", "pull", "--hosts-dir", dir, img.Ref)
 			return err
 		})
 	}
