@@ -346,8 +346,8 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 	defer s.metrics.activeUploads.Dec()
 	buf := s.bufs.Get().(*[]byte)
 	defer s.bufs.Put(buf)
-	n, err := io.CopyBuffer(w, io.NewSectionReader(ra, start, length), *buf)
-	s.metrics.servedBytes.Add(float64(n))
+	// Counted as it goes, so the metric shows a transfer in progress.
+	n, err := io.CopyBuffer(&servedCounter{w: w, c: s.metrics.servedBytes}, io.NewSectionReader(ra, start, length), *buf)
 	if err != nil {
 		return fmt.Errorf("send blob %s after %d bytes: %w", dgst, n, err)
 	}
@@ -355,6 +355,18 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 		return fmt.Errorf("blob %s ended after %d of %d bytes: %w", dgst, n, length, io.ErrUnexpectedEOF)
 	}
 	return nil
+}
+
+// servedCounter counts bytes into a counter as they are written.
+type servedCounter struct {
+	w io.Writer
+	c prometheus.Counter
+}
+
+func (s *servedCounter) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	s.c.Add(float64(n))
+	return n, err
 }
 
 // parseByteRange parses a Range header for a blob of size bytes into the

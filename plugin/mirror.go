@@ -122,7 +122,6 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	return m, nil
 }
 
-
 // ServeHTTP routes /v2/ requests.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))

@@ -135,7 +135,11 @@ func timedPull(ctx context.Context, tools *harness.Tools, opts harness.NodeOptio
 	if err != nil {
 		return 0, err
 	}
-	defer n.Stop()
+	defer func() {
+		if err := n.Stop(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: stop %s: %v\n", opts.Name, err)
+		}
+	}()
 	start := time.Now()
 	if err := pull(n); err != nil {
 		return 0, fmt.Errorf("%s: %w\n%s", opts.Name, err, n.LogTail(20))
