@@ -16,6 +16,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -25,6 +27,7 @@ import (
 	"time"
 
 	"github.com/coopnet/coop/test/harness"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // Run is one side of a comparison.
@@ -49,6 +52,18 @@ type Results struct {
 	Date      string     `json:"date"`
 	Quick     bool       `json:"quick"`
 	Scenarios []Scenario `json:"scenarios"`
+	Latencies []Latency  `json:"latencies"`
+}
+
+// Latency is a latency distribution.
+type Latency struct {
+	Name        string  `json:"name"`
+	Description string  `json:"description"`
+	Requests    int     `json:"requests"`
+	P50Ms       float64 `json:"p50_ms"`
+	P99Ms       float64 `json:"p99_ms"`
+	MaxMs       float64 `json:"max_ms"`
+	TargetP99Ms float64 `json:"target_p99_ms"`
 }
 
 func main() {
@@ -71,14 +86,14 @@ type options struct {
 func run(ctx context.Context) error {
 	var o options
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
-	flag.IntVar(&o.runs, "runs", 5, "samples per side")
+	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
 	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P3,P4)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		return errors.New("the benchmarks start containerd and mount overlays: run as root (sudo make bench)")
 	}
-	if o.quick && o.runs == 5 {
+	if o.quick && o.runs == 9 {
 		o.runs = 2
 	}
 	tools, err := harness.FindTools(true)
@@ -101,6 +116,13 @@ func run(ctx context.Context) error {
 			return fmt.Errorf("P3: %w", err)
 		}
 		res.Scenarios = append(res.Scenarios, s)
+	}
+	if want("P3") {
+		s, err := p3Latency(ctx, tools, o)
+		if err != nil {
+			return fmt.Errorf("P3 latency: %w", err)
+		}
+		res.Latencies = append(res.Latencies, s)
 	}
 	if want("P4") {
 		for _, via := range []string{"ctr", "cri"} {
@@ -266,6 +288,55 @@ func p4(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o opti
 	}, nil
 }
 
+// p3Latency times the mirror's answer for blobs nobody holds, on a node
+// whose online index asks three live neighbours (real coop nodes) each time.
+func p3Latency(ctx context.Context, tools *harness.Tools, o options) (Latency, error) {
+	var neighbors []harness.Neighbor
+	for i := range 3 {
+		n, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: fmt.Sprintf("p3-nb%d", i), CoopLogLevel: "info"})
+		if err != nil {
+			return Latency{}, err
+		}
+		defer n.Stop() //nolint:errcheck // best effort at the end of the benchmark
+		neighbors = append(neighbors, n.AsNeighbor())
+	}
+	a, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: "p3-dest", Neighbors: neighbors, CoopLogLevel: "info"})
+	if err != nil {
+		return Latency{}, err
+	}
+	defer a.Stop() //nolint:errcheck // best effort at the end of the benchmark
+	requests := 2000
+	if o.quick {
+		requests = 300
+	}
+	client := &http.Client{}
+	var ms []float64
+	for i := range requests {
+		d := digest.FromString(fmt.Sprintf("missing-%d-%d", time.Now().UnixNano(), i))
+		start := time.Now()
+		resp, err := client.Get(a.MirrorURL() + "/v2/bench/p3/blobs/" + d.String() + "?ns=registry.example")
+		if err != nil {
+			return Latency{}, err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound {
+			return Latency{}, fmt.Errorf("mirror answered %s for a blob nobody holds", resp.Status)
+		}
+		ms = append(ms, float64(time.Since(start).Microseconds())/1000)
+	}
+	slices.Sort(ms)
+	return Latency{
+		Name:        "P3-miss-latency",
+		Description: "mirror 404 for a blob no neighbour holds; online index asking 3 live coop neighbours on loopback",
+		Requests:    requests,
+		P50Ms:       ms[len(ms)/2],
+		P99Ms:       ms[len(ms)*99/100],
+		MaxMs:       ms[len(ms)-1],
+		TargetP99Ms: 5,
+	}, nil
+}
+
 func printTable(res Results) {
 	fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
 	fmt.Println("|---|---|---|---|---|---|---|")
@@ -276,5 +347,17 @@ func printTable(res Results) {
 		}
 		fmt.Printf("| %s | %s | %.3f | %s | %.3f | %.3f× | ≤ %.2f× (%s) |\n",
 			s.Name, s.Runs[0].Label, s.Runs[0].Seconds, s.Runs[1].Label, s.Runs[1].Seconds, s.Ratio, s.Target, verdict)
+	}
+	if len(res.Latencies) > 0 {
+		fmt.Println()
+		fmt.Println("| latency | requests | p50 ms | p99 ms | max ms | target p99 |")
+		fmt.Println("|---|---|---|---|---|---|")
+		for _, l := range res.Latencies {
+			verdict := "met"
+			if l.P99Ms > l.TargetP99Ms {
+				verdict = "missed"
+			}
+			fmt.Printf("| %s | %d | %.2f | %.2f | %.2f | ≤ %.0f ms (%s) |\n", l.Name, l.Requests, l.P50Ms, l.P99Ms, l.MaxMs, l.TargetP99Ms, verdict)
+		}
 	}
 }
