@@ -21,7 +21,7 @@ build: ## build bin/coop
 tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane, the OCI conformance suite into bin/
 	@mkdir -p $(BIN)
 	@test -x $(BIN)/containerd -a -x $(BIN)/ctr -a -x $(BIN)/containerd-shim-runc-v2 && \
-	  $(BIN)/containerd --version | grep -q '$(CONTAINERD_VERSION)' || { \
+	  $(BIN)/containerd --version | grep -q ' $(patsubst v%,%,$(CONTAINERD_VERSION))+' || { \
 	  echo "building containerd $(CONTAINERD_VERSION)"; \
 	  CGO_ENABLED=0 $(GO) build -o $(BIN)/ github.com/containerd/containerd/v2/cmd/containerd \
 	    github.com/containerd/containerd/v2/cmd/ctr \
