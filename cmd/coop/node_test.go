@@ -1,9 +1,12 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -48,5 +51,32 @@ func TestParseNodeFlags(t *testing.T) {
 				t.Fatalf("config %+v", c)
 			}
 		})
+	}
+}
+
+func TestRunNodeRejectsBadInput(t *testing.T) {
+	dir := t.TempDir()
+	base := []string{"node", "--root", filepath.Join(dir, "root"), "--content-socket", filepath.Join(dir, "c.sock"),
+		"--peer-listen", "127.0.0.1:0"}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"mirror not loopback", []string{"--mirror-listen", "0.0.0.0:5051"}, "not loopback"},
+		{"unknown index", []string{"--mirror-listen", "127.0.0.1:5051", "--index", "gossip"}, "--index"},
+		{"bad neighbour", []string{"--mirror-listen", "127.0.0.1:5051", "--neighbors", "a=ftp://x"}, "--neighbors"},
+		{"negative upload limit", []string{"--mirror-listen", "127.0.0.1:5051", "--upload-limit", "-1"}, "--upload-limit"},
+		{"bad stall timeout", []string{"--mirror-listen", "127.0.0.1:5051", "--stall-timeout", "soon"}, "--stall-timeout"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := run(context.Background(), append(append([]string{}, base...), tc.args...), io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+	if err := run(context.Background(), []string{"nope"}, io.Discard, io.Discard); !errors.Is(err, errUsage) {
+		t.Fatalf("unknown command: %v", err)
 	}
 }
