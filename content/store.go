@@ -20,6 +20,9 @@ type Store struct {
 	ctdcontent.Store
 	rec    Recorder
 	labels *labels
+	// locks orders a commit and a delete of the same digest, so the
+	// recorder sees them in the order the files changed.
+	locks *digestLocks
 }
 
 var _ ctdcontent.Store = (*Store)(nil)
@@ -38,7 +41,7 @@ func NewStore(ctx context.Context, root string, rec Recorder) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open content store %s: %w", root, err)
 	}
-	s := &Store{Store: ls, rec: rec, labels: lbl}
+	s := &Store{Store: ls, rec: rec, labels: lbl, locks: newDigestLocks()}
 	n := 0
 	if err := ls.Walk(ctx, func(info ctdcontent.Info) error {
 		rec.Add(info.Digest, info.Size)
@@ -63,6 +66,8 @@ func (s *Store) Writer(ctx context.Context, opts ...ctdcontent.WriterOpt) (ctdco
 // Delete removes the blob and records it.
 // If the content is not present, ErrNotFound is returned.
 func (s *Store) Delete(ctx context.Context, dgst digest.Digest) error {
+	unlock := s.locks.lock(dgst)
+	defer unlock()
 	if _, err := s.Info(ctx, dgst); err != nil {
 		return err
 	}
@@ -82,13 +87,15 @@ type writer struct {
 // Commit commits the blob and records it, also when no digest is expected:
 // the digest is then the writer's own.
 func (w *writer) Commit(ctx context.Context, size int64, expected digest.Digest, opts ...ctdcontent.Opt) error {
+	dgst := expected
+	if dgst == "" {
+		dgst = w.Digest() // of the bytes written so far: what commit lands
+	}
+	unlock := w.s.locks.lock(dgst)
+	defer unlock()
 	err := w.Writer.Commit(ctx, size, expected, opts...)
 	if err != nil && !errdefs.IsAlreadyExists(err) {
 		return err
-	}
-	dgst := expected
-	if dgst == "" {
-		dgst = w.Digest()
 	}
 	info, ierr := w.s.Info(ctx, dgst)
 	if ierr != nil {
@@ -97,6 +104,42 @@ func (w *writer) Commit(ctx context.Context, size int64, expected digest.Digest,
 	}
 	w.s.rec.Add(info.Digest, info.Size)
 	return err
+}
+
+// digestLocks is a mutex per digest, created on demand.
+type digestLocks struct {
+	mu sync.Mutex
+	m  map[digest.Digest]*digestLock
+}
+
+type digestLock struct {
+	sync.Mutex
+	users int
+}
+
+func newDigestLocks() *digestLocks {
+	return &digestLocks{m: map[digest.Digest]*digestLock{}}
+}
+
+// lock locks dgst and returns its unlock.
+func (l *digestLocks) lock(dgst digest.Digest) (unlock func()) {
+	l.mu.Lock()
+	dl, ok := l.m[dgst]
+	if !ok {
+		dl = &digestLock{}
+		l.m[dgst] = dl
+	}
+	dl.users++
+	l.mu.Unlock()
+	dl.Lock()
+	return func() {
+		dl.Unlock()
+		l.mu.Lock()
+		if dl.users--; dl.users == 0 {
+			delete(l.m, dgst)
+		}
+		l.mu.Unlock()
+	}
 }
 
 // labels is an in-memory label store. containerd keeps labels in its own

@@ -81,6 +81,14 @@ func (c *Client) Fetch(ctx context.Context, baseURL string, dgst digest.Digest, 
 		}
 		return nil, fmt.Errorf("peer %s: blob %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
 	}
+	if offset > 0 {
+		// A 206 for another range would splice wrong bytes in.
+		want := fmt.Sprintf("bytes %d-%d/%d", offset, size-1, size)
+		if cr := resp.Header.Get("Content-Range"); cr != want {
+			resp.Body.Close()
+			return nil, fmt.Errorf("peer %s: blob %s: Content-Range %q, want %q: %w", baseURL, dgst, cr, want, errdefs.ErrDataLoss)
+		}
+	}
 	if resp.ContentLength >= 0 && resp.ContentLength != size-offset {
 		resp.Body.Close()
 		return nil, fmt.Errorf("peer %s: blob %s: length %d, want %d: %w", baseURL, dgst, resp.ContentLength, size-offset, errdefs.ErrDataLoss)

@@ -85,7 +85,7 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 		return
 	}
 	size := cs[0].Size
-	if offset >= size {
+	if offset > 0 && offset >= size {
 		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
 		writeOCIError(ctx, w, http.StatusRequestedRangeNotSatisfiable, peers.CodeRangeInvalid, "range starts past the blob")
 		return
@@ -93,6 +93,7 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 	if r.Method == http.MethodHead {
 		m.requests.WithLabelValues("blob", "hit").Inc()
 		setBlobHeaders(w, dgst, size, offset)
+		w.WriteHeader(statusFor(offset))
 		return
 	}
 
@@ -162,7 +163,7 @@ func (m *Mirror) sendLocal(ctx context.Context, w http.ResponseWriter, r *http.R
 		return
 	}
 	defer ra.Close()
-	if ra.Size() != size || offset >= size {
+	if ra.Size() != size || (offset > 0 && offset >= size) {
 		if headersSent {
 			panic(http.ErrAbortHandler)
 		}
@@ -187,6 +188,20 @@ func (m *Mirror) sendLocal(ctx context.Context, w http.ResponseWriter, r *http.R
 // errStalled is returned when a peer sends nothing for the stall timeout.
 var errStalled = errors.New("peer stalled")
 
+// errTooSlow is returned when a peer sends less than the minimum rate over
+// a whole stall window.
+var errTooSlow = errors.New("peer too slow")
+
+// fetchDeadline bounds a whole blob fetch: the time the blob takes at the
+// minimum rate, and never less than 30 s.
+func (m *Mirror) fetchDeadline(size int64) time.Duration {
+	d := 30 * time.Second
+	if m.minRate > 0 {
+		d = max(d, time.Duration(float64(size)/float64(m.minRate)*float64(time.Second)))
+	}
+	return d
+}
+
 // fetch lands dgst in the local store from its candidates: one peer at a
 // time, the next one resuming at the offset where the last one failed. The
 // store verifies size and digest on commit; a blob that does not verify is
@@ -199,12 +214,18 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 	}
 	committed := false
 	defer func() {
-		w.Close()
+		if w != nil {
+			w.Close()
+		}
 		if !committed {
 			// Leave no partial ingest behind.
 			_ = m.store.Abort(context.WithoutCancel(ctx), ref)
 		}
 	}()
+	// Bound the whole fetch, so a peer that trickles just above the stall
+	// timeout cannot hold containerd for ever.
+	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
+	defer cancel()
 	var errs []error
 	var pos int64
 	for _, c := range cands {
@@ -221,6 +242,7 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 			w.Close()
 			_ = m.store.Abort(ctx, ref)
 			if w, err = m.openWriter(ctx, ref, dgst, size); w == nil {
+				committed = err == nil // another fetch committed it
 				return err
 			}
 			pos = 0
@@ -277,8 +299,16 @@ func (m *Mirror) copyFrom(ctx context.Context, w io.Writer, c peers.Candidate, d
 	defer body.Close()
 	buf := make([]byte, 1<<20)
 	var n int64
+	window, windowBytes := time.Now(), int64(0)
 	for offset+n < size {
 		k, rerr := m.readWithin(cancel, body, buf[:min(int64(len(buf)), size-offset-n)])
+		windowBytes += int64(k)
+		if el := time.Since(window); m.minRate > 0 && el >= m.stall {
+			if float64(windowBytes) < float64(m.minRate)*el.Seconds() {
+				return n, fmt.Errorf("peer %s at offset %d: %d bytes in %s: %w", c.Node, offset+n, windowBytes, el.Round(time.Millisecond), errTooSlow)
+			}
+			window, windowBytes = time.Now(), 0
+		}
 		if k > 0 {
 			if _, werr := w.Write(buf[:k]); werr != nil {
 				return n, fmt.Errorf("local write: %w", werr)

@@ -2,7 +2,10 @@ package plugin
 
 import (
 	"context"
+	"fmt"
 	"sync"
+
+	"github.com/containerd/errdefs"
 
 	digest "github.com/opencontainers/go-digest"
 )
@@ -38,7 +41,7 @@ func (g *fetchGroup) start(ctx context.Context, dgst digest.Digest, fn func(cont
 		go func() {
 			fctx, cancel := context.WithCancel(fctx)
 			stop := context.AfterFunc(g.ctx, cancel)
-			c.err = fn(fctx)
+			c.err = run(fctx, fn)
 			stop()
 			cancel()
 			g.mu.Lock()
@@ -57,4 +60,15 @@ func (g *fetchGroup) start(ctx context.Context, dgst digest.Digest, fn func(cont
 		}
 	}()
 	return out
+}
+
+// run calls fn, turning a panic into an error: a fetch runs on its own
+// goroutine, where a panic would take the whole node down.
+func run(ctx context.Context, fn func(context.Context) error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("fetch panicked: %v: %w", r, errdefs.ErrInternal)
+		}
+	}()
+	return fn(ctx)
 }

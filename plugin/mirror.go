@@ -36,6 +36,11 @@ type MirrorOptions struct {
 	Peers PeerFetcher
 	// StallTimeout cuts a peer that sends nothing for this long. Default 5s.
 	StallTimeout time.Duration
+	// MinRate is the slowest a peer may send, in bytes/s, averaged over
+	// each StallTimeout window; slower peers are cut off. It also bounds a
+	// whole blob fetch at max(30s, size/MinRate). Default 64 KiB/s;
+	// negative disables it.
+	MinRate int64
 	// FailedTTL is how long a blob whose peer transfer failed is answered
 	// with 404, so that containerd's resume goes to the registry. Default 2m.
 	FailedTTL time.Duration
@@ -58,6 +63,7 @@ type Mirror struct {
 	peers       PeerFetcher
 	store       LocalStore
 	stall       time.Duration
+	minRate     int64
 	ttl         time.Duration
 	headerDelay time.Duration
 	fetches     *fetchGroup
@@ -79,6 +85,7 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		peers:       opts.Peers,
 		store:       opts.Store,
 		stall:       5 * time.Second,
+		minRate:     64 << 10,
 		ttl:         2 * time.Minute,
 		headerDelay: 5 * time.Second,
 		fetches:     newFetchGroup(ctx),
@@ -99,6 +106,9 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	}
 	if opts.StallTimeout != 0 {
 		m.stall = opts.StallTimeout
+	}
+	if opts.MinRate != 0 {
+		m.minRate = max(opts.MinRate, 0)
 	}
 	if opts.FailedTTL != 0 {
 		m.ttl = opts.FailedTTL
@@ -261,7 +271,9 @@ func (m *Mirror) markFailed(dgst digest.Digest) {
 
 func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {
 	for _, c := range m.candidates(ctx, dgst) {
-		b, mt, err := m.peers.FetchManifest(ctx, c.URL, dgst)
+		fctx, cancel := context.WithTimeout(ctx, m.stall)
+		b, mt, err := m.peers.FetchManifest(fctx, c.URL, dgst)
+		cancel()
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("peer", c.Node).Info("peer failed to serve manifest")
 			continue

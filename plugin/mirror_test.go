@@ -11,10 +11,13 @@ import (
 	"testing"
 	"time"
 
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // staticResolver returns fixed candidates.
@@ -55,12 +58,31 @@ func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
 		}
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		if off > 0 {
+			start := off
+			if mode == "wrongrange" {
+				start = 0 // claims other bytes than asked for
+			}
+			w.Header().Set("Content-Range", "bytes "+strconv.FormatInt(start, 10)+"-"+strconv.Itoa(len(data)-1)+"/"+strconv.Itoa(len(data)))
 			w.WriteHeader(http.StatusPartialContent)
 		}
 		switch mode {
 		case "short":
 			_, _ = w.Write(body[:len(body)/2])
 			panic(http.ErrAbortHandler)
+		case "trickle":
+			// Never silent for a whole stall window, yet far below MinRate.
+			for i := 0; i < len(body); i += 512 {
+				if _, err := w.Write(body[i:min(i+512, len(body))]); err != nil {
+					return
+				}
+				w.(http.Flusher).Flush()
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(40 * time.Millisecond):
+				}
+			}
+			return
 		case "stall":
 			_, _ = w.Write(body[:len(body)/2])
 			w.(http.Flusher).Flush()
@@ -110,6 +132,9 @@ func TestMirrorBlob(t *testing.T) {
 		{"short then good resumes", []string{"short", "good"}, true, 200},
 		{"stall then good resumes", []string{"stall", "good"}, true, 200},
 		{"corrupt then good", []string{"corrupt", "good"}, true, 200},
+		{"trickle then good", []string{"trickle", "good"}, true, 200},
+		{"short then wrong range then good", []string{"short", "wrongrange", "good"}, true, 200},
+		{"only trickle", []string{"trickle"}, false, 404},
 		{"only corrupt", []string{"corrupt"}, false, 404},
 		{"only stalled", []string{"stall"}, false, 404},
 		{"no candidate", nil, false, 404},
@@ -229,5 +254,67 @@ func TestMirrorRequests(t *testing.T) {
 				t.Fatalf("content type %q, want %q", resp.Header.Get("Content-Type"), tc.ctype)
 			}
 		})
+	}
+}
+
+// racingStore commits the right blob under another ref whenever a commit of
+// the mirror's own ingest fails, as a concurrent pull would.
+type racingStore struct {
+	*content.Store
+	data []byte
+}
+
+func (s racingStore) Writer(ctx context.Context, opts ...ctdcontent.WriterOpt) (ctdcontent.Writer, error) {
+	w, err := s.Store.Writer(ctx, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return racingWriter{Writer: w, s: s}, nil
+}
+
+type racingWriter struct {
+	ctdcontent.Writer
+	s racingStore
+}
+
+func (w racingWriter) Commit(ctx context.Context, size int64, expected digest.Digest, opts ...ctdcontent.Opt) error {
+	err := w.Writer.Commit(ctx, size, expected, opts...)
+	if err != nil {
+		desc := ocispec.Descriptor{Digest: expected, Size: size}
+		if werr := ctdcontent.WriteBlob(ctx, w.s.Store, "racer", bytes.NewReader(w.s.data), desc); werr != nil {
+			panic(werr)
+		}
+	}
+	return err
+}
+
+// TestMirrorCorruptThenCommittedElsewhere: the peer's blob does not verify,
+// and meanwhile another writer lands the blob. The mirror serves it, and
+// does not crash on the writer it no longer has.
+func TestMirrorCorruptThenCommittedElsewhere(t *testing.T) {
+	data := make([]byte, 1<<20)
+	_, _ = rand.Read(data)
+	d := digest.FromBytes(data)
+	m, store := newTestMirror(t, staticResolver{d: {{Node: "c", URL: blobPeer(t, data, "corrupt").URL, Size: int64(len(data))}}})
+	m.store = racingStore{Store: store, data: data}
+	m.headerDelay = time.Minute
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/v2/x/blobs/" + d.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	got, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !bytes.Equal(got, data) {
+		t.Fatalf("status %d, %d bytes; want the blob", resp.StatusCode, len(got))
+	}
+}
+
+func TestFetchGroupRecovers(t *testing.T) {
+	g := newFetchGroup(context.Background())
+	err := <-g.start(context.Background(), digest.FromString("x"), func(context.Context) error { panic("boom") })
+	if !errdefs.IsInternal(err) {
+		t.Fatalf("err %v, want an internal error", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/log"
@@ -22,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 )
 
 const (
@@ -153,6 +155,11 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if _, err := plugin.MirrorURL(cfg.MirrorListen); err != nil {
 		return fmt.Errorf("--mirror-listen: %w", err)
 	}
+	if cfg.DebugListen != "" {
+		if _, err := plugin.MirrorURL(cfg.DebugListen); err != nil {
+			return fmt.Errorf("--debug-listen: %w", err)
+		}
+	}
 	if cfg.UploadLimit < 0 {
 		return fmt.Errorf("--upload-limit %d: want 0 or more bytes per second", cfg.UploadLimit)
 	}
@@ -198,7 +205,9 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	default:
 		return fmt.Errorf("--index %q: want online or none", cfg.Index)
 	}
-	mirror, err := plugin.NewMirror(ctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
+	// Everything below stops when ctx ends or any server fails.
+	g, gctx := errgroup.WithContext(ctx)
+	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
 	if err != nil {
 		return err
 	}
@@ -224,11 +233,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	peerHTTP := &http.Server{Handler: peers.LimitUpload(peerSrv, cfg.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
 	mirrorHTTP := &http.Server{Handler: mirror, ReadHeaderTimeout: 10 * time.Second}
 
-	g, gctx := errgroup.WithContext(ctx)
 	if cfg.DebugListen != "" {
-		if _, err := plugin.MirrorURL(cfg.DebugListen); err != nil {
-			return fmt.Errorf("--debug-listen: %w", err)
-		}
 		mux := http.NewServeMux()
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -243,17 +248,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	g.Go(func() error { return ignoreClosed(mirrorHTTP.Serve(mirrorL)) })
 	g.Go(func() error {
 		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		_ = peerHTTP.Shutdown(sctx)
-		_ = mirrorHTTP.Shutdown(sctx)
-		stopped := make(chan struct{})
-		go func() { grpcSrv.GracefulStop(); close(stopped) }()
-		select {
-		case <-stopped:
-		case <-sctx.Done():
-			grpcSrv.Stop()
-		}
+		shutdown(context.WithoutCancel(ctx), grpcSrv, peerHTTP, mirrorHTTP)
 		return nil
 	})
 	log.G(ctx).WithFields(log.Fields{
@@ -267,6 +262,36 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return nil
 	}
 	return err
+}
+
+// shutdownGrace is how long each server may drain its requests at stop.
+const shutdownGrace = 5 * time.Second
+
+// shutdown stops the servers in parallel, each with its own grace period,
+// after which its remaining connections are closed.
+func shutdown(ctx context.Context, grpcSrv *grpc.Server, https ...*http.Server) {
+	var wg sync.WaitGroup
+	for _, s := range https {
+		wg.Go(func() {
+			sctx, cancel := context.WithTimeout(ctx, shutdownGrace)
+			defer cancel()
+			if err := s.Shutdown(sctx); err != nil {
+				log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
+				_ = s.Close()
+			}
+		})
+	}
+	wg.Go(func() {
+		stopped := make(chan struct{})
+		go func() { grpcSrv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(shutdownGrace):
+			log.G(ctx).Warn("content service did not drain in time; closing its streams")
+			grpcSrv.Stop()
+		}
+	})
+	wg.Wait()
 }
 
 func ignoreClosed(err error) error {
