@@ -44,26 +44,44 @@ type Change struct {
 	Removed []digest.Digest
 }
 
+// DefaultLogSize is how many recent changes an inventory keeps for
+// incremental readers (Since).
+const DefaultLogSize = 4096
+
 // Inventory is the set of (digest, size) a node holds, with an epoch and a
-// sequence number. It is safe for concurrent use.
+// sequence number. It keeps a bounded log of its recent changes, so a reader
+// that knows (epoch, seq) can catch up with only what changed. It is safe for
+// concurrent use.
 type Inventory struct {
 	mu       sync.RWMutex
 	epoch    string
 	seq      uint64
 	blobs    map[digest.Digest]int64
+	log      []Change // ring of the last len(log) changes, by seq
+	logSize  int
 	watchers map[int]func(Change)
 	nextW    int
+	// notify is held from the change until its watchers return, so
+	// watchers see changes in seq order.
+	notify sync.Mutex
 }
 
 var _ Recorder = (*Inventory)(nil)
 
 // NewInventory returns an empty inventory with a new random epoch.
 func NewInventory() *Inventory {
+	return NewInventorySize(DefaultLogSize)
+}
+
+// NewInventorySize returns an empty inventory that remembers its last
+// logSize changes (at least 1).
+func NewInventorySize(logSize int) *Inventory {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return &Inventory{
 		epoch:    hex.EncodeToString(b[:]),
 		blobs:    map[digest.Digest]int64{},
+		logSize:  max(logSize, 1),
 		watchers: map[int]func(Change){},
 	}
 }
@@ -82,13 +100,7 @@ func (i *Inventory) Add(dgst digest.Digest, size int64) {
 		return
 	}
 	i.blobs[dgst] = size
-	i.seq++
-	c := Change{Epoch: i.epoch, Seq: i.seq, Added: []Blob{{Digest: dgst, Size: size}}}
-	ws := i.watchersLocked()
-	i.mu.Unlock()
-	for _, w := range ws {
-		w(c)
-	}
+	i.changedLocked(Change{Added: []Blob{{Digest: dgst, Size: size}}})
 }
 
 // Remove forgets dgst. Removing a blob not held is not a change.
@@ -99,28 +111,53 @@ func (i *Inventory) Remove(dgst digest.Digest) {
 		return
 	}
 	delete(i.blobs, dgst)
+	i.changedLocked(Change{Removed: []digest.Digest{dgst}})
+}
+
+// changedLocked numbers c, logs it, unlocks i.mu and calls the watchers.
+func (i *Inventory) changedLocked(c Change) {
 	i.seq++
-	c := Change{Epoch: i.epoch, Seq: i.seq, Removed: []digest.Digest{dgst}}
-	ws := i.watchersLocked()
+	c.Epoch, c.Seq = i.epoch, i.seq
+	if len(i.log) < i.logSize {
+		i.log = append(i.log, c)
+	} else {
+		i.log[int((c.Seq-1)%uint64(i.logSize))] = c
+	}
+	var ws []func(Change)
+	for _, w := range i.watchers {
+		ws = append(ws, w)
+	}
+	i.notify.Lock()
 	i.mu.Unlock()
+	defer i.notify.Unlock()
 	for _, w := range ws {
 		w(c)
 	}
 }
 
-func (i *Inventory) watchersLocked() []func(Change) {
-	if len(i.watchers) == 0 {
-		return nil
+// Since returns the changes after seq in epoch, oldest first. ok is false
+// when they are not all in the log (another epoch, a seq from the future, or
+// older than the log): the reader then needs the whole inventory.
+func (i *Inventory) Since(epoch string, seq uint64) (changes []Change, cur uint64, ok bool) {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	if epoch != i.epoch || seq > i.seq {
+		return nil, i.seq, false
 	}
-	ws := make([]func(Change), 0, len(i.watchers))
-	for _, w := range i.watchers {
-		ws = append(ws, w)
+	n := i.seq - seq
+	if n > uint64(len(i.log)) {
+		return nil, i.seq, false
 	}
-	return ws
+	changes = make([]Change, 0, n)
+	for s := seq + 1; s <= i.seq; s++ {
+		changes = append(changes, i.log[int((s-1)%uint64(i.logSize))])
+	}
+	return changes, i.seq, true
 }
 
-// Watch calls fn after every change, in the order of changes for a single
-// writer; fn must not block. The returned function stops the watch.
+// Watch calls fn after every change, in seq order; fn must not block, and
+// may read the inventory but not change it. The returned function stops
+// the watch.
 func (i *Inventory) Watch(fn func(Change)) (cancel func()) {
 	i.mu.Lock()
 	defer i.mu.Unlock()

@@ -1,6 +1,11 @@
 package peers
 
 import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/content"
 	digest "github.com/opencontainers/go-digest"
 )
@@ -31,12 +36,71 @@ type Candidate struct {
 	Size int64 `json:"size"`
 }
 
-// InventoryResponse is the body of GET /coop/v1/inventory.
+// InventoryResponse is the body of GET /coop/v1/inventory. With
+// ?since=EPOCH:SEQ the node answers only the net changes after SEQ when it
+// still has them (Full false: apply Removed, then Added); otherwise, and
+// without since, the whole inventory (Full true: Blobs).
 type InventoryResponse struct {
-	Node  string         `json:"node"`
-	Epoch string         `json:"epoch"`
-	Seq   uint64         `json:"seq"`
-	Blobs []content.Blob `json:"blobs"`
+	Node  string `json:"node"`
+	Epoch string `json:"epoch"`
+	Seq   uint64 `json:"seq"`
+	// Full tells Blobs holds the whole inventory.
+	Full bool `json:"full"`
+	// Blobs is the whole inventory, a list (maybe empty) when Full, null
+	// otherwise.
+	Blobs   []content.Blob  `json:"blobs"`
+	Added   []content.Blob  `json:"added,omitempty"`
+	Removed []digest.Digest `json:"removed,omitempty"`
+}
+
+// SinceQuery is the query parameter of an incremental inventory request.
+const SinceQuery = "since"
+
+// FormatSince formats an inventory position for ?since=.
+func FormatSince(epoch string, seq uint64) string {
+	return epoch + ":" + strconv.FormatUint(seq, 10)
+}
+
+// ParseSince parses an inventory position from ?since=.
+func ParseSince(s string) (epoch string, seq uint64, err error) {
+	e, n, ok := strings.Cut(s, ":")
+	if !ok || e == "" || len(e) > 64 {
+		return "", 0, fmt.Errorf("since %q: want EPOCH:SEQ: %w", s, errdefs.ErrInvalidArgument)
+	}
+	seq, err = strconv.ParseUint(n, 10, 64)
+	if err != nil {
+		return "", 0, fmt.Errorf("since %q: want EPOCH:SEQ: %w", s, errdefs.ErrInvalidArgument)
+	}
+	return e, seq, nil
+}
+
+// NetChanges folds changes, oldest first, into the blobs added and the
+// digests removed overall: the last change of each digest wins.
+func NetChanges(changes []content.Change) (added []content.Blob, removed []digest.Digest) {
+	last := map[digest.Digest]int64{} // size, or -1 for removed
+	var order []digest.Digest
+	note := func(d digest.Digest, size int64) {
+		if _, ok := last[d]; !ok {
+			order = append(order, d)
+		}
+		last[d] = size
+	}
+	for _, c := range changes {
+		for _, d := range c.Removed {
+			note(d, -1)
+		}
+		for _, b := range c.Added {
+			note(b.Digest, b.Size)
+		}
+	}
+	for _, d := range order {
+		if size := last[d]; size < 0 {
+			removed = append(removed, d)
+		} else {
+			added = append(added, content.Blob{Digest: d, Size: size})
+		}
+	}
+	return added, removed
 }
 
 // HaveRequest is the body of POST /coop/v1/have.
@@ -51,4 +115,24 @@ type HaveResponse struct {
 	Epoch string         `json:"epoch"`
 	Seq   uint64         `json:"seq"`
 	Blobs []content.Blob `json:"blobs"`
+}
+
+// Validate checks an inventory answer's epoch, digests and sizes.
+func (ir *InventoryResponse) Validate() error {
+	if ir.Epoch == "" || len(ir.Epoch) > 64 {
+		return fmt.Errorf("epoch %q: %w", ir.Epoch, errdefs.ErrDataLoss)
+	}
+	for _, set := range [][]content.Blob{ir.Blobs, ir.Added} {
+		for _, b := range set {
+			if err := b.Digest.Validate(); err != nil || b.Size < 0 {
+				return fmt.Errorf("blob %q size %d: %w", b.Digest, b.Size, errdefs.ErrDataLoss)
+			}
+		}
+	}
+	for _, d := range ir.Removed {
+		if err := d.Validate(); err != nil {
+			return fmt.Errorf("removed %q: %w", d, errdefs.ErrDataLoss)
+		}
+	}
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -142,4 +143,38 @@ func (c *Client) FetchManifest(ctx context.Context, baseURL string, dgst digest.
 		return nil, "", fmt.Errorf("peer %s: manifest %s has no media type: %w", baseURL, dgst, errdefs.ErrDataLoss)
 	}
 	return b, mt, nil
+}
+
+// MaxInventoryResponse bounds an inventory answer: about 200,000 blobs.
+const MaxInventoryResponse = 32 << 20
+
+// Inventory reads the peer's inventory. With a non-empty epoch it asks only
+// for the changes after seq; the answer says whether it is Full. A full
+// answer is checked for valid digests and sizes.
+func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint64) (*InventoryResponse, error) {
+	u := strings.TrimRight(baseURL, "/") + InventoryPath
+	if epoch != "" {
+		u += "?" + SinceQuery + "=" + url.QueryEscape(FormatSince(epoch, seq))
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("peer %s: inventory: %s: %w", baseURL, resp.Status, errdefs.ErrUnavailable)
+	}
+	var ir InventoryResponse
+	if err := json.NewDecoder(io.LimitReader(resp.Body, MaxInventoryResponse)).Decode(&ir); err != nil {
+		return nil, fmt.Errorf("peer %s: inventory: bad answer: %v: %w", baseURL, err, errdefs.ErrDataLoss)
+	}
+	if err := ir.Validate(); err != nil {
+		return nil, fmt.Errorf("peer %s: inventory: %w", baseURL, err)
+	}
+	return &ir, nil
 }

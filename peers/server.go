@@ -44,6 +44,9 @@ type InventoryView interface {
 	// HaveAt returns the blobs among dgsts that are held, in the order
 	// asked, with the inventory's epoch and seq when they were read.
 	HaveAt(dgsts []digest.Digest) ([]content.Blob, string, uint64)
+	// Since returns the changes after seq in epoch; ok is false when
+	// they are not all remembered.
+	Since(epoch string, seq uint64) (changes []content.Change, cur uint64, ok bool)
 }
 
 var (
@@ -516,14 +519,24 @@ func manifestMediaType(b []byte) (string, bool) {
 	return "", false
 }
 
-// serveInventory answers the node's whole inventory.
+// serveInventory answers the node's whole inventory, or with ?since= the
+// changes after that position when they are still in the log.
 func (s *Server) serveInventory(w http.ResponseWriter, r *http.Request) error {
-	snap := s.inv.Snapshot()
-	resp := InventoryResponse{Node: s.node, Epoch: snap.Epoch, Seq: snap.Seq, Blobs: snap.Blobs}
-	if resp.Blobs == nil {
-		resp.Blobs = []content.Blob{}
+	if q := r.URL.Query().Get(SinceQuery); q != "" {
+		epoch, seq, err := ParseSince(q)
+		if err != nil {
+			return err // 400
+		}
+		if changes, cur, ok := s.inv.Since(epoch, seq); ok {
+			added, removed := NetChanges(changes)
+			return writeJSON(w, r, InventoryResponse{Node: s.node, Epoch: epoch, Seq: cur, Added: added, Removed: removed})
+		}
 	}
-	return writeJSON(w, r, resp)
+	snap := s.inv.Snapshot()
+	if snap.Blobs == nil {
+		snap.Blobs = []content.Blob{}
+	}
+	return writeJSON(w, r, InventoryResponse{Node: s.node, Epoch: snap.Epoch, Seq: snap.Seq, Full: true, Blobs: snap.Blobs})
 }
 
 // serveHave answers which of the digests asked are held. Its epoch and seq

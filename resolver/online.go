@@ -20,8 +20,8 @@ type HaveAsker interface {
 
 // OnlineOptions configure an Online resolver.
 type OnlineOptions struct {
-	// Neighbors are asked on every Locate.
-	Neighbors []Neighbor
+	// Neighbors are asked on every Locate. Required.
+	Neighbors NeighborSource
 	// Client asks them.
 	Client HaveAsker
 	// Timeout bounds each question; a neighbour that has not answered by then
@@ -32,7 +32,7 @@ type OnlineOptions struct {
 // Online is the destination's on-line query: one batched have question to
 // every neighbour, concurrently, per Locate.
 type Online struct {
-	neighbors []Neighbor
+	neighbors NeighborSource
 	client    HaveAsker
 	timeout   time.Duration
 }
@@ -41,12 +41,12 @@ var _ Resolver = (*Online)(nil)
 
 // NewOnline returns an Online resolver.
 func NewOnline(opts OnlineOptions) (*Online, error) {
-	o := &Online{neighbors: append([]Neighbor(nil), opts.Neighbors...), client: opts.Client, timeout: 500 * time.Millisecond}
+	o := &Online{neighbors: opts.Neighbors, client: opts.Client, timeout: 500 * time.Millisecond}
 	if opts.Timeout != 0 {
 		o.timeout = opts.Timeout
 	}
-	if o.client == nil {
-		return nil, fmt.Errorf("online resolver needs a client: %w", errdefs.ErrInvalidArgument)
+	if o.client == nil || o.neighbors == nil {
+		return nil, fmt.Errorf("online resolver needs neighbours and a client: %w", errdefs.ErrInvalidArgument)
 	}
 	if o.timeout < 0 {
 		return nil, fmt.Errorf("online resolver timeout %v: %w", o.timeout, errdefs.ErrInvalidArgument)
@@ -61,7 +61,8 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 		return nil, err
 	}
 	out := map[digest.Digest][]peers.Candidate{}
-	if len(dgsts) == 0 || len(o.neighbors) == 0 {
+	neighbors := o.neighbors.Neighbors()
+	if len(dgsts) == 0 || len(neighbors) == 0 {
 		return out, nil
 	}
 	asked := map[digest.Digest]bool{}
@@ -71,9 +72,9 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	answers := make([]*peers.HaveResponse, len(o.neighbors))
+	answers := make([]*peers.HaveResponse, len(neighbors))
 	var wg sync.WaitGroup
-	for i, n := range o.neighbors {
+	for i, n := range neighbors {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -92,7 +93,7 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 		if hr == nil {
 			continue
 		}
-		n := o.neighbors[i]
+		n := neighbors[i]
 		for _, b := range hr.Blobs {
 			// A neighbour answering for a digest not asked, or with a
 			// nonsense size, is ignored.

@@ -67,3 +67,23 @@ func ValidateDigests(dgsts []digest.Digest) error {
 	}
 	return nil
 }
+
+// LocatePath is where a node (on its mirror) and ClusterKB answer locate
+// questions.
+const LocatePath = "/coop/v1/locate"
+
+// MaxLocateDigests is the most digests one locate question may carry.
+const MaxLocateDigests = 10000
+
+// LocateRequest asks which nodes hold the digests. Node, when set, is the
+// asking node: it is never a candidate, and ClusterKB restricts the answer to
+// that node's neighbours.
+type LocateRequest struct {
+	Node    string          `json:"node,omitempty"`
+	Digests []digest.Digest `json:"digests"`
+}
+
+// LocateResponse holds the candidates for each digest that has any.
+type LocateResponse struct {
+	Candidates map[digest.Digest][]peers.Candidate `json:"candidates"`
+}

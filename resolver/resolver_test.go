@@ -67,7 +67,7 @@ func TestOnline(t *testing.T) {
 		},
 	}
 	o, err := NewOnline(OnlineOptions{
-		Neighbors: []Neighbor{{"a", "http://a"}, {"b", "http://b"}, {"dead", "http://dead"}, {"slow", "http://slow"}},
+		Neighbors: Static{{"a", "http://a"}, {"b", "http://b"}, {"dead", "http://dead"}, {"slow", "http://slow"}},
 		Client:    asker,
 		Timeout:   50 * time.Millisecond,
 	})

@@ -197,7 +197,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var res resolver.Resolver
 	switch cfg.Index {
 	case "online":
-		if res, err = resolver.NewOnline(resolver.OnlineOptions{Neighbors: neighbors, Client: client, Timeout: peerTimeout}); err != nil {
+		if res, err = resolver.NewOnline(resolver.OnlineOptions{Neighbors: resolver.Static(neighbors), Client: client, Timeout: peerTimeout}); err != nil {
 			return err
 		}
 	case "none":

@@ -1,0 +1,62 @@
+package clusterkb
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// BrokerOptions configure an embedded NATS broker.
+type BrokerOptions struct {
+	// Listen is host:port for NATS clients. Required.
+	Listen string
+	// StoreDir holds JetStream state (the retained inventories live in
+	// memory; JetStream still wants a directory). Required.
+	StoreDir string
+	// MaxPayload bounds one message. Default 8 MiB, so full inventories of
+	// about 80,000 blobs fit in one message.
+	MaxPayload int32
+}
+
+// StartBroker starts an embedded NATS server with JetStream and waits until
+// it accepts clients. Shutdown stops it.
+func StartBroker(opts BrokerOptions) (*server.Server, error) {
+	host, port, err := net.SplitHostPort(opts.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("broker listen %q: %v: %w", opts.Listen, err, errdefs.ErrInvalidArgument)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return nil, fmt.Errorf("broker listen %q: bad port: %w", opts.Listen, errdefs.ErrInvalidArgument)
+	}
+	if opts.StoreDir == "" {
+		return nil, fmt.Errorf("broker needs a store directory: %w", errdefs.ErrInvalidArgument)
+	}
+	if opts.MaxPayload == 0 {
+		opts.MaxPayload = 8 << 20
+	}
+	ns, err := server.NewServer(&server.Options{
+		ServerName:         "coop-kb",
+		Host:               host,
+		Port:               p,
+		NoSigs:             true,
+		NoLog:              true,
+		MaxPayload:         opts.MaxPayload,
+		JetStream:          true,
+		StoreDir:           opts.StoreDir,
+		JetStreamMaxMemory: 1 << 30,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		ns.Shutdown()
+		return nil, fmt.Errorf("broker on %s did not start: %w", opts.Listen, errdefs.ErrUnavailable)
+	}
+	return ns, nil
+}

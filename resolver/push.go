@@ -1,0 +1,604 @@
+package resolver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/content"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	digest "github.com/opencontainers/go-digest"
+)
+
+// The broker's layout: each node publishes its inventory changes and its
+// periodic full inventory on SubjectPrefix+token(node); the latest full
+// inventory of each node is retained under key token(node) of the
+// key-value bucket Bucket.
+const (
+	SubjectPrefix = "coop.inv."
+	Bucket        = "coop-inventory"
+	// MaxEventSize bounds an event a receiver accepts.
+	MaxEventSize = 8 << 20
+)
+
+// Event is one message of a node's inventory stream: a change (Added,
+// Removed, taking the node to Seq from Seq-1), or a full inventory (Full:
+// Blobs, or External when it did not fit in a message and must be read from
+// the node).
+type Event struct {
+	Node     string          `json:"node"`
+	URL      string          `json:"url"`
+	Epoch    string          `json:"epoch"`
+	Seq      uint64          `json:"seq"`
+	Time     time.Time       `json:"time"`
+	Full     bool            `json:"full,omitempty"`
+	External bool            `json:"external,omitempty"`
+	Blobs    []content.Blob  `json:"blobs,omitempty"`
+	Added    []content.Blob  `json:"added,omitempty"`
+	Removed  []digest.Digest `json:"removed,omitempty"`
+}
+
+// Token turns a node name into a NATS subject token and key-value key:
+// letters, digits, '-' and '_' stay; any other byte becomes =XX.
+func Token(name string) string {
+	var b strings.Builder
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' {
+			b.WriteByte(c)
+			continue
+		}
+		fmt.Fprintf(&b, "=%02X", c)
+	}
+	return b.String()
+}
+
+// Subject is the subject node publishes on.
+func Subject(node string) string { return SubjectPrefix + Token(node) }
+
+// ConnectBroker connects to NATS at url and keeps reconnecting for ever, so
+// a broker that is down at start or goes away is picked up when it is back.
+func ConnectBroker(ctx context.Context, url, name string) (*nats.Conn, error) {
+	return nats.Connect(url,
+		nats.Name("coop "+name),
+		nats.RetryOnFailedConnect(true),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(500*time.Millisecond),
+		nats.Timeout(2*time.Second),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.G(ctx).WithError(err).Warn("broker connection lost; reconnecting")
+		}),
+		nats.ReconnectHandler(func(*nats.Conn) { log.G(ctx).Info("broker connection back") }),
+	)
+}
+
+// InventoryBucket opens the retained-inventory bucket, creating it if
+// missing (in memory: the index is soft state).
+func InventoryBucket(ctx context.Context, nc *nats.Conn) (jetstream.KeyValue, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	kv, err := js.KeyValue(ctx, Bucket)
+	if err == nil {
+		return kv, nil
+	}
+	if !errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, fmt.Errorf("broker bucket %s: %w", Bucket, err)
+	}
+	kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: Bucket, History: 1, Storage: jetstream.MemoryStorage, TTL: 24 * time.Hour})
+	if errors.Is(err, jetstream.ErrBucketExists) {
+		return js.KeyValue(ctx, Bucket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("broker bucket %s: %w", Bucket, err)
+	}
+	return kv, nil
+}
+
+// InventorySource is a node's own inventory (content.Inventory is one).
+type InventorySource interface {
+	Snapshot() content.Snapshot
+	Watch(fn func(content.Change)) (cancel func())
+}
+
+// PublisherOptions configure a Publisher.
+type PublisherOptions struct {
+	// Node and URL name this node and its peer endpoint. Required.
+	Node, URL string
+	// Inventory is published. Required.
+	Inventory InventorySource
+	// Conn is the broker connection. Required.
+	Conn *nats.Conn
+	// Period between full inventories. Default 30s.
+	Period time.Duration
+	// DropRate drops this fraction of change events, for fault-injection
+	// tests. Zero in production.
+	DropRate float64
+}
+
+// Publisher publishes a node's inventory changes as they happen and its full
+// inventory every period, also into the retained bucket.
+type Publisher struct {
+	opts    PublisherOptions
+	pending chan content.Change
+	lost    atomic.Bool
+	Sent    atomic.Int64 // bytes published
+}
+
+// NewPublisher returns a Publisher; Run starts it.
+func NewPublisher(opts PublisherOptions) (*Publisher, error) {
+	if opts.Node == "" || opts.URL == "" || opts.Inventory == nil || opts.Conn == nil {
+		return nil, fmt.Errorf("publisher needs a node, a URL, an inventory and a broker: %w", errdefs.ErrInvalidArgument)
+	}
+	if opts.Period == 0 {
+		opts.Period = 30 * time.Second
+	}
+	if opts.Period < 0 || opts.DropRate < 0 || opts.DropRate > 1 {
+		return nil, fmt.Errorf("publisher period or drop rate out of range: %w", errdefs.ErrInvalidArgument)
+	}
+	return &Publisher{opts: opts, pending: make(chan content.Change, 4096)}, nil
+}
+
+// Run publishes until ctx ends.
+func (p *Publisher) Run(ctx context.Context) error {
+	stop := p.opts.Inventory.Watch(func(c content.Change) {
+		select {
+		case p.pending <- c:
+		default:
+			// Never block the store: receivers repair the gap.
+			p.lost.Store(true)
+		}
+	})
+	defer stop()
+	var kv jetstream.KeyValue
+	subject := Subject(p.opts.Node)
+	full := func() {
+		if kv == nil {
+			var err error
+			if kv, err = InventoryBucket(ctx, p.opts.Conn); err != nil {
+				log.G(ctx).WithError(err).Warn("broker bucket unavailable; full inventory not retained this period")
+			}
+		}
+		if err := p.publishFull(ctx, subject, kv); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("full inventory not published")
+		}
+	}
+	full()
+	t := time.NewTicker(p.opts.Period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			full()
+		case c := <-p.pending:
+			if p.opts.DropRate > 0 && rand.Float64() < p.opts.DropRate {
+				continue
+			}
+			ev := Event{Node: p.opts.Node, URL: p.opts.URL, Epoch: c.Epoch, Seq: c.Seq, Time: time.Now(), Added: c.Added, Removed: c.Removed}
+			if err := p.publish(subject, ev); err != nil {
+				log.G(ctx).WithError(err).Debug("inventory event not published")
+			}
+		}
+	}
+}
+
+// publishFull publishes the whole inventory on the subject and retains it.
+// An inventory too large for one message goes out as External: receivers
+// read it from the node.
+func (p *Publisher) publishFull(ctx context.Context, subject string, kv jetstream.KeyValue) error {
+	snap := p.opts.Inventory.Snapshot()
+	ev := Event{Node: p.opts.Node, URL: p.opts.URL, Epoch: snap.Epoch, Seq: snap.Seq, Time: time.Now(), Full: true, Blobs: snap.Blobs}
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	if limit := p.opts.Conn.MaxPayload(); limit > 0 && int64(len(b)) > limit-1024 {
+		ev.Blobs, ev.External = nil, true
+		if b, err = json.Marshal(ev); err != nil {
+			return err
+		}
+	}
+	p.Sent.Add(int64(len(b)))
+	if err := p.opts.Conn.Publish(subject, b); err != nil {
+		return err
+	}
+	if kv != nil {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if _, err := kv.Put(pctx, Token(p.opts.Node), b); err != nil {
+			return fmt.Errorf("retain full inventory: %w", err)
+		}
+	}
+	return nil
+}
+
+func (p *Publisher) publish(subject string, ev Event) error {
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	p.Sent.Add(int64(len(b)))
+	return p.opts.Conn.Publish(subject, b)
+}
+
+// Membership tells a subscriber which nodes it follows and the URL it trusts
+// for each.
+type Membership interface {
+	// Follow returns the URL to use for node, given the URL it claims, and
+	// whether node is followed at all.
+	Follow(node, claimedURL string) (url string, ok bool)
+	// Followed lists the nodes followed by name now; all is true when every
+	// node is followed (a ClusterKB), and the list is then not used.
+	Followed() (ns []Neighbor, all bool)
+}
+
+// Neighborhood follows a node's neighbours, at their configured URLs.
+type Neighborhood struct{ Source NeighborSource }
+
+// Follow follows neighbours only, at the URL configured for them.
+func (n Neighborhood) Follow(node, _ string) (string, bool) {
+	for _, nb := range n.Source.Neighbors() {
+		if nb.Name == node {
+			return nb.URL, true
+		}
+	}
+	return "", false
+}
+
+// Followed lists the neighbours.
+func (n Neighborhood) Followed() ([]Neighbor, bool) { return n.Source.Neighbors(), false }
+
+// SubscriberOptions configure a Subscriber.
+type SubscriberOptions struct {
+	// Index is fed. Required.
+	Index *Index
+	// Conn is the broker connection. Required.
+	Conn *nats.Conn
+	// Members says whom to follow. Required.
+	Members Membership
+	// Reader reads a node's inventory from the node itself, to repair a
+	// gap. Required.
+	Reader InventoryReader
+	// Period is the publishers' full-inventory period. A node not heard
+	// from for 3 periods is dropped. Default 30s.
+	Period time.Duration
+	// Metrics count updates; nil counts nothing.
+	Metrics *Metrics
+}
+
+// Subscriber keeps an index up to date from the broker: it listens to the
+// followed nodes' subjects, applies changes in order, and repairs at once
+// (from the node itself, else from the retained bucket) when it sees a gap or
+// a new epoch. A new subscriber starts complete from the retained bucket.
+// While the broker is unreachable it keeps what it has and expires nothing;
+// when the broker is back it resyncs every node.
+type Subscriber struct {
+	opts SubscriberOptions
+	kv   jetstream.KeyValue
+
+	mu        sync.Mutex
+	subs      map[string]*nats.Subscription // by node; "" for all
+	repairing map[string]bool
+	since     time.Time // connected since; zero while disconnected
+	resync    chan struct{}
+}
+
+// NewSubscriber returns a Subscriber; Run starts it.
+func NewSubscriber(opts SubscriberOptions) (*Subscriber, error) {
+	if opts.Index == nil || opts.Conn == nil || opts.Members == nil || opts.Reader == nil {
+		return nil, fmt.Errorf("subscriber needs an index, a broker, members and a reader: %w", errdefs.ErrInvalidArgument)
+	}
+	if opts.Period == 0 {
+		opts.Period = 30 * time.Second
+	}
+	if opts.Period < 0 {
+		return nil, fmt.Errorf("subscriber period %v: %w", opts.Period, errdefs.ErrInvalidArgument)
+	}
+	return &Subscriber{opts: opts, subs: map[string]*nats.Subscription{}, repairing: map[string]bool{}, resync: make(chan struct{}, 1)}, nil
+}
+
+// TTL is how long a node may stay silent before it is dropped.
+func (s *Subscriber) TTL() time.Duration { return 3 * s.opts.Period }
+
+// Run follows the broker until ctx ends.
+func (s *Subscriber) Run(ctx context.Context) error {
+	nc := s.opts.Conn
+	nc.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
+		log.G(ctx).WithError(err).Warn("broker connection lost; keeping the index as it is")
+		s.mu.Lock()
+		s.since = time.Time{}
+		s.mu.Unlock()
+	})
+	nc.SetReconnectHandler(func(*nats.Conn) {
+		log.G(ctx).Info("broker connection back; resyncing the index")
+		s.mu.Lock()
+		s.since = time.Now()
+		s.mu.Unlock()
+		select {
+		case s.resync <- struct{}{}:
+		default:
+		}
+	})
+	if nc.IsConnected() {
+		s.mu.Lock()
+		s.since = time.Now()
+		s.mu.Unlock()
+	}
+	defer s.unsubscribeAll()
+	s.reconcile(ctx, true)
+	t := time.NewTicker(s.opts.Period / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.resync:
+			s.resyncAll(ctx)
+		case <-t.C:
+			s.reconcile(ctx, false)
+			s.expire(ctx)
+		}
+	}
+}
+
+// reconcile subscribes to followed nodes that are not yet, unsubscribes
+// from those no longer followed, and loads the newcomers (all of them when
+// full) from the retained bucket.
+func (s *Subscriber) reconcile(ctx context.Context, full bool) {
+	ns, all := s.opts.Members.Followed()
+	var fresh []string
+	s.mu.Lock()
+	if all {
+		if s.subs[""] == nil {
+			sub, err := s.opts.Conn.Subscribe(SubjectPrefix+">", func(m *nats.Msg) { s.handle(ctx, m) })
+			if err != nil {
+				log.G(ctx).WithError(err).Warn("subscribe to all inventories")
+			} else {
+				s.subs[""] = sub
+				full = true
+			}
+		}
+	} else {
+		want := names(ns)
+		for name, sub := range s.subs {
+			if !want[name] {
+				_ = sub.Unsubscribe()
+				delete(s.subs, name)
+				s.opts.Index.Drop(name)
+				s.opts.Metrics.dropped("removed", 1)
+			}
+		}
+		for _, n := range ns {
+			if s.subs[n.Name] != nil {
+				continue
+			}
+			sub, err := s.opts.Conn.Subscribe(Subject(n.Name), func(m *nats.Msg) { s.handle(ctx, m) })
+			if err != nil {
+				log.G(ctx).WithError(err).WithField("neighbor", n.Name).Warn("subscribe to neighbor inventory")
+				continue
+			}
+			s.subs[n.Name] = sub
+			fresh = append(fresh, n.Name)
+		}
+	}
+	s.mu.Unlock()
+	if full {
+		fresh = nil
+		if all {
+			fresh = s.retainedKeys(ctx)
+		} else {
+			for _, n := range ns {
+				fresh = append(fresh, n.Name)
+			}
+		}
+	}
+	for _, name := range fresh {
+		s.loadRetained(ctx, name)
+	}
+}
+
+// resyncAll repairs every node in the index from the node itself, and
+// loads the followed ones it lacks: events may have been lost while the
+// broker was away.
+func (s *Subscriber) resyncAll(ctx context.Context) {
+	have := map[string]bool{}
+	for _, n := range s.opts.Index.Nodes() {
+		have[n.Name] = true
+		url, ok := s.opts.Members.Follow(n.Name, n.URL)
+		if !ok {
+			continue
+		}
+		s.repair(ctx, n.Name, url)
+	}
+	ns, all := s.opts.Members.Followed()
+	if all {
+		for _, k := range s.retainedKeys(ctx) {
+			s.loadRetained(ctx, k)
+		}
+		return
+	}
+	for _, n := range ns {
+		if !have[n.Name] {
+			s.loadRetained(ctx, n.Name)
+		}
+	}
+}
+
+// retainedKeys lists the nodes with a retained inventory.
+func (s *Subscriber) retainedKeys(ctx context.Context) []string {
+	kv := s.bucket(ctx)
+	if kv == nil {
+		return nil
+	}
+	kctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	keys, err := kv.Keys(kctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
+		log.G(ctx).WithError(err).Warn("list retained inventories")
+	}
+	return keys // tokens; loadRetained reads the node name from the value
+}
+
+func (s *Subscriber) bucket(ctx context.Context) jetstream.KeyValue {
+	s.mu.Lock()
+	kv := s.kv
+	s.mu.Unlock()
+	if kv != nil {
+		return kv
+	}
+	kv, err := InventoryBucket(ctx, s.opts.Conn)
+	if err != nil {
+		log.G(ctx).WithError(err).Debug("retained inventories unavailable")
+		return nil
+	}
+	s.mu.Lock()
+	s.kv = kv
+	s.mu.Unlock()
+	return kv
+}
+
+// loadRetained applies the retained full inventory of the node whose key
+// (or name) is given, if fresh; otherwise it reads the node itself.
+func (s *Subscriber) loadRetained(ctx context.Context, name string) {
+	if kv := s.bucket(ctx); kv != nil {
+		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		e, err := kv.Get(gctx, Token(name))
+		if err != nil && strings.Contains(name, "=") {
+			e, err = kv.Get(gctx, name) // already a key
+		}
+		cancel()
+		if err == nil {
+			s.apply(ctx, "", e.Value(), "full")
+			return
+		}
+	}
+	s.repair(ctx, name, "")
+}
+
+// handle applies one message from the broker.
+func (s *Subscriber) handle(ctx context.Context, m *nats.Msg) {
+	if s.opts.Metrics != nil {
+		s.opts.Metrics.ControlBytes.WithLabelValues("event").Add(float64(len(m.Data)))
+	}
+	s.apply(ctx, strings.TrimPrefix(m.Subject, SubjectPrefix), m.Data, "event")
+}
+
+// apply applies one event. token is the subject's node token ("" for a
+// retained value, whose key is checked by the bucket).
+func (s *Subscriber) apply(ctx context.Context, token string, data []byte, source string) {
+	m := s.opts.Metrics
+	if len(data) > MaxEventSize {
+		m.bad("oversized")
+		return
+	}
+	var ev Event
+	if err := json.Unmarshal(data, &ev); err != nil || ev.Node == "" || ev.Epoch == "" || len(ev.Epoch) > 64 {
+		m.bad("garbled")
+		log.G(ctx).WithField("subject", token).Debug("garbled inventory event ignored")
+		return
+	}
+	if token != "" && Token(ev.Node) != token {
+		m.bad("wrong_subject")
+		log.G(ctx).WithField("subject", token).WithField("claims", ev.Node).Warn("inventory event for another node's subject ignored")
+		return
+	}
+	url, ok := s.opts.Members.Follow(ev.Node, ev.URL)
+	if !ok {
+		return
+	}
+	if ev.Full {
+		source = "full"
+		if !ev.Time.IsZero() && time.Since(ev.Time) > s.TTL() {
+			return // a dead node's retained inventory
+		}
+		if ev.External {
+			s.repair(ctx, ev.Node, url)
+			return
+		}
+		err := s.opts.Index.Full(ev.Node, url, ev.Epoch, ev.Seq, ev.Blobs, time.Now())
+		m.update(source, err)
+		if errors.Is(err, ErrStale) {
+			s.opts.Index.Touch(ev.Node, time.Now())
+		}
+		return
+	}
+	if ev.Seq == 0 {
+		m.bad("garbled")
+		return
+	}
+	err := s.opts.Index.Delta(ev.Node, ev.Epoch, ev.Seq-1, ev.Seq, ev.Added, ev.Removed, time.Now())
+	m.update(source, err)
+	switch {
+	case errors.Is(err, ErrGap):
+		s.repair(ctx, ev.Node, url)
+	case errors.Is(err, ErrStale):
+		s.opts.Index.Touch(ev.Node, time.Now())
+	}
+}
+
+// repair brings node up to date from the node itself, once at a time per
+// node, falling back to the retained bucket when the node cannot be read.
+func (s *Subscriber) repair(ctx context.Context, node, url string) {
+	if url == "" {
+		var ok bool
+		if url, ok = s.opts.Members.Follow(node, ""); !ok || url == "" {
+			return
+		}
+	}
+	s.mu.Lock()
+	if s.repairing[node] {
+		s.mu.Unlock()
+		return
+	}
+	s.repairing[node] = true
+	s.mu.Unlock()
+	go func() {
+		defer func() {
+			s.mu.Lock()
+			delete(s.repairing, node)
+			s.mu.Unlock()
+		}()
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := Sync(rctx, s.opts.Index, s.opts.Reader, Neighbor{Name: node, URL: url}, s.opts.Metrics, "repair"); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).WithField("node", node).Info("inventory repair failed; the next full update will")
+		}
+	}()
+}
+
+// expire drops nodes silent for the TTL, unless the broker itself was
+// unreachable for part of that time.
+func (s *Subscriber) expire(ctx context.Context) {
+	s.mu.Lock()
+	since := s.since
+	s.mu.Unlock()
+	if since.IsZero() || time.Since(since) < s.TTL() {
+		return
+	}
+	gone := s.opts.Index.Expire(time.Now().Add(-s.TTL()))
+	s.opts.Metrics.dropped("expired", len(gone))
+	if len(gone) > 0 {
+		log.G(ctx).WithField("nodes", gone).Info("silent nodes dropped from the index")
+	}
+}
+
+func (s *Subscriber) unsubscribeAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, sub := range s.subs {
+		_ = sub.Unsubscribe()
+		delete(s.subs, name)
+	}
+}
