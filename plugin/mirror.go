@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -136,6 +137,10 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))
 	r = r.WithContext(ctx)
+	if r.URL.Path == resolver.LocatePath {
+		m.serveLocate(ctx, w, r)
+		return
+	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "the mirror is read-only")
@@ -297,4 +302,48 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 func writeOCIError(ctx context.Context, w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Cache-Control", "no-store")
 	peers.WriteError(ctx, w, &peers.Error{Status: status, Code: code, Err: errors.New(msg)})
+}
+
+// maxLocateBody bounds a locate question's body.
+const maxLocateBody = 2 << 20
+
+// serveLocate answers which candidates the node's resolver returns now, for
+// operators (coop locate): POST a resolver.LocateRequest, or GET with
+// ?digest=D&digest=D.
+func (m *Mirror) serveLocate(ctx context.Context, w http.ResponseWriter, r *http.Request) {
+	var req resolver.LocateRequest
+	switch r.Method {
+	case http.MethodGet:
+		for _, d := range r.URL.Query()["digest"] {
+			req.Digests = append(req.Digests, digest.Digest(d))
+		}
+	case http.MethodPost:
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLocateBody)).Decode(&req); err != nil {
+			peers.WriteError(ctx, w, fmt.Errorf("bad locate request: %v: %w", err, errdefs.ErrInvalidArgument))
+			return
+		}
+	default:
+		w.Header().Set("Allow", "GET, POST")
+		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "use GET or POST")
+		return
+	}
+	if len(req.Digests) > resolver.MaxLocateDigests {
+		peers.WriteError(ctx, w, fmt.Errorf("%d digests, at most %d: %w", len(req.Digests), resolver.MaxLocateDigests, errdefs.ErrInvalidArgument))
+		return
+	}
+	got, err := m.resolver.Locate(ctx, req.Digests)
+	if err != nil {
+		if !errdefs.IsInvalidArgument(err) {
+			// The operator wants to see why (a dead ClusterKB, say).
+			err = &peers.Error{Status: http.StatusServiceUnavailable, Code: peers.CodeUnknown, Err: err}
+		}
+		peers.WriteError(ctx, w, err)
+		return
+	}
+	if got == nil {
+		got = map[digest.Digest][]peers.Candidate{}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	_ = json.NewEncoder(w).Encode(resolver.LocateResponse{Candidates: got})
 }

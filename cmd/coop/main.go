@@ -27,6 +27,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"node", "run the node daemon: content proxy, diff service, peer server, mirror", runNode},
+		{"kb", "run ClusterKB: the central neighbour index, with an embedded NATS broker", runKB},
+		{"locate", "ask a node (or ClusterKB) which peers hold blobs now", runLocate},
 		{"containerd-config", "print containerd's config for coop; --write also writes hosts.toml", runContainerdConfig},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "coop", Version)

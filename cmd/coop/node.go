@@ -35,19 +35,24 @@ const (
 // nodeConfig is coop node's configuration: flags, or the same keys in a TOML
 // file given with --config (flags win).
 type nodeConfig struct {
-	Name          string `toml:"name"`
-	Root          string `toml:"root"`
-	ContentSocket string `toml:"content_socket"`
-	PeerListen    string `toml:"peer_listen"`
-	Advertise     string `toml:"advertise"`
-	MirrorListen  string `toml:"mirror_listen"`
-	Neighbors     string `toml:"neighbors"`
-	Index         string `toml:"index"`
-	UploadLimit   int64  `toml:"upload_limit"`
-	PeerTimeout   string `toml:"peer_timeout"`
-	StallTimeout  string `toml:"stall_timeout"`
-	LogLevel      string `toml:"log_level"`
-	DebugListen   string `toml:"debug_listen"`
+	Name          string  `toml:"name"`
+	Root          string  `toml:"root"`
+	ContentSocket string  `toml:"content_socket"`
+	PeerListen    string  `toml:"peer_listen"`
+	Advertise     string  `toml:"advertise"`
+	MirrorListen  string  `toml:"mirror_listen"`
+	Neighbors     string  `toml:"neighbors"`
+	Index         string  `toml:"index"`
+	Period        string  `toml:"period"`
+	NATSURL       string  `toml:"nats_url"`
+	KB            string  `toml:"kb"`
+	NeighborsKB   bool    `toml:"neighbors_from_kb"`
+	DropEvents    float64 `toml:"debug_drop_events"`
+	UploadLimit   int64   `toml:"upload_limit"`
+	PeerTimeout   string  `toml:"peer_timeout"`
+	StallTimeout  string  `toml:"stall_timeout"`
+	LogLevel      string  `toml:"log_level"`
+	DebugListen   string  `toml:"debug_listen"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -59,6 +64,7 @@ func defaultNodeConfig() nodeConfig {
 		PeerListen:    ":" + defaultPeerPort,
 		MirrorListen:  defaultMirrorListen,
 		Index:         "online",
+		Period:        "10s",
 		PeerTimeout:   "500ms",
 		StallTimeout:  "5s",
 		LogLevel:      "info",
@@ -73,7 +79,12 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "URL other nodes use to reach the peer server (default http://<hostname>:<peer port>)")
 	fs.StringVar(&c.MirrorListen, "mirror-listen", c.MirrorListen, "mirror address containerd tries first; loopback only")
 	fs.StringVar(&c.Neighbors, "neighbors", c.Neighbors, "nodes this node may fetch from: NAME=URL,NAME=URL")
-	fs.StringVar(&c.Index, "index", c.Index, "neighbour index: online (ask every neighbour per pull) or none (registry only)")
+	fs.StringVar(&c.Index, "index", c.Index, "neighbour index: online (ask every neighbour per pull), periodic (poll every neighbour each --period), push (neighbours' events through the broker), kb (ask ClusterKB) or none (registry only)")
+	fs.StringVar(&c.Period, "period", c.Period, "poll period (periodic), full-inventory period (publishing), ClusterKB heartbeat period")
+	fs.StringVar(&c.NATSURL, "nats-url", c.NATSURL, "NATS broker URL: push mode subscribes there; when set, this node publishes its inventory in any mode")
+	fs.StringVar(&c.KB, "kb", c.KB, "ClusterKB URLs, URL[,URL] (fail-over): register with them; kb mode locates through them")
+	fs.BoolVar(&c.NeighborsKB, "neighbors-from-kb", c.NeighborsKB, "take the neighbour list from ClusterKB's members (every other node) instead of --neighbors")
+	fs.Float64Var(&c.DropEvents, "debug-drop-events", c.DropEvents, "testing only: drop this fraction of published inventory change events")
 	fs.Int64Var(&c.UploadLimit, "upload-limit", c.UploadLimit, "cap on the peer server's upload, bytes per second (0: none)")
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
@@ -167,6 +178,10 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--neighbors: %w", err)
 	}
+	setup, err := checkIndexSetup(cfg, neighbors, peerTimeout)
+	if err != nil {
+		return err
+	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("node", cfg.Name))
 
 	reg := prometheus.NewRegistry()
@@ -194,20 +209,14 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
 	}}}
-	var res resolver.Resolver
-	switch cfg.Index {
-	case "online":
-		if res, err = resolver.NewOnline(resolver.OnlineOptions{Neighbors: resolver.Static(neighbors), Client: client, Timeout: peerTimeout}); err != nil {
-			return err
-		}
-	case "none":
-		res = resolver.None{}
-	default:
-		return fmt.Errorf("--index %q: want online or none", cfg.Index)
-	}
 	// Everything below stops when ctx ends or any server fails.
 	g, gctx := errgroup.WithContext(ctx)
-	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
+	index, err := buildIndex(gctx, setup, inv, client, reg)
+	if err != nil {
+		return err
+	}
+	defer index.close()
+	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: index.resolver, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
 	if err != nil {
 		return err
 	}
@@ -242,6 +251,9 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		debugHTTP := &http.Server{Addr: cfg.DebugListen, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		g.Go(func() error { return ignoreClosed(debugHTTP.ListenAndServe()) })
 		g.Go(func() error { <-gctx.Done(); return debugHTTP.Close() })
+	}
+	for _, run := range index.runners {
+		g.Go(func() error { run(gctx); return nil })
 	}
 	g.Go(func() error { return grpcSrv.Serve(sock) })
 	g.Go(func() error { return ignoreClosed(peerHTTP.Serve(peerL)) })

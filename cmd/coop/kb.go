@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/resolver"
+	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"golang.org/x/sync/errgroup"
+)
+
+func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
+	fs := flag.NewFlagSet("kb", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", ":5060", "ClusterKB API address")
+	feed := fs.String("feed", clusterkb.FeedPush, "how the index is fed: pull (poll every node each period) or push (the nodes' events through the broker)")
+	periodS := fs.Duration("period", 10*time.Second, "poll period (pull); the nodes' heartbeat and full-update period")
+	ttl := fs.Duration("ttl", 0, "drop a registered node silent this long (default 3 periods)")
+	nodesS := fs.String("nodes", "", "static members, NAME=URL,NAME=URL (besides the nodes that register)")
+	natsListen := fs.String("nats-listen", ":4222", "address of the embedded NATS broker (ignored with --nats-url)")
+	natsURL := fs.String("nats-url", "", "use this NATS cluster instead of the embedded broker")
+	root := fs.String("root", filepath.Join(os.TempDir(), "coop-kb"), "directory for the embedded broker's state")
+	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	if err := setLogLevel(*logLevel); err != nil {
+		return err
+	}
+	if *periodS <= 0 || *ttl < 0 {
+		return fmt.Errorf("--period and --ttl must be positive: %w", errUsage)
+	}
+	static, err := resolver.ParseNeighbors(*nodesS)
+	if err != nil {
+		return fmt.Errorf("--nodes: %w", err)
+	}
+	if *feed != clusterkb.FeedPull && *feed != clusterkb.FeedPush {
+		return fmt.Errorf("--feed %q: want pull or push: %w", *feed, errUsage)
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("kb", *listen))
+
+	brokerURL := *natsURL
+	if brokerURL == "" && *feed == clusterkb.FeedPush {
+		if err := os.MkdirAll(*root, 0o700); err != nil {
+			return fmt.Errorf("--root: %w", err)
+		}
+		ns, err := clusterkb.StartBroker(clusterkb.BrokerOptions{Listen: *natsListen, StoreDir: *root})
+		if err != nil {
+			return fmt.Errorf("--nats-listen: %w", err)
+		}
+		defer ns.Shutdown()
+		brokerURL = ns.ClientURL()
+		log.G(ctx).WithField("broker", ns.Addr().String()).Info("embedded NATS broker ready")
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	client := &peers.Client{Node: "coop-kb", HTTP: &http.Client{Transport: &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 5 * time.Second,
+		MaxIdleConnsPerHost:   2,
+	}}}
+	opts := clusterkb.Options{Feed: *feed, Period: *periodS, TTL: *ttl, Static: static, Reader: client, Registerer: reg, Gatherer: reg}
+	if *feed == clusterkb.FeedPush {
+		nc, err := resolver.ConnectBroker(ctx, brokerURL, "coop-kb")
+		if err != nil {
+			return fmt.Errorf("broker %s: %w", brokerURL, err)
+		}
+		defer nc.Close()
+		opts.Conn = nc
+	}
+	kb, err := clusterkb.New(opts)
+	if err != nil {
+		return err
+	}
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	srv := &http.Server{Handler: kb, ReadHeaderTimeout: 10 * time.Second}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return kb.Run(gctx) })
+	g.Go(func() error { return ignoreClosed(srv.Serve(l)) })
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			_ = srv.Close()
+		}
+		return nil
+	})
+	log.G(ctx).WithFields(log.Fields{"listen": l.Addr().String(), "feed": *feed, "period": *periodS, "static": len(static)}).Info("coop kb ready")
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
+		log.G(ctx).Info("coop kb stopped")
+		return nil
+	}
+	return err
+}
