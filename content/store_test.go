@@ -104,3 +104,43 @@ func TestInventoryWatch(t *testing.T) {
 		t.Fatalf("unexpected changes %+v", got)
 	}
 }
+
+func TestInventorySince(t *testing.T) {
+	inv := NewInventorySize(3)
+	var ds []digest.Digest
+	for i := range 5 {
+		d := digest.FromString(string(rune('a' + i)))
+		ds = append(ds, d)
+		inv.Add(d, int64(i))
+	}
+	epoch, seq := inv.Version()
+	if seq != 5 {
+		t.Fatalf("seq %d", seq)
+	}
+	for _, tc := range []struct {
+		name  string
+		epoch string
+		from  uint64
+		ok    bool
+		n     int
+	}{
+		{"up to date", epoch, 5, true, 0},
+		{"last two", epoch, 3, true, 2},
+		{"whole log", epoch, 2, true, 3},
+		{"older than the log", epoch, 1, false, 0},
+		{"future", epoch, 6, false, 0},
+		{"other epoch", "x", 4, false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs, cur, ok := inv.Since(tc.epoch, tc.from)
+			if ok != tc.ok || len(cs) != tc.n || cur != 5 {
+				t.Fatalf("Since: %d changes, cur %d, ok %v", len(cs), cur, ok)
+			}
+			for i, c := range cs {
+				if c.Seq != tc.from+uint64(i)+1 || c.Added[0].Digest != ds[c.Seq-1] {
+					t.Fatalf("change %d: %+v", i, c)
+				}
+			}
+		})
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
@@ -60,6 +61,10 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 		return errgrpc.ToGRPC(err)
 	}
 	offset := ws.Offset // bytes received, queued or written
+	// received is when the last data arrived: the time the client
+	// acknowledged, and so the update time it expects, even when the queue
+	// writes the data a moment later.
+	var received time.Time
 
 	for {
 		if err := q.failed(); err != nil {
@@ -92,7 +97,11 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 			msg.Offset = ws.Offset
 			msg.Digest = wr.Digest().String()
 			msg.StartedAt = protobuf.ToTimestamp(ws.StartedAt)
-			msg.UpdatedAt = protobuf.ToTimestamp(ws.UpdatedAt)
+			updated := ws.UpdatedAt
+			if !received.IsZero() && received.Before(updated) {
+				updated = received
+			}
+			msg.UpdatedAt = protobuf.ToTimestamp(updated)
 			msg.Total = total
 		case contentapi.WriteAction_WRITE, contentapi.WriteAction_COMMIT:
 			if req.Offset > 0 && req.Offset != offset {
@@ -108,6 +117,7 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 				offset = 0
 			}
 			if len(req.Data) > 0 {
+				received = time.Now()
 				q.push(req.Data)
 				offset += int64(len(req.Data))
 			}
