@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -316,5 +317,51 @@ func TestFetchGroupRecovers(t *testing.T) {
 	err := <-g.start(context.Background(), digest.FromString("x"), func(context.Context) error { panic("boom") })
 	if !errdefs.IsInternal(err) {
 		t.Fatalf("err %v, want an internal error", err)
+	}
+}
+
+// failingResolver fails every locate, as a dead ClusterKB does.
+type failingResolver struct{}
+
+func (failingResolver) Locate(context.Context, []digest.Digest) (map[digest.Digest][]peers.Candidate, error) {
+	return nil, errdefs.ErrUnavailable
+}
+
+func TestMirrorLocate(t *testing.T) {
+	d := digest.FromString("x")
+	m, _ := newTestMirror(t, staticResolver{d: {{Node: "p", URL: "http://127.0.0.1:1", Size: 1}}})
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	dead, _ := newTestMirror(t, failingResolver{})
+	deadSrv := httptest.NewServer(dead)
+	defer deadSrv.Close()
+	for _, tc := range []struct {
+		name, base, method, query, body string
+		status                          int
+		found                           bool
+	}{
+		{"post", srv.URL, "POST", "", `{"digests":["` + d.String() + `"]}`, 200, true},
+		{"get", srv.URL, "GET", "?digest=" + d.String(), "", 200, true},
+		{"unknown", srv.URL, "GET", "?digest=" + digest.FromString("y").String(), "", 200, false},
+		{"bad digest", srv.URL, "GET", "?digest=sha256:zz", "", 400, false},
+		{"bad body", srv.URL, "POST", "", `{`, 400, false},
+		{"put", srv.URL, "PUT", "", "", 405, false},
+		{"dead index", deadSrv.URL, "GET", "?digest=" + d.String(), "", 503, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, tc.base+"/coop/v1/locate"+tc.query, strings.NewReader(tc.body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, b)
+			}
+			if tc.status == 200 && strings.Contains(string(b), `"node":"p"`) != tc.found {
+				t.Fatalf("answer %s, found want %v", b, tc.found)
+			}
+		})
 	}
 }

@@ -68,6 +68,13 @@ func TestRunNodeRejectsBadInput(t *testing.T) {
 		{"bad neighbour", []string{"--mirror-listen", "127.0.0.1:5051", "--neighbors", "a=ftp://x"}, "--neighbors"},
 		{"negative upload limit", []string{"--mirror-listen", "127.0.0.1:5051", "--upload-limit", "-1"}, "--upload-limit"},
 		{"bad stall timeout", []string{"--mirror-listen", "127.0.0.1:5051", "--stall-timeout", "soon"}, "--stall-timeout"},
+		{"push without broker", []string{"--mirror-listen", "127.0.0.1:5051", "--index", "push"}, "--nats-url"},
+		{"kb without kb", []string{"--mirror-listen", "127.0.0.1:5051", "--index", "kb"}, "--kb"},
+		{"bad kb url", []string{"--mirror-listen", "127.0.0.1:5051", "--index", "kb", "--kb", "ftp://kb"}, "--kb"},
+		{"zero period", []string{"--mirror-listen", "127.0.0.1:5051", "--period", "0s"}, "--period"},
+		{"neighbours from kb without kb", []string{"--mirror-listen", "127.0.0.1:5051", "--neighbors-from-kb"}, "--kb"},
+		{"both neighbour sources", []string{"--mirror-listen", "127.0.0.1:5051", "--kb", "http://127.0.0.1:1", "--neighbors-from-kb", "--neighbors", "a=http://127.0.0.1:2"}, "not both"},
+		{"drop rate out of range", []string{"--mirror-listen", "127.0.0.1:5051", "--debug-drop-events", "2"}, "--debug-drop-events"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := run(context.Background(), append(append([]string{}, base...), tc.args...), io.Discard, io.Discard)
@@ -78,5 +85,44 @@ func TestRunNodeRejectsBadInput(t *testing.T) {
 	}
 	if err := run(context.Background(), []string{"nope"}, io.Discard, io.Discard); !errors.Is(err, errUsage) {
 		t.Fatalf("unknown command: %v", err)
+	}
+}
+
+func TestRunKBRejectsBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"feed", []string{"--feed", "gossip"}, "--feed"},
+		{"period", []string{"--period", "0s"}, "--period"},
+		{"nodes", []string{"--nodes", "a"}, "--nodes"},
+		{"stray", []string{"extra"}, "unexpected"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := run(context.Background(), append([]string{"kb", "--listen", "127.0.0.1:0"}, tc.args...), io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestRunLocateRejectsBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no digest", nil, "no digest"},
+		{"bad digest", []string{"sha256:zz"}, "not a digest"},
+		{"dead node", []string{"--node", "http://127.0.0.1:1", "--timeout", "1s", "sha256:" + strings.Repeat("a", 64)}, "127.0.0.1:1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := run(context.Background(), append([]string{"locate"}, tc.args...), io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
 	}
 }
