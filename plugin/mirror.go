@@ -75,6 +75,8 @@ type Mirror struct {
 	requests *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
 	locate   prometheus.Histogram
+	// locateErrors counts locates that failed (a dead or garbled ClusterKB).
+	locateErrors prometheus.Counter
 }
 
 var _ http.Handler = (*Mirror)(nil)
@@ -99,6 +101,10 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 			Name: "coop_mirror_peer_bytes_total",
 			Help: "Bytes the mirror received from each peer.",
 		}, []string{"node"}),
+		locateErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coop_mirror_locate_errors_total",
+			Help: "Locates that failed (index unreachable or answering garbage); those blobs went to the registry.",
+		}),
 		locate: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "coop_mirror_locate_seconds",
 			Help:    "Time the mirror spent asking the resolver for candidates.",
@@ -124,7 +130,7 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)
 	}
 	if opts.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate} {
+		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors} {
 			if err := opts.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("mirror metrics: %w", err)
 			}
@@ -225,6 +231,7 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 	got, err := m.resolver.Locate(ctx, []digest.Digest{dgst})
 	m.locate.Observe(time.Since(start).Seconds())
 	if err != nil {
+		m.locateErrors.Inc()
 		log.G(ctx).WithError(err).Warn("locate failed; letting the registry serve")
 		return nil
 	}
