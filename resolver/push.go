@@ -163,14 +163,18 @@ func (p *Publisher) Run(ctx context.Context) error {
 	var kv jetstream.KeyValue
 	subject := Subject(p.opts.Node)
 	full := func() {
-		if kv == nil {
+		if kv == nil && p.opts.Conn.IsConnected() {
+			bctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			var err error
-			if kv, err = InventoryBucket(ctx, p.opts.Conn); err != nil {
+			kv, err = InventoryBucket(bctx, p.opts.Conn)
+			cancel()
+			if err != nil {
 				log.G(ctx).WithError(err).Warn("broker bucket unavailable; full inventory not retained this period")
 			}
 		}
 		if err := p.publishFull(ctx, subject, kv); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("full inventory not published")
+			kv = nil // a restarted broker may have lost the bucket: look again
 		}
 	}
 	full()
@@ -452,13 +456,18 @@ func (s *Subscriber) retainedKeys(ctx context.Context) []string {
 }
 
 func (s *Subscriber) bucket(ctx context.Context) jetstream.KeyValue {
+	if !s.opts.Conn.IsConnected() {
+		return nil // the nodes themselves answer instead
+	}
 	s.mu.Lock()
 	kv := s.kv
 	s.mu.Unlock()
 	if kv != nil {
 		return kv
 	}
-	kv, err := InventoryBucket(ctx, s.opts.Conn)
+	bctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	kv, err := InventoryBucket(bctx, s.opts.Conn)
 	if err != nil {
 		log.G(ctx).WithError(err).Debug("retained inventories unavailable")
 		return nil
