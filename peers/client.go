@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	digest "github.com/opencontainers/go-digest"
@@ -58,13 +59,38 @@ func (c *Client) Have(ctx context.Context, baseURL string, dgsts []digest.Digest
 // size is the blob's expected size; the peer must serve exactly the bytes
 // from offset to size. The caller closes the body and verifies the digest.
 func (c *Client) Fetch(ctx context.Context, baseURL string, dgst digest.Digest, offset, size int64) (io.ReadCloser, error) {
+	return c.FetchRange(ctx, baseURL, dgst, offset, size-offset, size)
+}
+
+// BusyError is a peer's 429: it serves as many uploads as it allows.
+type BusyError struct {
+	Peer       string
+	RetryAfter time.Duration
+}
+
+func (e *BusyError) Error() string {
+	return fmt.Sprintf("peer %s is busy (retry after %v)", e.Peer, e.RetryAfter)
+}
+
+// Unwrap classes a busy peer as unavailable.
+func (e *BusyError) Unwrap() error { return errdefs.ErrUnavailable }
+
+// FetchRange opens length bytes of dgst at offset. size is the blob's
+// expected size. The peer must answer exactly that range (200 for the whole
+// blob, 206 with the matching Content-Range otherwise); a 429 is a
+// *BusyError.
+func (c *Client) FetchRange(ctx context.Context, baseURL string, dgst digest.Digest, offset, length, size int64) (io.ReadCloser, error) {
+	if offset < 0 || length <= 0 || offset+length > size {
+		return nil, fmt.Errorf("range %d+%d of a %d-byte blob: %w", offset, length, size, errdefs.ErrInvalidArgument)
+	}
 	u := strings.TrimRight(baseURL, "/") + "/v2/coop/blobs/" + dgst.String()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
 	}
-	if offset > 0 {
-		req.Header.Set("Range", "bytes="+strconv.FormatInt(offset, 10)+"-")
+	whole := offset == 0 && length == size
+	if !whole {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", offset, offset+length-1))
 	}
 	c.mark(req)
 	resp, err := c.HTTP.Do(req)
@@ -72,27 +98,31 @@ func (c *Client) Fetch(ctx context.Context, baseURL string, dgst digest.Digest, 
 		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
 	}
 	want := http.StatusOK
-	if offset > 0 {
+	if !whole {
 		want = http.StatusPartialContent
 	}
 	if resp.StatusCode != want {
 		resp.Body.Close()
-		if resp.StatusCode == http.StatusNotFound {
+		switch resp.StatusCode {
+		case http.StatusNotFound:
 			return nil, fmt.Errorf("peer %s: blob %s: %w", baseURL, dgst, errdefs.ErrNotFound)
+		case http.StatusTooManyRequests:
+			secs, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
+			return nil, &BusyError{Peer: baseURL, RetryAfter: time.Duration(secs) * time.Second}
 		}
 		return nil, fmt.Errorf("peer %s: blob %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
 	}
-	if offset > 0 {
+	if !whole {
 		// A 206 for another range would splice wrong bytes in.
-		want := fmt.Sprintf("bytes %d-%d/%d", offset, size-1, size)
+		want := fmt.Sprintf("bytes %d-%d/%d", offset, offset+length-1, size)
 		if cr := resp.Header.Get("Content-Range"); cr != want {
 			resp.Body.Close()
 			return nil, fmt.Errorf("peer %s: blob %s: Content-Range %q, want %q: %w", baseURL, dgst, cr, want, errdefs.ErrDataLoss)
 		}
 	}
-	if resp.ContentLength >= 0 && resp.ContentLength != size-offset {
+	if resp.ContentLength >= 0 && resp.ContentLength != length {
 		resp.Body.Close()
-		return nil, fmt.Errorf("peer %s: blob %s: length %d, want %d: %w", baseURL, dgst, resp.ContentLength, size-offset, errdefs.ErrDataLoss)
+		return nil, fmt.Errorf("peer %s: blob %s: length %d, want %d: %w", baseURL, dgst, resp.ContentLength, length, errdefs.ErrDataLoss)
 	}
 	return resp.Body, nil
 }

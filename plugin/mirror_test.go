@@ -44,11 +44,16 @@ func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
 		if r.Header.Get(peers.ForwardedHeader) == "" {
 			t.Errorf("request to peer without %s", peers.ForwardedHeader)
 		}
-		off := int64(0)
+		off, end := int64(0), int64(len(data))
 		if h := r.Header.Get("Range"); h != "" {
-			off, _ = parseRangeStart(h)
+			a, b, _ := strings.Cut(strings.TrimPrefix(h, "bytes="), "-")
+			off, _ = strconv.ParseInt(a, 10, 64)
+			if b != "" {
+				last, _ := strconv.ParseInt(b, 10, 64)
+				end = last + 1
+			}
 		}
-		body := data[off:]
+		body := data[off:end]
 		switch mode {
 		case "dead":
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -63,7 +68,7 @@ func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
 			if mode == "wrongrange" {
 				start = 0 // claims other bytes than asked for
 			}
-			w.Header().Set("Content-Range", "bytes "+strconv.FormatInt(start, 10)+"-"+strconv.Itoa(len(data)-1)+"/"+strconv.Itoa(len(data)))
+			w.Header().Set("Content-Range", "bytes "+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end-1, 10)+"/"+strconv.Itoa(len(data)))
 			w.WriteHeader(http.StatusPartialContent)
 		}
 		switch mode {
