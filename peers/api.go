@@ -19,6 +19,7 @@ const ForwardedHeader = "X-Coop-Forwarded"
 const (
 	InventoryPath = "/coop/v1/inventory"
 	HavePath      = "/coop/v1/have"
+	LoadPath      = "/coop/v1/load"
 	HealthPath    = "/healthz"
 	MetricsPath   = "/metrics"
 )
@@ -34,6 +35,8 @@ type Candidate struct {
 	URL string `json:"url"`
 	// Size is the blob's size as the node reports it.
 	Size int64 `json:"size"`
+	// Load is the node's load when the index knows it.
+	Load *Load `json:"load,omitempty"`
 }
 
 // InventoryResponse is the body of GET /coop/v1/inventory. With
@@ -103,6 +106,19 @@ func NetChanges(changes []content.Change) (added []content.Blob, removed []diges
 	return added, removed
 }
 
+// Load is a node's upload load.
+type Load struct {
+	ActiveUploads        int     `json:"active_uploads"`
+	MaxUploads           int     `json:"max_uploads"` // 0: unbounded
+	UploadBytesPerSecond float64 `json:"upload_bytes_per_second"`
+}
+
+// LoadResponse is the body of GET /coop/v1/load.
+type LoadResponse struct {
+	Node string `json:"node"`
+	Load
+}
+
 // HaveRequest is the body of POST /coop/v1/have.
 type HaveRequest struct {
 	Digests []digest.Digest `json:"digests"`
@@ -112,6 +128,7 @@ type HaveRequest struct {
 // asked, with their sizes.
 type HaveResponse struct {
 	Node  string         `json:"node"`
+	Load  *Load          `json:"load,omitempty"`
 	Epoch string         `json:"epoch"`
 	Seq   uint64         `json:"seq"`
 	Blobs []content.Blob `json:"blobs"`

@@ -28,6 +28,8 @@ const (
 	CodeNotFound = "NOT_FOUND"
 	// CodeInvalidArgument answers a malformed request body (400).
 	CodeInvalidArgument = "INVALID_ARGUMENT"
+	// CodeTooManyRequests answers a busy peer (429).
+	CodeTooManyRequests = "TOOMANYREQUESTS"
 	// CodeUnknown answers an internal failure (500).
 	CodeUnknown = "UNKNOWN"
 )

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
@@ -67,6 +68,9 @@ type ServerOptions struct {
 	// Gatherer, when set, is served at MetricsPath; without it MetricsPath
 	// answers 404.
 	Gatherer prometheus.Gatherer
+	// MaxUploads bounds the blob bodies sent at once; beyond it a blob GET
+	// is answered 429 with Retry-After. 0: no bound.
+	MaxUploads int
 }
 
 // Request kinds, the "kind" label of coop_peer_requests_total.
@@ -101,6 +105,14 @@ type Server struct {
 	metrics *serverMetrics
 	promh   http.Handler // nil without a Gatherer
 	bufs    sync.Pool    // *[]byte of copyBufferSize
+
+	maxUploads int
+	active     atomic.Int64 // blob bodies being sent
+	sent       atomic.Int64 // blob bytes sent, for the upload rate
+	rateMu     sync.Mutex
+	rateAt     time.Time
+	rateSent   int64
+	rate       float64
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -129,11 +141,16 @@ func NewServer(opts ServerOptions) (*Server, error) {
 			return nil, fmt.Errorf("register peer server metrics: %w: %w", err, errdefs.ErrInvalidArgument)
 		}
 	}
+	if opts.MaxUploads < 0 {
+		return nil, fmt.Errorf("peer server max uploads %d: %w", opts.MaxUploads, errdefs.ErrInvalidArgument)
+	}
 	s := &Server{
-		node:    opts.Node,
-		store:   opts.Store,
-		inv:     opts.Inventory,
-		metrics: m,
+		maxUploads: opts.MaxUploads,
+		rateAt:     time.Now(),
+		node:       opts.Node,
+		store:      opts.Store,
+		inv:        opts.Inventory,
+		metrics:    m,
 		bufs: sync.Pool{New: func() any {
 			b := make([]byte, copyBufferSize)
 			return &b
@@ -193,6 +210,8 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 		return kindInventory, allow(w, r, s.serveInventory, http.MethodGet, http.MethodHead)
 	case HavePath:
 		return kindHave, allow(w, r, s.serveHave, http.MethodPost)
+	case LoadPath:
+		return kindOther, allow(w, r, s.serveLoad, http.MethodGet, http.MethodHead)
 	case HealthPath:
 		return kindOther, allow(w, r, serveHealth, http.MethodGet, http.MethodHead)
 	case MetricsPath:
@@ -319,6 +338,13 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 
 	var ra ctdcontent.ReaderAt
 	if r.Method == http.MethodGet {
+		if n := s.active.Add(1); s.maxUploads > 0 && n > int64(s.maxUploads) {
+			s.active.Add(-1)
+			s.metrics.busy.Inc()
+			w.Header().Set("Retry-After", "1")
+			return newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running, at most %d", n-1, s.maxUploads)
+		}
+		defer s.active.Add(-1)
 		ra, err = s.store.ReaderAt(ctx, ocispec.Descriptor{Digest: dgst, Size: size})
 		if err != nil {
 			if errdefs.IsNotFound(err) {
@@ -350,7 +376,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 	buf := s.bufs.Get().(*[]byte)
 	defer s.bufs.Put(buf)
 	// Counted as it goes, so the metric shows a transfer in progress.
-	n, err := io.CopyBuffer(&servedCounter{w: w, c: s.metrics.servedBytes}, io.NewSectionReader(ra, start, length), *buf)
+	n, err := io.CopyBuffer(&servedCounter{w: w, c: s.metrics.servedBytes, n: &s.sent}, io.NewSectionReader(ra, start, length), *buf)
 	if err != nil {
 		return fmt.Errorf("send blob %s after %d bytes: %w", dgst, n, err)
 	}
@@ -360,15 +386,38 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 	return nil
 }
 
+// Load returns the node's upload load now.
+func (s *Server) Load() Load {
+	now := time.Now()
+	sent := s.sent.Load()
+	s.rateMu.Lock()
+	if dt := now.Sub(s.rateAt); dt >= time.Second {
+		s.rate = float64(sent-s.rateSent) / dt.Seconds()
+		s.rateAt, s.rateSent = now, sent
+	}
+	rate := s.rate
+	s.rateMu.Unlock()
+	return Load{ActiveUploads: int(s.active.Load()), MaxUploads: s.maxUploads, UploadBytesPerSecond: rate}
+}
+
+func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) error {
+	l := s.Load()
+	return writeJSON(w, r, LoadResponse{Node: s.node, Load: l})
+}
+
 // servedCounter counts bytes into a counter as they are written.
 type servedCounter struct {
 	w io.Writer
 	c prometheus.Counter
+	n *atomic.Int64 // optional: also counted here
 }
 
 func (s *servedCounter) Write(p []byte) (int, error) {
 	n, err := s.w.Write(p)
 	s.c.Add(float64(n))
+	if s.n != nil {
+		s.n.Add(int64(n))
+	}
 	return n, err
 }
 
@@ -567,7 +616,8 @@ func (s *Server) serveHave(w http.ResponseWriter, r *http.Request) error {
 	if blobs == nil {
 		blobs = []content.Blob{}
 	}
-	return writeJSON(w, r, HaveResponse{Node: s.node, Epoch: epoch, Seq: seq, Blobs: blobs})
+	l := s.Load()
+	return writeJSON(w, r, HaveResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: seq, Blobs: blobs})
 }
 
 func serveHealth(w http.ResponseWriter, _ *http.Request) error {
@@ -639,6 +689,7 @@ type serverMetrics struct {
 	requests      *prometheus.CounterVec
 	servedBytes   prometheus.Counter
 	activeUploads prometheus.Gauge
+	busy          prometheus.Counter
 }
 
 func newServerMetrics() *serverMetrics {
@@ -655,11 +706,15 @@ func newServerMetrics() *serverMetrics {
 			Name: "coop_peer_active_uploads",
 			Help: "Blobs the peer server is sending now.",
 		}),
+		busy: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coop_peer_busy_total",
+			Help: "Blob requests refused with 429 because --max-uploads were running.",
+		}),
 	}
 }
 
 func (m *serverMetrics) register(reg prometheus.Registerer) error {
-	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads}
+	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.busy}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			for _, done := range cs[:i] {

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -879,4 +880,51 @@ func TestInventorySince(t *testing.T) {
 			t.Fatalf("since=%s: status %d: %s", bad, resp.StatusCode, body)
 		}
 	}
+}
+
+// TestServerMaxUploads: beyond --max-uploads a blob GET gets 429 with
+// Retry-After, HEAD and the coop API still answer, and the load says so.
+func TestServerMaxUploads(t *testing.T) {
+	ctx := logtest.WithT(context.Background(), t)
+	f := newFixture(ctx, t, 32<<20)
+	srv, err := NewServer(ServerOptions{Node: "n", Store: f.store, Inventory: f.inv, MaxUploads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	c := &Client{HTTP: &http.Client{}, Node: "t"}
+	// The first upload stays open: its reader does not read.
+	first, err := c.Fetch(ctx, ts.URL, f.bigD, 0, int64(len(f.big)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	_, err = c.Fetch(ctx, ts.URL, f.smallD, 0, int64(len(f.small)))
+	var busy *BusyError
+	if !errors.As(err, &busy) || busy.RetryAfter != time.Second || !errdefs.IsUnavailable(err) {
+		t.Fatalf("second upload: %v, want a busy peer with Retry-After 1s", err)
+	}
+	resp, body := do(t, ts, http.MethodHead, "/v2/x/blobs/"+f.smallD.String(), nil, nil)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("HEAD while busy: %d %s", resp.StatusCode, body)
+	}
+	_, body = do(t, ts, http.MethodGet, LoadPath, nil, nil)
+	var lr LoadResponse
+	if err := json.Unmarshal(body, &lr); err != nil || lr.Node != "n" || lr.ActiveUploads != 1 || lr.MaxUploads != 1 {
+		t.Fatalf("load %s (%v)", body, err)
+	}
+	first.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.Load().ActiveUploads != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("upload slot not released after the client went away")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b, err := c.Fetch(ctx, ts.URL, f.smallD, 0, int64(len(f.small)))
+	if err != nil {
+		t.Fatalf("after the slot freed: %v", err)
+	}
+	b.Close()
 }

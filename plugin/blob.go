@@ -202,11 +202,46 @@ func (m *Mirror) fetchDeadline(size int64) time.Duration {
 	return d
 }
 
-// fetch lands dgst in the local store from its candidates: one peer at a
-// time, the next one resuming at the offset where the last one failed. The
-// store verifies size and digest on commit; a blob that does not verify is
-// discarded and fetched whole from the next candidate.
+// fetch lands dgst in the local store from its candidates, with the
+// multi-source downloader. The store verifies size and digest on commit. A
+// striped blob that does not verify cannot tell which peer lied, so it is
+// fetched again one peer at a time, which can.
 func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
+	// Bound the whole fetch, so peers that trickle just above the minimum
+	// rate cannot hold containerd for ever.
+	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
+	defer cancel()
+	for _, c := range cands {
+		if c.Load != nil {
+			m.downloader.Estimates().SetLoad(c.Node, c.Load.ActiveUploads, c.Load.MaxUploads)
+		}
+	}
+	ref := "coop-mirror-" + dgst.Encoded()
+	w, err := m.openWriter(ctx, ref, dgst, size)
+	if w == nil {
+		return err // nil when committed meanwhile
+	}
+	st, err := m.downloader.Download(ctx, dgst, size, cands, w)
+	if err == nil {
+		err = w.Commit(ctx, size, dgst)
+		w.Close()
+		if err == nil || errdefs.IsAlreadyExists(err) {
+			log.G(ctx).WithField("digest", dgst).WithField("bytes_by_node", st.BytesByNode).WithField("hedged", st.Hedged).Debug("blob landed from peers")
+			return nil
+		}
+		log.G(ctx).WithError(err).WithField("bytes_by_node", st.BytesByNode).Warn("striped blob does not verify; fetching it one peer at a time")
+		_ = m.store.Abort(context.WithoutCancel(ctx), ref)
+		return m.fetchSequential(ctx, dgst, size, cands)
+	}
+	w.Close()
+	_ = m.store.Abort(context.WithoutCancel(ctx), ref)
+	return err
+}
+
+// fetchSequential lands dgst from its candidates one peer at a time, the
+// next one resuming at the offset where the last one failed. A blob that
+// does not verify is discarded and fetched whole from the next candidate.
+func (m *Mirror) fetchSequential(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
 	ref := "coop-mirror-" + dgst.Encoded()
 	w, err := m.openWriter(ctx, ref, dgst, size)
 	if w == nil {
@@ -222,10 +257,6 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 			_ = m.store.Abort(context.WithoutCancel(ctx), ref)
 		}
 	}()
-	// Bound the whole fetch, so a peer that trickles just above the stall
-	// timeout cannot hold containerd for ever.
-	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
-	defer cancel()
 	var errs []error
 	var pos int64
 	for _, c := range cands {

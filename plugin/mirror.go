@@ -25,6 +25,8 @@ type PeerFetcher interface {
 	// Fetch opens dgst at the peer from offset; the body holds exactly the
 	// bytes from offset to size.
 	Fetch(ctx context.Context, baseURL string, dgst digest.Digest, offset, size int64) (io.ReadCloser, error)
+	// FetchRange opens length bytes of dgst from offset at the peer.
+	FetchRange(ctx context.Context, baseURL string, dgst digest.Digest, offset, length, size int64) (io.ReadCloser, error)
 	// FetchManifest returns the verified manifest dgst and its media type.
 	FetchManifest(ctx context.Context, baseURL string, dgst digest.Digest) ([]byte, string, error)
 }
@@ -53,6 +55,17 @@ type MirrorOptions struct {
 	Store LocalStore
 	// Registerer receives the mirror's metrics; nil registers nothing.
 	Registerer prometheus.Registerer
+	// Policy selects the peers of a blob (peers.Policies); default
+	// peers.PolicyStripe: all useful candidates at once.
+	Policy string
+	// DownloadBuffer bounds the bytes of one blob fetched ahead of the
+	// local writer. Default 64 MiB.
+	DownloadBuffer int64
+	// ChunkSize is the size of one ranged request. Default 4 MiB.
+	ChunkSize int64
+	// Estimates are the per-peer estimates shared with the rest of the
+	// node; nil keeps the mirror's own.
+	Estimates *peers.Estimates
 }
 
 // Mirror is the loopback OCI endpoint containerd tries before each registry
@@ -68,6 +81,7 @@ type Mirror struct {
 	ttl         time.Duration
 	headerDelay time.Duration
 	fetches     *fetchGroup
+	downloader  *peers.Downloader
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
@@ -129,6 +143,19 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	if m.stall < 0 || m.ttl < 0 || m.headerDelay < 0 {
 		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)
 	}
+	dl, err := peers.NewDownloader(opts.Peers, peers.DownloadOptions{
+		Policy:    opts.Policy,
+		ChunkSize: opts.ChunkSize,
+		Buffer:    opts.DownloadBuffer,
+		Stall:     m.stall,
+		MinRate:   opts.MinRate,
+		Estimates: opts.Estimates,
+		OnBytes:   func(node string, n int) { m.bytes.WithLabelValues(node).Add(float64(n)) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	m.downloader = dl
 	if opts.Registerer != nil {
 		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors} {
 			if err := opts.Registerer.Register(c); err != nil {

@@ -45,6 +45,7 @@ func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
 			t.Errorf("request to peer without %s", peers.ForwardedHeader)
 		}
 		off, end := int64(0), int64(len(data))
+		ranged := r.Header.Get("Range") != ""
 		if h := r.Header.Get("Range"); h != "" {
 			a, b, _ := strings.Cut(strings.TrimPrefix(h, "bytes="), "-")
 			off, _ = strconv.ParseInt(a, 10, 64)
@@ -63,7 +64,7 @@ func blobPeer(t *testing.T, data []byte, mode string) *httptest.Server {
 			_, _ = rand.Read(body)
 		}
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		if off > 0 {
+		if ranged {
 			start := off
 			if mode == "wrongrange" {
 				start = 0 // claims other bytes than asked for

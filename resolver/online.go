@@ -100,7 +100,7 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 			if !asked[b.Digest] || b.Size < 0 {
 				continue
 			}
-			out[b.Digest] = append(out[b.Digest], peers.Candidate{Node: n.Name, URL: n.URL, Size: b.Size})
+			out[b.Digest] = append(out[b.Digest], peers.Candidate{Node: n.Name, URL: n.URL, Size: b.Size, Load: hr.Load})
 		}
 	}
 	if err := parent.Err(); err != nil {

@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -49,6 +51,9 @@ type nodeConfig struct {
 	NeighborsKB   bool    `toml:"neighbors_from_kb"`
 	DropEvents    float64 `toml:"debug_drop_events"`
 	UploadLimit   int64   `toml:"upload_limit"`
+	MaxUploads    int     `toml:"max_uploads"`
+	Policy        string  `toml:"policy"`
+	DownloadBuf   string  `toml:"download_buffer"`
 	PeerTimeout   string  `toml:"peer_timeout"`
 	StallTimeout  string  `toml:"stall_timeout"`
 	LogLevel      string  `toml:"log_level"`
@@ -65,6 +70,9 @@ func defaultNodeConfig() nodeConfig {
 		MirrorListen:  defaultMirrorListen,
 		Index:         "online",
 		Period:        "10s",
+		MaxUploads:    16,
+		Policy:        peers.PolicyStripe,
+		DownloadBuf:   "64MiB",
 		PeerTimeout:   "500ms",
 		StallTimeout:  "5s",
 		LogLevel:      "info",
@@ -86,6 +94,9 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.NeighborsKB, "neighbors-from-kb", c.NeighborsKB, "take the neighbour list from ClusterKB's members (every other node) instead of --neighbors")
 	fs.Float64Var(&c.DropEvents, "debug-drop-events", c.DropEvents, "testing only: drop this fraction of published inventory change events")
 	fs.Int64Var(&c.UploadLimit, "upload-limit", c.UploadLimit, "cap on the peer server's upload, bytes per second (0: none)")
+	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "blob uploads the peer server runs at once; more get 429 with Retry-After (0: no bound)")
+	fs.StringVar(&c.Policy, "policy", c.Policy, "which peers a blob comes from: stripe (all useful ones at once), first, random, least-loaded or fastest")
+	fs.StringVar(&c.DownloadBuf, "download-buffer", c.DownloadBuf, "memory for one blob's chunks fetched ahead of the local write (e.g. 64MiB)")
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
@@ -171,6 +182,16 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 			return fmt.Errorf("--debug-listen: %w", err)
 		}
 	}
+	if !slices.Contains(peers.Policies, cfg.Policy) {
+		return fmt.Errorf("--policy %q: want one of %v", cfg.Policy, peers.Policies)
+	}
+	if cfg.MaxUploads < 0 {
+		return fmt.Errorf("--max-uploads %d: want 0 or more", cfg.MaxUploads)
+	}
+	downloadBuf, err := parseBytes(cfg.DownloadBuf)
+	if err != nil || downloadBuf < 1<<20 {
+		return fmt.Errorf("--download-buffer %q: want a size of at least 1MiB (e.g. 64MiB)", cfg.DownloadBuf)
+	}
 	if cfg.UploadLimit < 0 {
 		return fmt.Errorf("--upload-limit %d: want 0 or more bytes per second", cfg.UploadLimit)
 	}
@@ -197,7 +218,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	reg.MustRegister(invGauge)
 
 	peerSrv, err := peers.NewServer(peers.ServerOptions{
-		Node: cfg.Name, Store: store, Inventory: inv, Registerer: reg, Gatherer: reg,
+		Node: cfg.Name, Store: store, Inventory: inv, Registerer: reg, Gatherer: reg, MaxUploads: cfg.MaxUploads,
 	})
 	if err != nil {
 		return err
@@ -216,7 +237,8 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer index.close()
-	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: index.resolver, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg})
+	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: index.resolver, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg,
+		Policy: cfg.Policy, DownloadBuffer: downloadBuf})
 	if err != nil {
 		return err
 	}
@@ -274,6 +296,27 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return nil
 	}
 	return err
+}
+
+// parseBytes parses a size such as 64MiB, 512KiB, 1GiB or a plain number
+// of bytes.
+func parseBytes(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"B", 1}} {
+		if v, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, mult = strings.TrimSpace(v), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q: want a number with an optional KiB, MiB or GiB", s)
+	}
+	return n * mult, nil
 }
 
 // shutdownGrace is how long each server may drain its requests at stop.
