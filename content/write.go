@@ -30,6 +30,38 @@ const writeQueueDepth = 8
 type pipelinedContent struct {
 	contentapi.ContentServer
 	store ctdcontent.Store
+
+	// lastRecv keeps, per ingest ref, when its last data arrived, for a
+	// later session resuming it (see received below).
+	mu       sync.Mutex
+	lastRecv map[string]time.Time
+}
+
+// received returns when ref's last data arrived in an earlier session.
+func (s *pipelinedContent) received(ref string) time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastRecv[ref]
+}
+
+// setReceived records t for ref (zero t forgets ref), forgetting refs idle
+// for an hour.
+func (s *pipelinedContent) setReceived(ref string, t time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastRecv == nil {
+		s.lastRecv = map[string]time.Time{}
+	}
+	for r, at := range s.lastRecv {
+		if time.Since(at) > time.Hour {
+			delete(s.lastRecv, r)
+		}
+	}
+	if t.IsZero() {
+		delete(s.lastRecv, ref)
+		return
+	}
+	s.lastRecv[ref] = t
 }
 
 // Write implements the content Write stream.
@@ -64,7 +96,15 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 	// received is when the last data arrived: the time the client
 	// acknowledged, and so the update time it expects, even when the queue
 	// writes the data a moment later.
-	var received time.Time
+	received := s.received(ref)
+	committed := false
+	defer func() {
+		if committed {
+			s.setReceived(ref, time.Time{})
+		} else if !received.IsZero() {
+			s.setReceived(ref, received)
+		}
+	}()
 
 	for {
 		if err := q.failed(); err != nil {
@@ -133,6 +173,7 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 				if err := wr.Commit(ctx, total, expected, opts...); err != nil {
 					return errgrpc.ToGRPC(err)
 				}
+				committed = true
 				msg.Digest = wr.Digest().String()
 			}
 		default:

@@ -33,6 +33,9 @@ func StartBroker(opts BrokerOptions) (*server.Server, error) {
 	if err != nil || p < 0 || p > 65535 {
 		return nil, fmt.Errorf("broker listen %q: bad port: %w", opts.Listen, errdefs.ErrInvalidArgument)
 	}
+	if p == 0 {
+		p = server.RANDOM_PORT // NATS reads 0 as its default port, 4222
+	}
 	if opts.StoreDir == "" {
 		return nil, fmt.Errorf("broker needs a store directory: %w", errdefs.ErrInvalidArgument)
 	}

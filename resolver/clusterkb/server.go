@@ -251,9 +251,13 @@ func (k *KB) Neighbors() []resolver.Neighbor {
 func (k *KB) Follow(node, claimed string) (string, bool) {
 	k.mu.RLock()
 	m := k.members[node]
+	var url string
+	if m != nil {
+		url = m.url
+	}
 	k.mu.RUnlock()
 	if m != nil {
-		return m.url, true
+		return url, true
 	}
 	if validURL(claimed) {
 		return claimed, true
