@@ -47,6 +47,8 @@ type InventoryResponse struct {
 	Node  string `json:"node"`
 	Epoch string `json:"epoch"`
 	Seq   uint64 `json:"seq"`
+	// Load is the node's upload load when it answered.
+	Load *Load `json:"load,omitempty"`
 	// Full tells Blobs holds the whole inventory.
 	Full bool `json:"full"`
 	// Blobs is the whole inventory, a list (maybe empty) when Full, null

@@ -578,14 +578,16 @@ func (s *Server) serveInventory(w http.ResponseWriter, r *http.Request) error {
 		}
 		if changes, cur, ok := s.inv.Since(epoch, seq); ok {
 			added, removed := NetChanges(changes)
-			return writeJSON(w, r, InventoryResponse{Node: s.node, Epoch: epoch, Seq: cur, Added: added, Removed: removed})
+			l := s.Load()
+			return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: cur, Added: added, Removed: removed})
 		}
 	}
 	snap := s.inv.Snapshot()
 	if snap.Blobs == nil {
 		snap.Blobs = []content.Blob{}
 	}
-	return writeJSON(w, r, InventoryResponse{Node: s.node, Epoch: snap.Epoch, Seq: snap.Seq, Full: true, Blobs: snap.Blobs})
+	l := s.Load()
+	return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: snap.Epoch, Seq: snap.Seq, Full: true, Blobs: snap.Blobs})
 }
 
 // serveHave answers which of the digests asked are held. Its epoch and seq

@@ -54,6 +54,7 @@ type indexNode struct {
 	epoch string
 	seq   uint64
 	seen  time.Time
+	load  *peers.Load
 	blobs map[uint32]int64 // digest id → size
 }
 
@@ -149,6 +150,19 @@ func (x *Index) Touch(name string, seen time.Time) {
 	}
 }
 
+// SetLoad records the load node last reported; Locate passes it on.
+func (x *Index) SetLoad(name string, l *peers.Load) {
+	if l == nil {
+		return
+	}
+	cp := *l
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if n := x.nodes[name]; n != nil {
+		n.load = &cp
+	}
+}
+
 // Position returns the (epoch, seq) the index holds for node.
 func (x *Index) Position(name string) (epoch string, seq uint64, ok bool) {
 	x.mu.RLock()
@@ -217,7 +231,7 @@ func (x *Index) Locate(dgsts []digest.Digest, opts LocateOptions) map[digest.Dig
 			if n.name == opts.Exclude || (opts.Only != nil && !opts.Only[n.name]) {
 				continue
 			}
-			cs = append(cs, peers.Candidate{Node: n.name, URL: n.url, Size: n.blobs[id]})
+			cs = append(cs, peers.Candidate{Node: n.name, URL: n.url, Size: n.blobs[id], Load: n.load})
 		}
 		if len(cs) > 0 {
 			out[d] = cs

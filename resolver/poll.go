@@ -115,6 +115,9 @@ func Sync(ctx context.Context, idx *Index, r InventoryReader, n Neighbor, m *Met
 			err = idx.Delta(n.Name, ir.Epoch, seq, ir.Seq, ir.Added, ir.Removed, now)
 		}
 		m.update(source, err)
+		if err == nil || errors.Is(err, ErrStale) {
+			idx.SetLoad(n.Name, ir.Load)
+		}
 		if errors.Is(err, ErrGap) {
 			// The index moved meanwhile: ask for everything.
 			epoch, seq = "", 0

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
+	"github.com/coopnet/coop/peers"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	digest "github.com/opencontainers/go-digest"
@@ -40,6 +41,7 @@ type Event struct {
 	Epoch    string          `json:"epoch"`
 	Seq      uint64          `json:"seq"`
 	Time     time.Time       `json:"time"`
+	Load     *peers.Load     `json:"load,omitempty"`
 	Full     bool            `json:"full,omitempty"`
 	External bool            `json:"external,omitempty"`
 	Blobs    []content.Blob  `json:"blobs,omitempty"`
@@ -124,6 +126,8 @@ type PublisherOptions struct {
 	// DropRate drops this fraction of change events, for fault-injection
 	// tests. Zero in production.
 	DropRate float64
+	// Load, if set, is reported with every full inventory.
+	Load func() peers.Load
 }
 
 // Publisher publishes a node's inventory changes as they happen and its full
@@ -204,6 +208,10 @@ func (p *Publisher) Run(ctx context.Context) error {
 func (p *Publisher) publishFull(ctx context.Context, subject string, kv jetstream.KeyValue) error {
 	snap := p.opts.Inventory.Snapshot()
 	ev := Event{Node: p.opts.Node, URL: p.opts.URL, Epoch: snap.Epoch, Seq: snap.Seq, Time: time.Now(), Full: true, Blobs: snap.Blobs}
+	if p.opts.Load != nil {
+		l := p.opts.Load()
+		ev.Load = &l
+	}
 	b, err := json.Marshal(ev)
 	if err != nil {
 		return err
@@ -538,6 +546,7 @@ func (s *Subscriber) apply(ctx context.Context, token string, data []byte, sourc
 		}
 		err := s.opts.Index.Full(ev.Node, url, ev.Epoch, ev.Seq, ev.Blobs, time.Now())
 		m.update(source, err)
+		s.opts.Index.SetLoad(ev.Node, ev.Load)
 		if errors.Is(err, ErrStale) {
 			s.opts.Index.Touch(ev.Node, time.Now())
 		}

@@ -81,7 +81,7 @@ type nodeIndex struct {
 
 // buildIndex sets up the resolver of s.mode, the publisher when a broker is
 // set, and the ClusterKB registration when ClusterKB is set.
-func buildIndex(ctx context.Context, s indexSetup, inv *content.Inventory, client *peers.Client, reg prometheus.Registerer) (*nodeIndex, error) {
+func buildIndex(ctx context.Context, s indexSetup, inv *content.Inventory, client *peers.Client, load func() peers.Load, reg prometheus.Registerer) (*nodeIndex, error) {
 	ni := &nodeIndex{close: func() {}}
 	metrics, err := resolver.NewMetrics(reg)
 	if err != nil {
@@ -112,7 +112,7 @@ func buildIndex(ctx context.Context, s indexSetup, inv *content.Inventory, clien
 			return nil, fmt.Errorf("--nats-url: %w", err)
 		}
 		ni.close = nc.Close
-		pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: s.node, URL: s.url, Inventory: inv, Conn: nc, Period: s.period, DropRate: s.dropEvents})
+		pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: s.node, URL: s.url, Inventory: inv, Conn: nc, Period: s.period, DropRate: s.dropEvents, Load: load})
 		if err != nil {
 			nc.Close()
 			return nil, err

@@ -232,7 +232,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}}}
 	// Everything below stops when ctx ends or any server fails.
 	g, gctx := errgroup.WithContext(ctx)
-	index, err := buildIndex(gctx, setup, inv, client, reg)
+	index, err := buildIndex(gctx, setup, inv, client, peerSrv.Load, reg)
 	if err != nil {
 		return err
 	}
