@@ -59,9 +59,9 @@ type DownloadOptions struct {
 	MinRate int64
 	// Estimates are read and updated; nil keeps them for this blob only.
 	Estimates *Estimates
-	// OnBytes, if set, is called with every n bytes received from node
+	// OnBytes, if set, is called with every n bytes of dgst received from node
 	// (hedged duplicates included).
-	OnBytes func(node string, n int)
+	OnBytes func(dgst digest.Digest, node string, n int)
 }
 
 // DownloadStats tell how a download went.
@@ -511,7 +511,7 @@ func (d *download) fetchChunk(ctx context.Context, c Candidate, ch *chunk, a *at
 			a.got.Store(n)
 			windowBytes += int64(k)
 			if d.opts.OnBytes != nil {
-				d.opts.OnBytes(c.Node, k)
+				d.opts.OnBytes(d.dgst, c.Node, k)
 			}
 		}
 		if el := time.Since(window); d.opts.MinRate > 0 && el >= d.opts.Stall {

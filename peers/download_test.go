@@ -225,7 +225,7 @@ func TestDownloadBufferBound(t *testing.T) {
 		t.Fatal(err)
 	}
 	var fetched atomic.Int64
-	dl.opts.OnBytes = func(_ string, n int) { fetched.Add(int64(n)) }
+	dl.opts.OnBytes = func(_ digest.Digest, _ string, n int) { fetched.Add(int64(n)) }
 	// The writer is slow: the fetchers would run ahead without the bound.
 	w := &aheadWriter{fetched: &fetched, limit: 3<<20 + 2<<20, slow: 20 * time.Millisecond}
 	if _, err := dl.Download(context.Background(), digest.FromBytes(data), size, []Candidate{{Node: "a", URL: "a", Size: size}, {Node: "b", URL: "b", Size: size}}, w); err != nil {

@@ -216,9 +216,19 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 			m.downloader.Estimates().SetLoad(c.Node, c.Load.ActiveUploads, c.Load.MaxUploads)
 		}
 	}
+	m.downloads.start(dgst, size)
+	err := m.fetchStriped(ctx, dgst, size, cands)
+	if err != nil {
+		m.downloads.finish(dgst, nil, 0, err)
+	}
+	return err
+}
+
+func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
 	ref := "coop-mirror-" + dgst.Encoded()
 	w, err := m.openWriter(ctx, ref, dgst, size)
 	if w == nil {
+		m.downloads.finish(dgst, map[string]int64{}, 0, err)
 		return err // nil when committed meanwhile
 	}
 	st, err := m.downloader.Download(ctx, dgst, size, cands, w)
@@ -227,11 +237,17 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 		w.Close()
 		if err == nil || errdefs.IsAlreadyExists(err) {
 			log.G(ctx).WithField("digest", dgst).WithField("bytes_by_node", st.BytesByNode).WithField("hedged", st.Hedged).Debug("blob landed from peers")
+			m.downloads.finish(dgst, st.BytesByNode, st.Hedged, nil)
 			return nil
 		}
 		log.G(ctx).WithError(err).WithField("bytes_by_node", st.BytesByNode).Warn("striped blob does not verify; fetching it one peer at a time")
 		_ = m.store.Abort(context.WithoutCancel(ctx), ref)
-		return m.fetchSequential(ctx, dgst, size, cands)
+		m.downloads.start(dgst, size)
+		if err := m.fetchSequential(ctx, dgst, size, cands); err != nil {
+			return err
+		}
+		m.downloads.finish(dgst, nil, 0, nil)
+		return nil
 	}
 	w.Close()
 	_ = m.store.Abort(context.WithoutCancel(ctx), ref)
@@ -346,6 +362,7 @@ func (m *Mirror) copyFrom(ctx context.Context, w io.Writer, c peers.Candidate, d
 			}
 			n += int64(k)
 			m.bytes.WithLabelValues(c.Node).Add(float64(k))
+			m.downloads.add(dgst, c.Node, k)
 		}
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) && offset+n == size {

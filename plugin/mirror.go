@@ -66,6 +66,9 @@ type MirrorOptions struct {
 	// Estimates are the per-peer estimates shared with the rest of the
 	// node; nil keeps the mirror's own.
 	Estimates *peers.Estimates
+	// Sources, when set, are candidates whatever the resolver says (the
+	// source of a migration), managed through SourcesPath.
+	Sources *resolver.Sources
 }
 
 // Mirror is the loopback OCI endpoint containerd tries before each registry
@@ -82,6 +85,10 @@ type Mirror struct {
 	headerDelay time.Duration
 	fetches     *fetchGroup
 	downloader  *peers.Downloader
+	downloads   *downloads
+	sources     *resolver.Sources
+	srcMu       sync.Mutex
+	srcCancel   map[string]func()
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
@@ -106,6 +113,9 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		ttl:         2 * time.Minute,
 		headerDelay: 5 * time.Second,
 		fetches:     newFetchGroup(ctx),
+		downloads:   newDownloads(),
+		sources:     opts.Sources,
+		srcCancel:   map[string]func(){},
 		failed:      map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
@@ -137,6 +147,9 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	if opts.HeaderDelay != 0 {
 		m.headerDelay = opts.HeaderDelay
 	}
+	if m.resolver != nil && m.sources != nil {
+		m.resolver = resolver.WithSources(m.resolver, m.sources)
+	}
 	if m.resolver == nil || m.peers == nil || m.store == nil {
 		return nil, fmt.Errorf("mirror needs a resolver, a peer fetcher and a store: %w", errdefs.ErrInvalidArgument)
 	}
@@ -150,7 +163,10 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		Stall:     m.stall,
 		MinRate:   opts.MinRate,
 		Estimates: opts.Estimates,
-		OnBytes:   func(node string, n int) { m.bytes.WithLabelValues(node).Add(float64(n)) },
+		OnBytes: func(dgst digest.Digest, node string, n int) {
+			m.bytes.WithLabelValues(node).Add(float64(n))
+			m.downloads.add(dgst, node, n)
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -170,8 +186,15 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))
 	r = r.WithContext(ctx)
-	if r.URL.Path == resolver.LocatePath {
+	switch {
+	case r.URL.Path == resolver.LocatePath:
 		m.serveLocate(ctx, w, r)
+		return
+	case r.URL.Path == DownloadsPath:
+		m.serveDownloads(ctx, w, r)
+		return
+	case r.URL.Path == SourcesPath || strings.HasPrefix(r.URL.Path, SourcesPath+"/"):
+		m.serveSources(ctx, w, r)
 		return
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -369,5 +370,92 @@ func TestMirrorLocate(t *testing.T) {
 				t.Fatalf("answer %s, found want %v", b, tc.found)
 			}
 		})
+	}
+}
+
+// TestMirrorSourcesAndDownloads: a migration source is a candidate at once,
+// whatever the index says, until it is deleted; the download is reported.
+func TestMirrorSourcesAndDownloads(t *testing.T) {
+	data := make([]byte, 2<<20)
+	_, _ = rand.Read(data)
+	d := digest.FromBytes(data)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	store, err := content.NewStore(ctx, t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewMirror(ctx, MirrorOptions{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"},
+		Store: store, Sources: resolver.NewSources(), HeaderDelay: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	get := func() int {
+		resp, err := http.Get(srv.URL + "/v2/x/blobs/" + d.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode
+	}
+	for _, bad := range []string{`{`, `{"node":"s","url":"ftp://x","blobs":{"` + d.String() + `":1}}`, `{"node":"s","url":"http://127.0.0.1:1","blobs":{}}`} {
+		resp, err := http.Post(srv.URL+SourcesPath, "application/json", strings.NewReader(bad))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("source %s: status %d, want 400", bad, resp.StatusCode)
+		}
+	}
+	src := blobPeer(t, data, "good")
+	body := `{"node":"src","url":"` + src.URL + `","blobs":{"` + d.String() + `":` + strconv.Itoa(len(data)) + `}}`
+	resp, err := http.Post(srv.URL+SourcesPath, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sr SourceResponse
+	if err := json.NewDecoder(resp.Body).Decode(&sr); err != nil || sr.ID == "" {
+		t.Fatalf("add source: %v %+v", err, sr)
+	}
+	resp.Body.Close()
+	if code := get(); code != 200 {
+		t.Fatalf("blob from the migration source: status %d", code)
+	}
+	resp, err = http.Get(srv.URL + DownloadsPath + "?digest=" + d.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dls []Download
+	if err := json.NewDecoder(resp.Body).Decode(&dls); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if len(dls) != 1 || !dls[0].Done || dls[0].BytesByNode["src"] != int64(len(data)) {
+		t.Fatalf("downloads %+v", dls)
+	}
+	req, _ := http.NewRequest(http.MethodDelete, srv.URL+SourcesPath+"/"+sr.ID, nil)
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("delete source: %d", resp.StatusCode)
+	}
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("delete again: %d, want 404", resp.StatusCode)
+	}
+	got, _ := m.resolver.Locate(ctx, []digest.Digest{d})
+	if len(got[d]) != 0 {
+		t.Fatalf("source still a candidate after delete: %v", got)
 	}
 }

@@ -238,7 +238,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	defer index.close()
 	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: index.resolver, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg,
-		Policy: cfg.Policy, DownloadBuffer: downloadBuf})
+		Policy: cfg.Policy, DownloadBuffer: downloadBuf, Sources: resolver.NewSources()})
 	if err != nil {
 		return err
 	}
