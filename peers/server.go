@@ -38,6 +38,14 @@ type BlobStore interface {
 	Info(ctx context.Context, dgst digest.Digest) (ctdcontent.Info, error)
 }
 
+// ContainerRecords reads this node's containers from containerd.
+type ContainerRecords interface {
+	// Record returns the container's record; ErrNotFound if unknown.
+	Record(ctx context.Context, namespace, id string) (*ContainerRecord, error)
+	// Stop stops the container's task, if it runs.
+	Stop(ctx context.Context, namespace, id string) error
+}
+
 // InventoryView is what the peer server reports of the node's inventory.
 type InventoryView interface {
 	// Snapshot returns the whole inventory.
@@ -68,6 +76,12 @@ type ServerOptions struct {
 	// Gatherer, when set, is served at MetricsPath; without it MetricsPath
 	// answers 404.
 	Gatherer prometheus.Gatherer
+	// Containers, when set, answers ContainersPath (coop migrate's
+	// source side).
+	Containers ContainerRecords
+	// AllowStop lets a migration's destination stop a container here
+	// (coop migrate --stop-source). Off by default.
+	AllowStop bool
 	// MaxUploads bounds the blob bodies sent at once; beyond it a blob GET
 	// is answered 429 with Retry-After. 0: no bound.
 	MaxUploads int
@@ -106,6 +120,8 @@ type Server struct {
 	promh   http.Handler // nil without a Gatherer
 	bufs    sync.Pool    // *[]byte of copyBufferSize
 
+	containers ContainerRecords
+	allowStop  bool
 	maxUploads int
 	active     atomic.Int64 // blob bodies being sent
 	sent       atomic.Int64 // blob bytes sent, for the upload rate
@@ -146,6 +162,8 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	}
 	s := &Server{
 		maxUploads: opts.MaxUploads,
+		containers: opts.Containers,
+		allowStop:  opts.AllowStop,
 		rateAt:     time.Now(),
 		node:       opts.Node,
 		store:      opts.Store,
@@ -216,6 +234,9 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 		return kindOther, allow(w, r, serveHealth, http.MethodGet, http.MethodHead)
 	case MetricsPath:
 		return kindOther, allow(w, r, s.serveMetrics, http.MethodGet, http.MethodHead)
+	}
+	if strings.HasPrefix(p, ContainersPath+"/") {
+		return kindOther, s.serveContainer(w, r, strings.TrimPrefix(p, ContainersPath+"/"))
 	}
 	rest, ok := strings.CutPrefix(p, "/v2/")
 	if !ok {
@@ -384,6 +405,41 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 		return fmt.Errorf("blob %s ended after %d of %d bytes: %w", dgst, n, length, io.ErrUnexpectedEOF)
 	}
 	return nil
+}
+
+// serveContainer answers GET <namespace>/<id> with the container's record
+// and POST <namespace>/<id>/stop by stopping its task (when allowed).
+func (s *Server) serveContainer(w http.ResponseWriter, r *http.Request, rest string) error {
+	if s.containers == nil {
+		return newError(http.StatusNotFound, CodeNotFound, errdefs.ErrNotFound, "this node does not read containerd (--containerd-address)")
+	}
+	parts := strings.Split(rest, "/")
+	stop := len(parts) == 3 && parts[2] == "stop"
+	if (len(parts) != 2 && !stop) || parts[0] == "" || parts[1] == "" {
+		return newError(http.StatusNotFound, CodeNotFound, errdefs.ErrNotFound, "want %s/NAMESPACE/ID", ContainersPath)
+	}
+	ns, id := parts[0], parts[1]
+	if stop {
+		if r.Method != http.MethodPost {
+			return methodNotAllowed(w, r, http.MethodPost)
+		}
+		if !s.allowStop {
+			return newError(http.StatusForbidden, CodeUnsupported, errdefs.ErrPermissionDenied, "stopping containers from peers is off here (--allow-remote-stop)")
+		}
+		if err := s.containers.Stop(r.Context(), ns, id); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return methodNotAllowed(w, r, http.MethodGet, http.MethodHead)
+	}
+	rec, err := s.containers.Record(r.Context(), ns, id)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, r, rec)
 }
 
 // Load returns the node's upload load now.

@@ -58,6 +58,8 @@ type nodeConfig struct {
 	StallTimeout  string  `toml:"stall_timeout"`
 	LogLevel      string  `toml:"log_level"`
 	DebugListen   string  `toml:"debug_listen"`
+	Containerd    string  `toml:"containerd_address"`
+	AllowStop     bool    `toml:"allow_remote_stop"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -100,6 +102,8 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
+	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: serve container records to migration destinations (coop migrate)")
+	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 }
 
@@ -217,7 +221,19 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}, func() float64 { return float64(inv.Len()) })
 	reg.MustRegister(invGauge)
 
+	var containers peers.ContainerRecords
+	if cfg.Containerd != "" {
+		cs, err := plugin.NewContainers(cfg.Containerd)
+		if err != nil {
+			return fmt.Errorf("--containerd-address: %w", err)
+		}
+		defer cs.Close()
+		containers = cs
+	} else if cfg.AllowStop {
+		return fmt.Errorf("--allow-remote-stop needs --containerd-address: %w", errUsage)
+	}
 	peerSrv, err := peers.NewServer(peers.ServerOptions{
+		Containers: containers, AllowStop: cfg.AllowStop,
 		Node: cfg.Name, Store: store, Inventory: inv, Registerer: reg, Gatherer: reg, MaxUploads: cfg.MaxUploads,
 	})
 	if err != nil {

@@ -1,0 +1,127 @@
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"syscall"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/peers"
+)
+
+// Containers reads this node's containers from its containerd: the source
+// side of coop migrate.
+type Containers struct {
+	client *containerd.Client
+}
+
+var _ peers.ContainerRecords = (*Containers)(nil)
+
+// NewContainers connects to containerd at address (lazily: containerd may
+// start after coop, since coop is its content store).
+func NewContainers(address string) (*Containers, error) {
+	c, err := containerd.New(address)
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", address, err)
+	}
+	return &Containers{client: c}, nil
+}
+
+// Close closes the containerd connection.
+func (c *Containers) Close() error { return c.client.Close() }
+
+// Record returns the record of container id in namespace ns.
+func (c *Containers) Record(ctx context.Context, ns, id string) (*peers.ContainerRecord, error) {
+	if err := identifiers.Validate(ns); err != nil {
+		return nil, fmt.Errorf("namespace %q: %w", ns, errdefs.ErrInvalidArgument)
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+	ctr, err := c.client.LoadContainer(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("container %s/%s: %w", ns, id, err)
+	}
+	info, err := ctr.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("container %s/%s: %w", ns, id, err)
+	}
+	if info.Image == "" {
+		return nil, fmt.Errorf("container %s/%s has no image: %w", ns, id, errdefs.ErrFailedPrecondition)
+	}
+	img, err := c.client.GetImage(ctx, info.Image)
+	if err != nil {
+		return nil, fmt.Errorf("container %s/%s: image %s: %w", ns, id, info.Image, err)
+	}
+	spec, err := ctr.Spec(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("container %s/%s: spec: %w", ns, id, err)
+	}
+	specJSON, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	rec := &peers.ContainerRecord{
+		Namespace:   ns,
+		ID:          id,
+		Image:       info.Image,
+		Target:      img.Target(),
+		Spec:        specJSON,
+		Snapshotter: info.Snapshotter,
+		Labels:      info.Labels,
+		Runtime:     info.Runtime.Name,
+	}
+	if task, err := ctr.Task(ctx, nil); err == nil {
+		if st, err := task.Status(ctx); err == nil {
+			rec.Running = st.Status == containerd.Running
+		}
+	}
+	return rec, nil
+}
+
+// Stop stops the container's task: SIGTERM, then SIGKILL after 10 s, and
+// deletes the task. A container with no task is already stopped.
+func (c *Containers) Stop(ctx context.Context, ns, id string) error {
+	if err := identifiers.Validate(ns); err != nil {
+		return fmt.Errorf("namespace %q: %w", ns, errdefs.ErrInvalidArgument)
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+	ctr, err := c.client.LoadContainer(ctx, id)
+	if err != nil {
+		return fmt.Errorf("container %s/%s: %w", ns, id, err)
+	}
+	task, err := ctr.Task(ctx, nil)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("container %s/%s: task: %w", ns, id, err)
+	}
+	exited, err := task.Wait(ctx)
+	if err != nil {
+		return fmt.Errorf("container %s/%s: wait: %w", ns, id, err)
+	}
+	if err := task.Kill(ctx, syscall.SIGTERM); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("container %s/%s: kill: %w", ns, id, err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		log.G(ctx).WithField("container", id).Warn("no exit 10 s after SIGTERM; sending SIGKILL")
+		if err := task.Kill(ctx, syscall.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
+			return fmt.Errorf("container %s/%s: kill: %w", ns, id, err)
+		}
+		<-exited
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if _, err := task.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("container %s/%s: delete task: %w", ns, id, err)
+	}
+	log.G(ctx).WithField("container", ns+"/"+id).Info("container stopped for a migration")
+	return nil
+}
