@@ -165,6 +165,8 @@ const ContainersPath = "/coop/v1/containers"
 // ContainerRecord is what a destination needs to recreate a container:
 // its image, its OCI runtime spec and how containerd ran it.
 type ContainerRecord struct {
+	// Node is the source node's name.
+	Node        string             `json:"node"`
 	Namespace   string             `json:"namespace"`
 	ID          string             `json:"id"`
 	Image       string             `json:"image"`

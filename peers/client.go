@@ -208,3 +208,55 @@ func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint6
 	}
 	return &ir, nil
 }
+
+// Container reads the record of container id in namespace ns at the peer.
+func (c *Client) Container(ctx context.Context, baseURL, ns, id string) (*ContainerRecord, error) {
+	u := strings.TrimRight(baseURL, "/") + ContainersPath + "/" + url.PathEscape(ns) + "/" + url.PathEscape(id)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("source %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("source %s unreachable: %v: %w", baseURL, err, errdefs.ErrUnavailable)
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return nil, fmt.Errorf("source %s: container %s/%s: %s: %w", baseURL, ns, id, bytes.TrimSpace(b), errdefs.ErrNotFound)
+	default:
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return nil, fmt.Errorf("source %s: container %s/%s: %s: %s: %w", baseURL, ns, id, resp.Status, bytes.TrimSpace(b), errdefs.ErrUnavailable)
+	}
+	var rec ContainerRecord
+	if err := json.NewDecoder(io.LimitReader(resp.Body, MaxManifestSize)).Decode(&rec); err != nil {
+		return nil, fmt.Errorf("source %s: bad container record: %v: %w", baseURL, err, errdefs.ErrDataLoss)
+	}
+	if rec.Image == "" || rec.Target.Digest.Validate() != nil || len(rec.Spec) == 0 {
+		return nil, fmt.Errorf("source %s: container record without image, target or spec: %w", baseURL, errdefs.ErrDataLoss)
+	}
+	return &rec, nil
+}
+
+// StopContainer asks the peer to stop container id's task.
+func (c *Client) StopContainer(ctx context.Context, baseURL, ns, id string) error {
+	u := strings.TrimRight(baseURL, "/") + ContainersPath + "/" + url.PathEscape(ns) + "/" + url.PathEscape(id) + "/stop"
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, nil)
+	if err != nil {
+		return fmt.Errorf("source %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return fmt.Errorf("source %s unreachable: %v: %w", baseURL, err, errdefs.ErrUnavailable)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("source %s: stop %s/%s: %s: %s", baseURL, ns, id, resp.Status, bytes.TrimSpace(b))
+	}
+	return nil
+}

@@ -439,6 +439,7 @@ func (s *Server) serveContainer(w http.ResponseWriter, r *http.Request, rest str
 	if err != nil {
 		return err
 	}
+	rec.Node = s.node
 	return writeJSON(w, r, rec)
 }
 

@@ -28,6 +28,7 @@ func commands() []command {
 	return []command{
 		{"node", "run the node daemon: content proxy, diff service, peer server, mirror", runNode},
 		{"kb", "run ClusterKB: the central neighbour index, with an embedded NATS broker", runKB},
+		{"migrate", "recreate a container of another node here, its image fetched cooperatively", runMigrate},
 		{"locate", "ask a node (or ClusterKB) which peers hold blobs now", runLocate},
 		{"containerd-config", "print containerd's config for coop; --write also writes hosts.toml", runContainerdConfig},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
