@@ -426,7 +426,10 @@ func (s *Server) serveContainer(w http.ResponseWriter, r *http.Request, rest str
 		if !s.allowStop {
 			return newError(http.StatusForbidden, CodeUnsupported, errdefs.ErrPermissionDenied, "stopping containers from peers is off here (--allow-remote-stop)")
 		}
-		if err := s.containers.Stop(r.Context(), ns, id); err != nil {
+		// Finish the stop even if the asker goes away meanwhile.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Minute)
+		defer cancel()
+		if err := s.containers.Stop(sctx, ns, id); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)

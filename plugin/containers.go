@@ -83,8 +83,12 @@ func (c *Containers) Record(ctx context.Context, ns, id string) (*peers.Containe
 	return rec, nil
 }
 
-// Stop stops the container's task: SIGTERM, then SIGKILL after 10 s, and
-// deletes the task. A container with no task is already stopped.
+// stopGrace is how long a task has to exit after SIGTERM before SIGKILL (a
+// process running as PID 1 without a handler ignores SIGTERM).
+const stopGrace = 5 * time.Second
+
+// Stop stops the container's task: SIGTERM, then SIGKILL after stopGrace,
+// and deletes the task. A container with no task is already stopped.
 func (c *Containers) Stop(ctx context.Context, ns, id string) error {
 	if err := identifiers.Validate(ns); err != nil {
 		return fmt.Errorf("namespace %q: %w", ns, errdefs.ErrInvalidArgument)
@@ -110,8 +114,8 @@ func (c *Containers) Stop(ctx context.Context, ns, id string) error {
 	}
 	select {
 	case <-exited:
-	case <-time.After(10 * time.Second):
-		log.G(ctx).WithField("container", id).Warn("no exit 10 s after SIGTERM; sending SIGKILL")
+	case <-time.After(stopGrace):
+		log.G(ctx).WithField("container", id).Warn("no exit after SIGTERM; sending SIGKILL")
 		if err := task.Kill(ctx, syscall.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
 			return fmt.Errorf("container %s/%s: kill: %w", ns, id, err)
 		}

@@ -193,6 +193,11 @@ func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr er
 			return nil, fmt.Errorf("start %s: %w", o.ID, err)
 		}
 		res.Started = true
+	}
+	// The migration is done when the container runs here; stopping the
+	// source (which may wait out its grace period) is not counted.
+	res.Seconds = time.Since(start).Seconds()
+	if o.Start {
 		if o.StopSource {
 			if err := o.Peers.StopContainer(ctx, o.From, o.Namespace, o.ID); err != nil {
 				// The destination runs: report, do not undo.
@@ -200,7 +205,6 @@ func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr er
 			}
 		}
 	}
-	res.Seconds = time.Since(start).Seconds()
 	res.Layers, res.BytesByNode = provenance(ctx, o.Mirror, blobs, layers, local)
 	return res, nil
 }

@@ -342,6 +342,8 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 		}
 		m.requests.WithLabelValues("manifest", "hit").Inc()
 		m.bytes.WithLabelValues(c.Node).Add(float64(len(b)))
+		m.downloads.start(dgst, int64(len(b)))
+		m.downloads.finish(dgst, map[string]int64{c.Node: int64(len(b))}, 0, nil)
 		w.Header().Set("Content-Type", mt)
 		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 		w.Header().Set("Docker-Content-Digest", dgst.String())

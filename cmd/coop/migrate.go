@@ -50,7 +50,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	o.ID = fs.Arg(0)
 	o.Peers = &peers.Client{Node: "coop-migrate", HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		ResponseHeaderTimeout: 10 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second, // a stop waits for the source's task
 	}}}
 	if !*jsonOut {
 		o.Progress = stderr

@@ -12,6 +12,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -32,6 +33,54 @@ type ImageSpec struct {
 	LayerSizes []int64
 	// Seed makes the content reproducible; 0 picks a random seed.
 	Seed uint64
+	// Busybox, when set, is the path of a static busybox binary: the image
+	// then gets a bottom layer with it and a web root, and runs a tiny HTTP
+	// server: busybox httpd -f -p 8080 -h /www (index.html says "coop").
+	Busybox string
+}
+
+// BusyboxPath is where Debian's busybox-static puts its binary.
+const BusyboxPath = "/bin/busybox"
+
+// busyboxLayer returns a gzip'd tar with /bin/busybox, /bin/sh and
+// /www/index.html, and its diff ID.
+func busyboxLayer(path string) ([]byte, digest.Digest, error) {
+	bin, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("busybox: %w (apt-get install busybox-static)", err)
+	}
+	var out bytes.Buffer
+	gz := gzip.NewWriter(&out)
+	dd := digest.SHA256.Digester()
+	tw := tar.NewWriter(io.MultiWriter(gz, dd.Hash()))
+	index := []byte("coop\n")
+	for _, e := range []struct {
+		hdr  tar.Header
+		data []byte
+	}{
+		{tar.Header{Name: "bin/", Mode: 0o755, Typeflag: tar.TypeDir}, nil},
+		{tar.Header{Name: "bin/busybox", Mode: 0o755, Size: int64(len(bin)), Typeflag: tar.TypeReg}, bin},
+		{tar.Header{Name: "bin/sh", Linkname: "busybox", Mode: 0o777, Typeflag: tar.TypeSymlink}, nil},
+		{tar.Header{Name: "tmp/", Mode: 0o1777, Typeflag: tar.TypeDir}, nil},
+		{tar.Header{Name: "www/", Mode: 0o755, Typeflag: tar.TypeDir}, nil},
+		{tar.Header{Name: "www/index.html", Mode: 0o644, Size: int64(len(index)), Typeflag: tar.TypeReg}, index},
+	} {
+		h := e.hdr
+		h.ModTime, h.Format = time.Unix(0, 0), tar.FormatPAX
+		if err := tw.WriteHeader(&h); err != nil {
+			return nil, "", err
+		}
+		if _, err := tw.Write(e.data); err != nil {
+			return nil, "", err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, "", err
+	}
+	if err := gz.Close(); err != nil {
+		return nil, "", err
+	}
+	return out.Bytes(), dd.Digest(), nil
 }
 
 // Blob is one blob of an image.
@@ -121,6 +170,16 @@ func (r *Registry) PushRandomImage(ctx context.Context, spec ImageSpec) (*Image,
 
 	img := &Image{Repo: spec.Repo, Tag: spec.Tag}
 	var diffIDs []digest.Digest
+	cmd := []string{"/random-0.bin"}
+	if spec.Busybox != "" {
+		blob, diffID, err := busyboxLayer(spec.Busybox)
+		if err != nil {
+			return nil, err
+		}
+		img.Layers = append(img.Layers, Blob{Digest: r.putBlob(blob), Size: int64(len(blob)), MediaType: ocispec.MediaTypeImageLayerGzip})
+		diffIDs = append(diffIDs, diffID)
+		cmd = []string{"/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"}
+	}
 	for i, size := range spec.LayerSizes {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -136,7 +195,7 @@ func (r *Registry) PushRandomImage(ctx context.Context, spec ImageSpec) (*Image,
 
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
-		Config:   ocispec.ImageConfig{Cmd: []string{"/random-0.bin"}},
+		Config:   ocispec.ImageConfig{Cmd: cmd},
 		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 	}
 	cfgBytes, err := json.Marshal(cfg)

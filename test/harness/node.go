@@ -67,6 +67,9 @@ type NodeOptions struct {
 	Snapshotter string
 	// ExtraCoopArgs are appended to the coop node command line.
 	ExtraCoopArgs []string
+	// Migrations makes coop read its containerd (--containerd-address)
+	// and let destinations stop its containers (--allow-remote-stop).
+	Migrations bool
 	// BaseDir holds the node's data directory (default os.TempDir()).
 	BaseDir string
 	// KeepDirs leaves the node's directories in place after Stop (for
@@ -231,6 +234,17 @@ func (n *Node) AsNeighbor() Neighbor {
 	return Neighbor{Name: n.Name, URL: n.PeerURL()}
 }
 
+// Migrate runs `coop migrate` at this node, from the node whose peer URL is
+// from, with this node's containerd, mirror, hosts.toml tree, runc root and
+// a cgroups path of its own; extra flags come before the container id.
+func (n *Node) Migrate(ctx context.Context, from, id string, extra ...string) (string, error) {
+	args := []string{"migrate", "--from", from, "--containerd-address", n.Address,
+		"--mirror", n.MirrorURL(), "--hosts-dir", n.HostsDir, "--runc-root", n.RuncRoot,
+		"--cgroups-path", "/" + n.Name + "-" + id}
+	args = append(append(args, extra...), id)
+	return runCommand(ctx, clientEnv(), nil, n.tools.Coop, args...)
+}
+
 // CoopLog is the path of the coop node's log file (stdout and stderr of
 // every start, each after a "===" line with its command line).
 func (n *Node) CoopLog() string { return filepath.Join(n.Dir, "coop.log") }
@@ -268,6 +282,9 @@ func (n *Node) coopArgs() []string {
 	}
 	if n.opts.UploadLimit > 0 {
 		args = append(args, "--upload-limit", strconv.FormatInt(n.opts.UploadLimit, 10))
+	}
+	if n.opts.Migrations {
+		args = append(args, "--containerd-address", n.Address, "--allow-remote-stop")
 	}
 	return append(args, n.opts.ExtraCoopArgs...)
 }
