@@ -123,4 +123,3 @@ func upper(ss []string) []string {
 	}
 	return out
 }
-
