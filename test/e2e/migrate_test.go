@@ -181,3 +181,94 @@ func TestMigrateErrors(t *testing.T) {
 	// The source's container was not asked to stop.
 	e.requireTask(a, "web", true)
 }
+
+// TestMigrateSourceDies: the source is killed in the middle of the image.
+// With a neighbour that holds every layer, the migration completes from it;
+// with none (and no registry), it fails clearly and leaves nothing behind.
+func TestMigrateSourceDies(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		neighbour bool
+	}{{"neighbour holds the layers", true}, {"nobody else holds them", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, true)
+			reg := e.registry()
+			img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{32 << 20}, Busybox: harness.BusyboxPath})
+			if err != nil {
+				t.Fatal(err)
+			}
+			up := []harness.Upstream{harness.UpstreamOf(reg)}
+			// Slow uploads, so the kill lands inside the big layer.
+			a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true, UploadLimit: 4 << 20})
+			e.runWeb(a, img, "web")
+			var neighbours []harness.Neighbor
+			if tc.neighbour {
+				c := e.node(harness.NodeOptions{Name: "c", Registries: up, UploadLimit: 4 << 20})
+				if err := c.PullCtr(e.ctx, img.Ref); err != nil {
+					t.Fatal(err)
+				}
+				neighbours = append(neighbours, c.AsNeighbor())
+			}
+			if err := reg.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			b := e.node(harness.NodeOptions{Name: "b", Registries: up, Neighbors: neighbours, Migrations: true})
+
+			ctx, cancel := context.WithTimeout(e.ctx, migrateTimeout)
+			defer cancel()
+			type result struct {
+				out string
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				out, err := b.Migrate(ctx, a.PeerURL(), "web", "--start", "--json")
+				done <- result{out, err}
+			}()
+			for {
+				select {
+				case r := <-done:
+					t.Fatalf("migration ended before the source was inside the layer: %v\n%s", r.err, r.out)
+				case <-time.After(20 * time.Millisecond):
+				}
+				if served, _ := a.Metric(e.ctx, harness.MetricPeerServedBytes); served > 2<<20 {
+					break
+				}
+			}
+			if err := a.KillCoop(); err != nil {
+				t.Fatal(err)
+			}
+			r := <-done
+			if tc.neighbour {
+				if r.err != nil {
+					t.Fatalf("migration with a neighbour holding every layer: %v", r.err)
+				}
+				var res plugin.MigrateResult
+				if err := json.Unmarshal([]byte(r.out), &res); err != nil {
+					t.Fatal(err)
+				}
+				if res.BytesByNode["c"] == 0 {
+					t.Fatalf("bytes by node %v: nothing from the neighbour", res.BytesByNode)
+				}
+				e.requireTask(b, "web", true)
+				if got := e.answers(b, "web"); !strings.Contains(got, "coop") {
+					t.Fatalf("migrated container answers %q", got)
+				}
+				return
+			}
+			if r.err == nil {
+				t.Fatalf("migration succeeded with the only holder dead:\n%s", r.out)
+			}
+			t.Logf("error, as it should: %v", r.err)
+			for _, what := range []string{"image", "container"} {
+				out, err := b.Ctr(e.ctx, what, "ls", "-q")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if strings.TrimSpace(out) != "" {
+					t.Fatalf("failed migration left %ss: %q", what, out)
+				}
+			}
+		})
+	}
+}
