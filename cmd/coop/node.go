@@ -21,6 +21,7 @@ import (
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/plugin"
 	"github.com/coopnet/coop/resolver"
+	digest "github.com/opencontainers/go-digest"
 	"github.com/pelletier/go-toml/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -59,6 +60,7 @@ type nodeConfig struct {
 	LogLevel      string  `toml:"log_level"`
 	DebugListen   string  `toml:"debug_listen"`
 	Containerd    string  `toml:"containerd_address"`
+	ContentMode   string  `toml:"content_mode"`
 	AllowStop     bool    `toml:"allow_remote_stop"`
 }
 
@@ -74,6 +76,7 @@ func defaultNodeConfig() nodeConfig {
 		Period:        "10s",
 		MaxUploads:    16,
 		Policy:        peers.PolicyStripe,
+		ContentMode:   contentModeProxy,
 		DownloadBuf:   "64MiB",
 		PeerTimeout:   "500ms",
 		StallTimeout:  "5s",
@@ -103,6 +106,7 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
 	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: serve container records to migration destinations (coop migrate)")
+	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "proxy: be containerd's content store (content + diff proxy plugins); observer: leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 }
@@ -212,9 +216,33 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	inv := content.NewInventory()
-	store, err := content.NewStore(ctx, cfg.Root, inv)
-	if err != nil {
-		return err
+	var (
+		store    *content.Store
+		observer *plugin.Observer
+		served   peers.BlobStore
+	)
+	switch cfg.ContentMode {
+	case contentModeProxy:
+		if store, err = content.NewStore(ctx, cfg.Root, inv); err != nil {
+			return err
+		}
+		served = store
+	case contentModeObserver:
+		if cfg.Containerd == "" {
+			return fmt.Errorf("--content-mode observer needs --containerd-address: %w", errUsage)
+		}
+		// coop's own store only holds what the mirror lands for
+		// containerd; the inventory is containerd's, from its events.
+		if store, err = content.NewStore(ctx, cfg.Root, discard{}); err != nil {
+			return err
+		}
+		if observer, err = plugin.NewObserver(cfg.Containerd, inv); err != nil {
+			return fmt.Errorf("--containerd-address: %w", err)
+		}
+		defer observer.Close()
+		served = plugin.NewUnionStore(store, observer)
+	default:
+		return fmt.Errorf("--content-mode %q: want proxy or observer: %w", cfg.ContentMode, errUsage)
 	}
 	invGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "coop_inventory_blobs", Help: "Blobs in this node's inventory.",
@@ -234,7 +262,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	peerSrv, err := peers.NewServer(peers.ServerOptions{
 		Containers: containers, AllowStop: cfg.AllowStop,
-		Node: cfg.Name, Store: store, Inventory: inv, Registerer: reg, Gatherer: reg, MaxUploads: cfg.MaxUploads,
+		Node: cfg.Name, Store: served, Inventory: inv, Registerer: reg, Gatherer: reg, MaxUploads: cfg.MaxUploads,
 	})
 	if err != nil {
 		return err
@@ -259,24 +287,32 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 
-	sock, err := content.ListenUnix(ctx, cfg.ContentSocket)
-	if err != nil {
-		return err
+	var sock net.Listener
+	var grpcSrv *grpc.Server
+	if observer == nil {
+		if sock, err = content.ListenUnix(ctx, cfg.ContentSocket); err != nil {
+			return err
+		}
+		defer os.Remove(cfg.ContentSocket)
+		grpcSrv = content.NewGRPCServer(store)
 	}
-	defer os.Remove(cfg.ContentSocket)
+	closeSock := func() {
+		if sock != nil {
+			sock.Close()
+		}
+	}
 	peerL, err := net.Listen("tcp", cfg.PeerListen)
 	if err != nil {
-		sock.Close()
+		closeSock()
 		return fmt.Errorf("--peer-listen: %w", err)
 	}
 	mirrorL, err := net.Listen("tcp", cfg.MirrorListen)
 	if err != nil {
-		sock.Close()
+		closeSock()
 		peerL.Close()
 		return fmt.Errorf("--mirror-listen: %w", err)
 	}
 
-	grpcSrv := content.NewGRPCServer(store)
 	peerHTTP := &http.Server{Handler: peers.LimitUpload(peerSrv, cfg.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
 	mirrorHTTP := &http.Server{Handler: mirror, ReadHeaderTimeout: 10 * time.Second}
 
@@ -293,7 +329,12 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	for _, run := range index.runners {
 		g.Go(func() error { run(gctx); return nil })
 	}
-	g.Go(func() error { return grpcSrv.Serve(sock) })
+	if grpcSrv != nil {
+		g.Go(func() error { return grpcSrv.Serve(sock) })
+	}
+	if observer != nil {
+		g.Go(func() error { return observer.Run(gctx) })
+	}
 	g.Go(func() error { return ignoreClosed(peerHTTP.Serve(peerL)) })
 	g.Go(func() error { return ignoreClosed(mirrorHTTP.Serve(mirrorL)) })
 	g.Go(func() error {
@@ -302,7 +343,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return nil
 	})
 	log.G(ctx).WithFields(log.Fields{
-		"root": cfg.Root, "socket": cfg.ContentSocket, "peer": peerL.Addr().String(),
+		"root": cfg.Root, "socket": cfg.ContentSocket, "content_mode": cfg.ContentMode, "peer": peerL.Addr().String(),
 		"advertise": cfg.Advertise, "mirror": mirrorL.Addr().String(), "index": cfg.Index,
 		"neighbors": len(neighbors), "blobs": inv.Len(), "epoch": inv.Epoch(),
 	}).Info("coop node ready")
@@ -335,6 +376,18 @@ func parseBytes(s string) (int64, error) {
 	return n * mult, nil
 }
 
+// Content modes (--content-mode).
+const (
+	contentModeProxy    = "proxy"
+	contentModeObserver = "observer"
+)
+
+// discard is a recorder that records nothing.
+type discard struct{}
+
+func (discard) Add(digest.Digest, int64) {}
+func (discard) Remove(digest.Digest)     {}
+
 // shutdownGrace is how long each server may drain its requests at stop.
 const shutdownGrace = 5 * time.Second
 
@@ -351,6 +404,10 @@ func shutdown(ctx context.Context, grpcSrv *grpc.Server, https ...*http.Server) 
 				_ = s.Close()
 			}
 		})
+	}
+	if grpcSrv == nil {
+		wg.Wait()
+		return
 	}
 	wg.Go(func() {
 		stopped := make(chan struct{})

@@ -60,3 +60,14 @@ func writeFileAtomic(path string, b []byte) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// writeMirrorHostsToml writes dir/host/hosts.toml with the mirror first,
+// then the upstream registry.
+func writeMirrorHostsToml(dir, host, mirror, upstream string) error {
+	d := filepath.Join(dir, host)
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		return err
+	}
+	body := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\"]\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream, mirror, upstream)
+	return writeFileAtomic(filepath.Join(d, "hosts.toml"), []byte(body))
+}

@@ -67,6 +67,10 @@ type NodeOptions struct {
 	Snapshotter string
 	// ExtraCoopArgs are appended to the coop node command line.
 	ExtraCoopArgs []string
+	// Observer keeps containerd's built-in content store and runs coop
+	// beside it in observer mode (--content-mode observer): coop learns
+	// containerd's blobs from its events; the mirror works as usual.
+	Observer bool
 	// Migrations makes coop read its containerd (--containerd-address)
 	// and let destinations stop its containers (--allow-remote-stop).
 	Migrations bool
@@ -283,8 +287,14 @@ func (n *Node) coopArgs() []string {
 	if n.opts.UploadLimit > 0 {
 		args = append(args, "--upload-limit", strconv.FormatInt(n.opts.UploadLimit, 10))
 	}
+	if n.opts.Migrations || n.opts.Observer {
+		args = append(args, "--containerd-address", n.Address)
+	}
 	if n.opts.Migrations {
-		args = append(args, "--containerd-address", n.Address, "--allow-remote-stop")
+		args = append(args, "--allow-remote-stop")
+	}
+	if n.opts.Observer {
+		args = append(args, "--content-mode", "observer")
 	}
 	return append(args, n.opts.ExtraCoopArgs...)
 }
@@ -314,7 +324,7 @@ func (n *Node) StartCoop(ctx context.Context) error {
 	n.mu.Unlock()
 	start := time.Now()
 	err = waitReady(ctx, 30*time.Second, p, func(ctx context.Context) error {
-		if _, err := os.Stat(n.ContentSocket); err != nil {
+		if _, err := os.Stat(n.ContentSocket); err != nil && !n.opts.Observer {
 			return err
 		}
 		if err := httpOK(ctx, n.PeerURL()+"/healthz"); err != nil {
@@ -361,6 +371,20 @@ func (n *Node) RestartCoop(ctx context.Context) error {
 	return n.StartCoop(ctx)
 }
 
+// RestartContainerd stops containerd (SIGTERM) and starts it again with the
+// same config, leaving coop running.
+func (n *Node) RestartContainerd(ctx context.Context) error {
+	n.mu.Lock()
+	p := n.containerd
+	n.mu.Unlock()
+	if p != nil {
+		if err := p.stop(10 * time.Second); err != nil {
+			return err
+		}
+	}
+	return n.startContainerd(ctx)
+}
+
 // CoopRunning reports whether the coop process is alive.
 func (n *Node) CoopRunning() bool {
 	n.mu.Lock()
@@ -385,7 +409,7 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 		LogLevel:      n.opts.ContainerdLogLevel,
 		Snapshotter:   n.opts.Snapshotter,
 	}
-	if n.opts.Plain {
+	if n.opts.Plain || n.opts.Observer {
 		base.RegistryConfigPath = n.HostsDir
 	}
 	basePath := filepath.Join(n.Dir, "base.toml")
@@ -396,6 +420,15 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 	if n.opts.Plain {
 		for _, r := range n.opts.Registries {
 			if err := writeHostsToml(n.HostsDir, r.Host, r.URL); err != nil {
+				return err
+			}
+		}
+		return writeFileAtomic(cfgPath, []byte(base.render()))
+	}
+	if n.opts.Observer {
+		// containerd's own store; hosts.toml: the mirror, then the registry.
+		for _, r := range n.opts.Registries {
+			if err := writeMirrorHostsToml(n.HostsDir, r.Host, n.MirrorURL(), r.URL); err != nil {
 				return err
 			}
 		}

@@ -1,0 +1,229 @@
+package plugin
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	eventsapi "github.com/containerd/containerd/api/events"
+	containerd "github.com/containerd/containerd/v2/client"
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+	"github.com/coopnet/coop/content"
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// Observer learns the blobs of a containerd that keeps its built-in content
+// store, from its /content/create and /content/delete events (subscribed
+// before listing, so nothing is missed), and reads them through containerd's
+// content API for peers. If coop is down, containerd is untouched. A blob is
+// held while any namespace holds it.
+type Observer struct {
+	client *containerd.Client
+	rec    content.Recorder
+
+	mu  sync.RWMutex
+	nss map[digest.Digest]map[string]int64 // digest → namespace → size
+}
+
+// NewObserver returns an observer of the containerd at address, feeding rec.
+func NewObserver(address string, rec content.Recorder) (*Observer, error) {
+	if rec == nil {
+		return nil, fmt.Errorf("observer needs a recorder: %w", errdefs.ErrInvalidArgument)
+	}
+	c, err := containerd.New(address)
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", address, err)
+	}
+	return &Observer{client: c, rec: rec, nss: map[digest.Digest]map[string]int64{}}, nil
+}
+
+// Close closes the containerd connection.
+func (o *Observer) Close() error { return o.client.Close() }
+
+// Run follows containerd until ctx ends, resubscribing and relisting after
+// every break (containerd restarted).
+func (o *Observer) Run(ctx context.Context) error {
+	for {
+		err := o.follow(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		log.G(ctx).WithError(err).Warn("lost containerd's events; resubscribing")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// follow subscribes, lists, then applies events until the stream breaks.
+func (o *Observer) follow(ctx context.Context) error {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events, errs := o.client.Subscribe(sctx, `topic=="/content/create"`, `topic=="/content/delete"`)
+	if err := o.relist(ctx); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errs:
+			return err
+		case env := <-events:
+			if env == nil || env.Event == nil {
+				continue
+			}
+			v, err := typeurl.UnmarshalAny(env.Event)
+			if err != nil {
+				log.G(ctx).WithError(err).Debug("unreadable containerd event")
+				continue
+			}
+			switch e := v.(type) {
+			case *eventsapi.ContentCreate:
+				if d, err := digest.Parse(e.Digest); err == nil {
+					o.add(d, env.Namespace, e.Size)
+				}
+			case *eventsapi.ContentDelete:
+				if d, err := digest.Parse(e.Digest); err == nil {
+					o.remove(d, env.Namespace)
+				}
+			}
+		}
+	}
+}
+
+// relist walks every namespace's content and makes the inventory match.
+func (o *Observer) relist(ctx context.Context) error {
+	nsList, err := o.client.NamespaceService().List(ctx)
+	if err != nil {
+		return fmt.Errorf("list namespaces: %w", err)
+	}
+	seen := map[digest.Digest]map[string]int64{}
+	for _, ns := range nsList {
+		nctx := namespaces.WithNamespace(ctx, ns)
+		if err := o.client.ContentStore().Walk(nctx, func(info ctdcontent.Info) error {
+			if seen[info.Digest] == nil {
+				seen[info.Digest] = map[string]int64{}
+			}
+			seen[info.Digest][ns] = info.Size
+			return nil
+		}); err != nil {
+			return fmt.Errorf("walk content of %s: %w", ns, err)
+		}
+	}
+	o.mu.Lock()
+	var gone []digest.Digest
+	for d := range o.nss {
+		if seen[d] == nil {
+			gone = append(gone, d)
+		}
+	}
+	o.nss = seen
+	o.mu.Unlock()
+	for _, d := range gone {
+		o.rec.Remove(d)
+	}
+	for d, m := range seen {
+		for _, size := range m {
+			o.rec.Add(d, size)
+			break
+		}
+	}
+	return nil
+}
+
+func (o *Observer) add(d digest.Digest, ns string, size int64) {
+	o.mu.Lock()
+	if o.nss[d] == nil {
+		o.nss[d] = map[string]int64{}
+	}
+	o.nss[d][ns] = size
+	o.mu.Unlock()
+	o.rec.Add(d, size)
+}
+
+func (o *Observer) remove(d digest.Digest, ns string) {
+	o.mu.Lock()
+	m := o.nss[d]
+	delete(m, ns)
+	last := len(m) == 0
+	if last {
+		delete(o.nss, d)
+	}
+	o.mu.Unlock()
+	if last {
+		o.rec.Remove(d)
+	}
+}
+
+// namespace returns a namespace holding d.
+func (o *Observer) namespace(d digest.Digest) (string, bool) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	for ns := range o.nss[d] {
+		return ns, true
+	}
+	return "", false
+}
+
+// Info returns d's info from containerd.
+func (o *Observer) Info(ctx context.Context, d digest.Digest) (ctdcontent.Info, error) {
+	ns, ok := o.namespace(d)
+	if !ok {
+		return ctdcontent.Info{}, fmt.Errorf("blob %s: %w", d, errdefs.ErrNotFound)
+	}
+	return o.client.ContentStore().Info(namespaces.WithNamespace(ctx, ns), d)
+}
+
+// ReaderAt opens d through containerd's content API.
+func (o *Observer) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ctdcontent.ReaderAt, error) {
+	ns, ok := o.namespace(desc.Digest)
+	if !ok {
+		return nil, fmt.Errorf("blob %s: %w", desc.Digest, errdefs.ErrNotFound)
+	}
+	return o.client.ContentStore().ReaderAt(namespaces.WithNamespace(ctx, ns), desc)
+}
+
+// unionStore reads from the first store that has the blob: coop's own
+// (blobs the mirror landed) and containerd's, through the observer.
+type unionStore struct {
+	stores []blobReader
+}
+
+type blobReader interface {
+	Info(ctx context.Context, d digest.Digest) (ctdcontent.Info, error)
+	ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ctdcontent.ReaderAt, error)
+}
+
+// NewUnionStore returns a store reading from stores in order.
+func NewUnionStore(stores ...blobReader) interface {
+	blobReader
+} {
+	return unionStore{stores: stores}
+}
+
+func (u unionStore) Info(ctx context.Context, d digest.Digest) (ctdcontent.Info, error) {
+	for _, s := range u.stores {
+		if info, err := s.Info(ctx, d); err == nil {
+			return info, nil
+		}
+	}
+	return ctdcontent.Info{}, fmt.Errorf("blob %s: %w", d, errdefs.ErrNotFound)
+}
+
+func (u unionStore) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ctdcontent.ReaderAt, error) {
+	for _, s := range u.stores {
+		if _, err := s.Info(ctx, desc.Digest); err == nil {
+			return s.ReaderAt(ctx, desc)
+		}
+	}
+	return nil, fmt.Errorf("blob %s: %w", desc.Digest, errdefs.ErrNotFound)
+}
