@@ -1,13 +1,18 @@
 // Command bench measures coop against containerd alone, on real containerd
-// processes and a registry on loopback, and writes bench-results/latest.json.
+// processes and a registry on loopback, and measures the neighbour index of
+// every mode; it writes bench-results/latest.json.
 //
-//	P3: a pull through coop's mirror when no peer holds anything, against the
-//	    same pull with no mirror configured (the cost of a miss).
-//	P4: a local pull+unpack through coop's content proxy and diff service,
-//	    against containerd's built-in content store, through ctr and CRI.
+//	P3:    a pull through coop's mirror when no peer holds anything, against
+//	       the same pull with no mirror configured (the cost of a miss).
+//	P4:    a local pull+unpack through coop's content proxy and diff
+//	       service, against containerd's built-in content store, through ctr
+//	       and CRI.
+//	index: locate latency, staleness and control traffic of every index
+//	       mode at 10 and 1,000 in-process nodes, and ClusterKB's memory and
+//	       locate latency at 5,000 nodes × 1,000 blobs (no root needed).
 //
-// Every sample uses fresh nodes (empty stores), runs alternate between the
-// two sides, and the ratio is of medians taken in the same run.
+// In P3 and P4 every sample uses fresh nodes (empty stores), runs alternate
+// between the two sides, and the ratio is of medians taken in the same run.
 package main
 
 import (
@@ -47,12 +52,14 @@ type Scenario struct {
 	Target      float64 `json:"target"`
 }
 
-// Results is bench-results/latest.json.
+// Results is bench-results/latest.json. Date and Quick describe the run of
+// P3 and P4; the index section carries its own.
 type Results struct {
-	Date      string     `json:"date"`
-	Quick     bool       `json:"quick"`
-	Scenarios []Scenario `json:"scenarios"`
-	Latencies []Latency  `json:"latencies"`
+	Date      string        `json:"date"`
+	Quick     bool          `json:"quick"`
+	Scenarios []Scenario    `json:"scenarios"`
+	Latencies []Latency     `json:"latencies"`
+	Index     *IndexResults `json:"index,omitempty"`
 }
 
 // Latency is a latency distribution.
@@ -88,13 +95,69 @@ func run(ctx context.Context) error {
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
-	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P3,P4)")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P3,P4,index)")
 	flag.Parse()
-	if os.Geteuid() != 0 {
-		return errors.New("the benchmarks start containerd and mount overlays: run as root (sudo make bench)")
-	}
 	if o.quick && o.runs == 9 {
 		o.runs = 2
+	}
+	res := Results{Date: time.Now().UTC().Format(time.RFC3339), Quick: o.quick}
+	want := func(name string) bool {
+		return o.only == "" || slices.Contains(strings.Split(o.only, ","), name)
+	}
+	if want("P3") || want("P4") {
+		if err := runContainerd(ctx, o, want, &res); err != nil {
+			return err
+		}
+	}
+	if want("index") {
+		ir, err := runIndex(ctx, o)
+		if err != nil {
+			return fmt.Errorf("index: %w", err)
+		}
+		res.Index = ir
+	}
+	printTable(res)
+	keepPrevious(o.out, &res)
+	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(o.out, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("\nwrote %s\n", o.out)
+	return nil
+}
+
+// keepPrevious keeps, from the results file at path, the sections this run
+// did not produce, so that --only index does not erase P3 and P4 (and the
+// other way round).
+func keepPrevious(path string, res *Results) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	var old Results
+	if json.Unmarshal(b, &old) != nil {
+		return
+	}
+	if res.Scenarios == nil && res.Latencies == nil && (old.Scenarios != nil || old.Latencies != nil) {
+		res.Date, res.Quick, res.Scenarios, res.Latencies = old.Date, old.Quick, old.Scenarios, old.Latencies
+		fmt.Printf("\nkept the P3/P4 results of %s from %s\n", old.Date, path)
+	}
+	if res.Index == nil && old.Index != nil {
+		res.Index = old.Index
+		fmt.Printf("\nkept the index results of %s from %s\n", old.Index.Date, path)
+	}
+}
+
+// runContainerd runs the scenarios on real containerd nodes (P3, P4).
+func runContainerd(ctx context.Context, o options, want func(string) bool, res *Results) error {
+	if os.Geteuid() != 0 {
+		return errors.New("P3 and P4 start containerd and mount overlays: run as root (sudo make bench), or --only index")
 	}
 	tools, err := harness.FindTools(true)
 	if err != nil {
@@ -105,11 +168,6 @@ func run(ctx context.Context) error {
 		return err
 	}
 	defer reg.Close()
-
-	res := Results{Date: time.Now().UTC().Format(time.RFC3339), Quick: o.quick}
-	want := func(name string) bool {
-		return o.only == "" || slices.Contains(strings.Split(o.only, ","), name)
-	}
 	if want("P3") {
 		s, err := p3(ctx, tools, reg, o)
 		if err != nil {
@@ -133,18 +191,6 @@ func run(ctx context.Context) error {
 			res.Scenarios = append(res.Scenarios, s)
 		}
 	}
-	printTable(res)
-	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
-		return err
-	}
-	b, err := json.MarshalIndent(res, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(o.out, append(b, '\n'), 0o644); err != nil {
-		return err
-	}
-	fmt.Printf("\nwrote %s\n", o.out)
 	return nil
 }
 
@@ -338,8 +384,10 @@ func p3Latency(ctx context.Context, tools *harness.Tools, o options) (Latency, e
 }
 
 func printTable(res Results) {
-	fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
-	fmt.Println("|---|---|---|---|---|---|---|")
+	if len(res.Scenarios) > 0 {
+		fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
+		fmt.Println("|---|---|---|---|---|---|---|")
+	}
 	for _, s := range res.Scenarios {
 		verdict := "met"
 		if s.Ratio > s.Target {
@@ -359,5 +407,8 @@ func printTable(res Results) {
 			}
 			fmt.Printf("| %s | %d | %.2f | %.2f | %.2f | ≤ %.0f ms (%s) |\n", l.Name, l.Requests, l.P50Ms, l.P99Ms, l.MaxMs, l.TargetP99Ms, verdict)
 		}
+	}
+	if res.Index != nil {
+		printIndexTable(res.Index)
 	}
 }
