@@ -45,7 +45,7 @@ lint: ## golangci-lint v2 with .golangci.yml
 demo: build tools ## the main job: a cooperative pull between real containerd nodes (root)
 	COOP_BIN=$(BIN) $(GO) run ./test/demo
 
-bench: build tools ## benchmarks: P3 (mirror miss) and P4 (local pull+unpack), writes bench-results/
+bench: build tools ## benchmarks: P3 (mirror miss), P4 (local pull+unpack), index (every mode; ClusterKB at scale); writes bench-results/
 	COOP_BIN=$(BIN) $(GO) run ./test/bench $(BENCH_FLAGS)
 
 clean: ## remove build outputs

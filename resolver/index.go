@@ -70,20 +70,27 @@ func (x *Index) Full(name, url, epoch string, seq uint64, blobs []content.Blob, 
 	if name == "" || epoch == "" {
 		return fmt.Errorf("full inventory without node or epoch: %w", errdefs.ErrInvalidArgument)
 	}
+	// Validate before locking: a regexp per digest must not hold readers.
+	blobs = validBlobs(blobs)
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	n := x.nodes[name]
-	if n != nil && n.epoch == epoch && seq < n.seq {
-		return fmt.Errorf("node %s: full at seq %d, index at %d: %w", name, seq, n.seq, ErrStale)
+	if n != nil && n.epoch == epoch {
+		if seq < n.seq {
+			return fmt.Errorf("node %s: full at seq %d, index at %d: %w", name, seq, n.seq, ErrStale)
+		}
+		if seq == n.seq && x.sameLocked(n, blobs) {
+			// Nothing changed: a heartbeat.
+			n.url = url
+			n.seen = maxTime(n.seen, seen)
+			return nil
+		}
 	}
 	if n == nil {
 		n = x.addNodeLocked(name)
 	}
 	next := make(map[uint32]int64, len(blobs))
 	for _, b := range blobs {
-		if b.Size < 0 || b.Digest.Validate() != nil {
-			continue
-		}
 		id := x.internLocked(b.Digest)
 		next[id] = b.Size
 	}
@@ -103,10 +110,45 @@ func (x *Index) Full(name, url, epoch string, seq uint64, blobs []content.Blob, 
 	return nil
 }
 
+// sameLocked reports whether n holds exactly blobs.
+func (x *Index) sameLocked(n *indexNode, blobs []content.Blob) bool {
+	if len(blobs) != len(n.blobs) {
+		return false
+	}
+	for _, b := range blobs {
+		id, ok := x.ids[b.Digest]
+		if !ok {
+			return false
+		}
+		if size, held := n.blobs[id]; !held || size != b.Size {
+			return false
+		}
+	}
+	return true
+}
+
+// validBlobs returns the blobs with a valid digest and size (a new slice
+// only when some are not).
+func validBlobs(blobs []content.Blob) []content.Blob {
+	for i, b := range blobs {
+		if b.Size < 0 || b.Digest.Validate() != nil {
+			out := append([]content.Blob(nil), blobs[:i]...)
+			for _, b := range blobs[i+1:] {
+				if b.Size >= 0 && b.Digest.Validate() == nil {
+					out = append(out, b)
+				}
+			}
+			return out
+		}
+	}
+	return blobs
+}
+
 // Delta applies the changes that take node from seq from to seq to. It
 // returns ErrGap when the index does not hold node at (epoch, from), and
 // ErrStale when it already holds a later position; neither changes the index.
 func (x *Index) Delta(name, epoch string, from, to uint64, added []content.Blob, removed []digest.Digest, seen time.Time) error {
+	added = validBlobs(added)
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	n := x.nodes[name]
@@ -127,9 +169,6 @@ func (x *Index) Delta(name, epoch string, from, to uint64, added []content.Blob,
 		}
 	}
 	for _, b := range added {
-		if b.Size < 0 || b.Digest.Validate() != nil {
-			continue
-		}
 		id := x.internLocked(b.Digest)
 		if _, held := n.blobs[id]; !held {
 			x.holders[id] = append(x.holders[id], n.id)

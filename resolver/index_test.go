@@ -145,3 +145,21 @@ func TestToken(t *testing.T) {
 		}
 	}
 }
+
+// TestIndexFullSameSeqDifferentContent: a full at the position the index
+// holds but with other content (a forged delta got in before it) wins.
+func TestIndexFullSameSeqDifferentContent(t *testing.T) {
+	a, b := digest.FromString("a"), digest.FromString("b")
+	x := NewIndex()
+	_ = x.Full("n1", "http://n1", "e", 1, blobs(a), time.Now())
+	_ = x.Delta("n1", "e", 1, 2, blobs(b), nil, time.Now()) // forged
+	if err := x.Full("n1", "http://n1", "e", 2, blobs(a), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if got := holders(x, b, LocateOptions{}); len(got) != 0 {
+		t.Fatalf("forged blob survived the full: %v", got)
+	}
+	if got := holders(x, a, LocateOptions{}); len(got) != 1 {
+		t.Fatalf("real blob lost: %v", got)
+	}
+}

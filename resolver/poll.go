@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"hash/fnv"
 	"sync"
 	"time"
 
@@ -194,7 +194,8 @@ func (p *Poller) Run(ctx context.Context) error {
 }
 
 // PollAll polls every node once and waits for the answers. With spread,
-// polls start at random points within the first half of the period.
+// each node's poll starts at its own fixed point within the first half of
+// the period.
 func (p *Poller) PollAll(ctx context.Context, spread bool) {
 	ns := p.opts.Nodes.Neighbors()
 	keep := names(ns)
@@ -209,10 +210,13 @@ func (p *Poller) PollAll(ctx context.Context, spread bool) {
 	for _, n := range ns {
 		wg.Go(func() {
 			if spread && len(ns) > 1 {
+				// A fixed phase per node: polls spread over the first
+				// half of the period, and each node is polled once per
+				// period.
 				select {
 				case <-ctx.Done():
 					return
-				case <-time.After(rand.N(p.opts.Period / 2)):
+				case <-time.After(phase(n.Name, p.opts.Period/2)):
 				}
 			}
 			select {
@@ -225,6 +229,16 @@ func (p *Poller) PollAll(ctx context.Context, spread bool) {
 		})
 	}
 	wg.Wait()
+}
+
+// phase maps name to a fixed duration in [0, span).
+func phase(name string, span time.Duration) time.Duration {
+	if span <= 0 {
+		return 0
+	}
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(name))
+	return time.Duration(h.Sum64() % uint64(span))
 }
 
 func (p *Poller) poll(ctx context.Context, n Neighbor) {

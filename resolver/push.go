@@ -191,6 +191,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 		case <-t.C:
 			full()
 		case c := <-p.pending:
+			if p.lost.Swap(false) {
+				// Changes were dropped on the floor: the full inventory
+				// repairs every receiver at once.
+				full()
+			}
 			if p.opts.DropRate > 0 && rand.Float64() < p.opts.DropRate {
 				continue
 			}
