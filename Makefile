@@ -42,7 +42,7 @@ lint: ## golangci-lint v2 with .golangci.yml
 	@test -x $(BIN)/golangci-lint || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_VERSION)
 	$(BIN)/golangci-lint run ./...
 
-demo: build tools ## the main job: a cooperative pull between real containerd nodes (root)
+demo: build tools ## the main job: a cooperative container migration in network namespaces (root)
 	COOP_BIN=$(BIN) $(GO) run ./test/demo
 
 bench: build tools ## benchmarks: P3 (mirror miss), P4 (local pull+unpack), index (every mode; ClusterKB at scale); writes bench-results/

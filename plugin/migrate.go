@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -443,6 +444,10 @@ func showProgress(ctx context.Context, w io.Writer, mirror string, layers []ocis
 		lines = len(layers)
 		_, _ = io.WriteString(w, b.String())
 	}
+	if f, ok := w.(*os.File); !ok || !isTerminal(f) {
+		// Not a terminal: no redrawing, one final picture.
+		return func() { cancel(); draw() }
+	}
 	wg.Go(func() {
 		t := time.NewTicker(500 * time.Millisecond)
 		defer t.Stop()
@@ -457,6 +462,12 @@ func showProgress(ctx context.Context, w io.Writer, mirror string, layers []ocis
 		}
 	})
 	return func() { cancel(); wg.Wait() }
+}
+
+// isTerminal reports whether f is a character device (a terminal).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
 func shortDigest(d digest.Digest) string {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -32,6 +33,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.BoolVar(&o.Start, "start", false, "start the container here")
 	fs.BoolVar(&o.StopSource, "stop-source", false, "with --start: stop the source's task once this one runs")
 	jsonOut := fs.Bool("json", false, "print the result as one JSON object")
+	jsonFile := fs.String("json-file", "", "also write the JSON result to this file")
 	timeout := fs.Duration("timeout", 30*time.Minute, "give up after this long")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: coop migrate --from URL [--namespace NS] [--start] [--stop-source] [--json] CONTAINER\n\nRecreates a container of the source node here, its image fetched from the source and the neighbours.")
@@ -60,6 +62,15 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	res, err := plugin.Migrate(ctx, o)
 	if err != nil {
 		return fmt.Errorf("migrate %s: %w", o.ID, err)
+	}
+	if *jsonFile != "" {
+		b, err := json.MarshalIndent(res, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(*jsonFile, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("--json-file: %w", err)
+		}
 	}
 	if *jsonOut {
 		enc := json.NewEncoder(stdout)

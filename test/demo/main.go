@@ -1,11 +1,17 @@
-// Command demo runs coop's main job on one machine: a cooperative pull
-// between two real containerd nodes. Node A pulls an image through the
-// registry; the registry goes down; node B pulls the same image through coop,
-// entirely from A. It prints who served what and how long each pull took,
-// and tears everything down on exit, on failure and on Ctrl-C.
+// Command demo runs coop's main job on one machine: a stateless container
+// migration, cooperatively. It builds a small cluster in network namespaces
+// (ClusterKB with its NATS broker, a source, three neighbours and a
+// destination, uplinks shaped to 100 Mbit/s), runs a tiny HTTP server on
+// busybox at the source from an image that exists only there (and, in part,
+// on the neighbours), migrates it to the destination twice — traditional
+// (from the source only) and cooperative (source and neighbours, found
+// through ClusterKB) — checks that it answers HTTP at the destination, and
+// prints both provenance tables and the comparison. Everything is torn down
+// on exit, on failure and on Ctrl-C.
 //
-// Run it with `make demo` (as root). DEMO_JSON=path also writes a JSON
-// summary; DEMO_LAYERS=3 and DEMO_LAYER_MIB=32 size the image.
+// Run it with `make demo` (as root). DEMO_JSON=path also writes
+// {"traditional_seconds":…,"cooperative_seconds":…,"answered":…};
+// DEMO_LAYERS (default 4) and DEMO_LAYER_MIB (default 32) size the image.
 package main
 
 import (
@@ -15,37 +21,41 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/coopnet/coop/plugin"
 	"github.com/coopnet/coop/test/harness"
 )
 
-// pullResult is one row of the summary.
-type pullResult struct {
-	Node              string  `json:"node"`
-	Source            string  `json:"source"`
-	Seconds           float64 `json:"seconds"`
-	RegistryRequests  int64   `json:"registryRequests"`
-	RegistryBlobBytes int64   `json:"registryBlobBytes"`
-	PeerServedBytes   int64   `json:"peerServedBytes"`
-}
+// The cluster.
+var (
+	kbHost     = host{name: "kb", ip: subnet + "2"}
+	sourceHost = host{name: "src", ip: subnet + "10", mbit: 100}
+	neighbours = []host{{name: "n1", ip: subnet + "11", mbit: 100}, {name: "n2", ip: subnet + "12", mbit: 100}, {name: "n3", ip: subnet + "13", mbit: 100}}
+	destHost   = host{name: "dst", ip: subnet + "20"}
+	ctlHost    = host{name: "ctl", ip: subnet + "254"}
+)
 
-// summary is what DEMO_JSON receives.
-type summary struct {
-	Image      string       `json:"image"`
-	Layers     int          `json:"layers"`
-	LayerBytes int64        `json:"layerBytes"`
-	Pulls      []pullResult `json:"pulls"`
-}
+const (
+	period    = "2s"
+	container = "web"
+)
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Stdout)
+	var err error
+	if os.Getenv(innerEnv) != "" {
+		err = inner(ctx, os.Stdout)
+	} else {
+		err = outer(ctx)
+	}
 	if err != nil && ctx.Err() != nil {
 		err = fmt.Errorf("interrupted: %w", err)
 	}
@@ -54,6 +64,23 @@ func main() {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// outer builds the namespaces, runs the demo inside the control namespace,
+// and removes the namespaces whatever happened.
+func outer(ctx context.Context) error {
+	if os.Geteuid() != 0 {
+		return errors.New("the demo creates network namespaces and starts containerd: run make demo as root")
+	}
+	if _, err := exec.LookPath("nsenter"); err != nil {
+		return errors.New("nsenter is missing (util-linux)")
+	}
+	hosts := append([]host{ctlHost, kbHost, sourceHost, destHost}, neighbours...)
+	defer sweep()
+	if err := buildTopology(ctx, hosts); err != nil {
+		return fmt.Errorf("network namespaces: %w", err)
+	}
+	return reexecInCtl(ctx)
 }
 
 func envInt(name string, def int) (int, error) {
@@ -68,11 +95,45 @@ func envInt(name string, def int) (int, error) {
 	return n, nil
 }
 
-func run(ctx context.Context, out io.Writer) (retErr error) {
-	if os.Geteuid() != 0 {
-		return errors.New("the demo starts containerd and needs root: run make demo as root")
+// demo is the running cluster, seen from the control namespace.
+type demo struct {
+	ctx   context.Context
+	tools *harness.Tools
+	logf  func(string, ...any)
+	nodes []*harness.Node
+	kb    *exec.Cmd
+	dir   string
+}
+
+func (d *demo) node(h host, opts harness.NodeOptions) (*harness.Node, error) {
+	opts.Name, opts.NetNS, opts.ListenIP = h.name, nsPath(h.name), h.ip
+	opts.CoopLogLevel, opts.Logf = "info", d.logf
+	n, err := harness.StartNode(d.ctx, d.tools, opts)
+	if err != nil {
+		return nil, err
 	}
-	layers, err := envInt("DEMO_LAYERS", 3)
+	d.nodes = append(d.nodes, n)
+	return n, nil
+}
+
+func (d *demo) stopNode(n *harness.Node) error {
+	for i, x := range d.nodes {
+		if x == n {
+			d.nodes = append(d.nodes[:i], d.nodes[i+1:]...)
+		}
+	}
+	return n.Stop()
+}
+
+// indexArgs makes a node publish to the broker, register with ClusterKB
+// and, in kb mode, locate through it.
+func indexArgs(index string) []string {
+	kb := "http://" + kbHost.ip + ":5060"
+	return []string{"--index", index, "--kb", kb, "--nats-url", "nats://" + kbHost.ip + ":4222", "--period", period, "--neighbors-from-kb"}
+}
+
+func inner(ctx context.Context, out io.Writer) (retErr error) {
+	layers, err := envInt("DEMO_LAYERS", 4)
 	if err != nil {
 		return err
 	}
@@ -84,117 +145,191 @@ func run(ctx context.Context, out io.Writer) (retErr error) {
 	if err != nil {
 		return err
 	}
+	if tools.Runc == "" {
+		return errors.New("runc is not on PATH: apt-get install -y runc")
+	}
 	_ = log.SetLevel("info")
-	logf := func(format string, args ...any) { log.G(ctx).Infof(format, args...) }
-
-	reg, err := harness.StartRegistry(ctx, harness.RegistryOptions{})
+	dir, err := os.MkdirTemp("", "coop-demo-")
 	if err != nil {
 		return err
 	}
-	defer reg.Close()
-
-	sizes := make([]int64, layers)
-	for i := range sizes {
-		sizes[i] = int64(layerMiB) << 20
-	}
-	logf("building an image of %d × %d MiB random layers", layers, layerMiB)
-	img, err := reg.PushRandomImage(ctx, harness.ImageSpec{Repo: "coop/demo", Tag: "v1", LayerSizes: sizes})
-	if err != nil {
-		return err
-	}
-	logf("pushed %s", img.DigestRef)
-
-	up := []harness.Upstream{harness.UpstreamOf(reg)}
-	var nodes []*harness.Node
+	d := &demo{ctx: ctx, tools: tools, dir: dir, logf: func(format string, args ...any) { log.G(ctx).Infof(format, args...) }}
 	defer func() {
-		for _, n := range nodes {
+		for i := len(d.nodes) - 1; i >= 0; i-- {
+			n := d.nodes[i]
 			if retErr != nil && ctx.Err() == nil {
-				fmt.Fprintf(os.Stderr, "%s\n", n.LogTail(30))
+				fmt.Fprintf(os.Stderr, "%s\n", n.LogTail(20))
 			}
 			if err := n.Stop(); err != nil {
 				log.G(ctx).WithError(err).Warnf("stop node %s", n.Name)
 			}
 		}
+		if d.kb != nil && d.kb.Process != nil {
+			_ = d.kb.Process.Signal(syscall.SIGTERM)
+			_ = d.kb.Wait()
+		}
+		os.RemoveAll(dir)
 	}()
-	a, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: "a", Registries: up, CoopLogLevel: "info", Logf: logf})
+
+	// ClusterKB with its embedded broker, in its own namespace.
+	bin, args := inNS(kbHost.name, tools.Coop, "kb", "--listen", kbHost.ip+":5060", "--nats-listen", kbHost.ip+":4222",
+		"--feed", "push", "--period", period, "--root", filepath.Join(dir, "kb"), "--log-level", "warn")
+	d.kb = exec.Command(bin, args...)
+	kbLog, err := os.Create(filepath.Join(dir, "kb.log"))
 	if err != nil {
 		return err
 	}
-	nodes = append(nodes, a)
-	b, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: "b", Registries: up, Neighbors: []harness.Neighbor{a.AsNeighbor()}, CoopLogLevel: "info", Logf: logf})
+	d.kb.Stdout, d.kb.Stderr = kbLog, kbLog
+	d.kb.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.kb.Start(); err != nil {
+		return fmt.Errorf("coop kb: %w", err)
+	}
+	if err := waitHTTP(ctx, "http://"+kbHost.ip+":5060/healthz"); err != nil {
+		return fmt.Errorf("coop kb: %w", err)
+	}
+
+	// A registry, only to build the image; it is gone before the migrations.
+	reg, err := harness.StartRegistry(ctx, harness.RegistryOptions{Addr: ctlHost.ip + ":0"})
 	if err != nil {
 		return err
 	}
-	nodes = append(nodes, b)
+	defer reg.Close()
+	sizes := make([]int64, layers)
+	for i := range sizes {
+		sizes[i] = int64(layerMiB) << 20
+	}
+	d.logf("building the image: busybox httpd and %d × %d MiB of random layers", layers, layerMiB)
+	img, err := reg.PushRandomImage(ctx, harness.ImageSpec{Repo: "coop/web", Tag: "v1", LayerSizes: sizes, Busybox: harness.BusyboxPath})
+	if err != nil {
+		return err
+	}
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
 
-	sum := summary{Image: img.DigestRef, Layers: len(img.Layers), LayerBytes: img.LayerBytes()}
-	pull := func(n *harness.Node, source string) error {
-		served0, err := a.Metric(ctx, harness.MetricPeerServedBytes)
+	// The source and the neighbours pull from the registry (index none):
+	// they only publish what they hold, to ClusterKB through the broker.
+	src, err := d.node(sourceHost, harness.NodeOptions{Registries: up, Migrations: true, ExtraCoopArgs: indexArgs("none")})
+	if err != nil {
+		return err
+	}
+	if err := src.PullCtr(ctx, img.Ref); err != nil {
+		return fmt.Errorf("source: pull: %w", err)
+	}
+	if _, err := src.Ctr(ctx, "run", "-d", "--runc-root", src.RuncRoot, "--cgroup", "/coopdemo-src-"+container, img.Ref, container); err != nil {
+		return fmt.Errorf("source: run: %w", err)
+	}
+	// Each neighbour holds the image but one random layer (a different one
+	// each): together they hold it all, none alone does.
+	for i, h := range neighbours {
+		n, err := d.node(h, harness.NodeOptions{Registries: up, ExtraCoopArgs: indexArgs("none")})
 		if err != nil {
 			return err
 		}
-		reg.ResetCounts()
-		pctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-		defer cancel()
-		start := time.Now()
-		if err := n.PullCtr(pctx, img.DigestRef); err != nil {
-			return fmt.Errorf("node %s: %w", n.Name, err)
+		if err := n.PullCtr(ctx, img.Ref); err != nil {
+			return fmt.Errorf("%s: pull: %w", h.name, err)
 		}
-		took := time.Since(start)
-		served, err := a.Metric(ctx, harness.MetricPeerServedBytes)
+		missing := img.Layers[1+i%layers] // layer 0 is busybox
+		if _, err := n.Ctr(ctx, "content", "rm", missing.Digest.String()); err != nil {
+			return fmt.Errorf("%s: drop a layer: %w", h.name, err)
+		}
+	}
+	if err := reg.Close(); err != nil {
+		return err
+	}
+	d.logf("the registry is gone: the image now exists only on the source and, in part, on the neighbours")
+	if got := answers(ctx, src); !strings.Contains(got, "coop") {
+		return fmt.Errorf("the source's container does not answer: %q", got)
+	}
+
+	type run struct {
+		label string
+		index string
+		res   *plugin.MigrateResult
+	}
+	runs := []*run{{label: "traditional (source only)", index: "none"}, {label: "cooperative (source + neighbours, through ClusterKB)", index: "kb"}}
+	answered := true
+	for _, r := range runs {
+		dst, err := d.node(destHost, harness.NodeOptions{Registries: up, Migrations: true, ExtraCoopArgs: indexArgs(r.index)})
 		if err != nil {
 			return err
 		}
-		c := reg.Counts()
-		sum.Pulls = append(sum.Pulls, pullResult{
-			Node: n.Name, Source: source, Seconds: took.Seconds(),
-			RegistryRequests: c.Requests, RegistryBlobBytes: c.BlobBytes,
-			PeerServedBytes: int64(served - served0),
-		})
-		logf("node %s pulled in %v", n.Name, took.Round(time.Millisecond))
-		return nil
+		fmt.Fprintf(out, "\n=== migration %s\n", r.label)
+		if r.res, err = migrate(ctx, dst, src, filepath.Join(dir, r.index+".json"), out); err != nil {
+			return err
+		}
+		got := answers(ctx, dst)
+		fmt.Fprintf(out, "the container answers at the destination: %q\n", strings.TrimSpace(got))
+		answered = answered && strings.Contains(got, "coop")
+		if err := d.stopNode(dst); err != nil {
+			return err
+		}
 	}
 
-	if err := pull(a, "registry (through A's mirror: no peer holds it)"); err != nil {
-		return err
+	trad, coop := runs[0].res.Seconds, runs[1].res.Seconds
+	fmt.Fprintf(out, "\n=== comparison (image %.0f MiB; uplinks 100 Mbit/s)\n", float64(img.LayerBytes())/(1<<20))
+	for _, r := range runs {
+		fmt.Fprintf(out, "  %-52s %6.2f s\n", r.label, r.res.Seconds)
 	}
-	if err := reg.Stop(); err != nil {
-		return err
-	}
-	logf("registry stopped")
-	if err := pull(b, "node A (registry down)"); err != nil {
-		return err
-	}
-	if p := sum.Pulls[1]; p.PeerServedBytes < img.LayerBytes() || p.RegistryRequests != 0 {
-		return fmt.Errorf("node B's pull was not served by A: A sent %d bytes of %d, registry saw %d requests",
-			p.PeerServedBytes, img.LayerBytes(), p.RegistryRequests)
-	}
-
-	fmt.Fprintf(out, "\nimage %s: %d layers, %s\n\n", img.DigestRef, len(img.Layers), mib(img.LayerBytes()))
-	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "PULL\tNODE\tTIME\tREGISTRY REQUESTS\tREGISTRY BLOB BYTES\tSERVED BY A (PEER)\tSOURCE")
-	for i, p := range sum.Pulls {
-		fmt.Fprintf(tw, "%d\t%s\t%.2fs\t%d\t%s\t%s\t%s\n", i+1, p.Node, p.Seconds, p.RegistryRequests,
-			mib(p.RegistryBlobBytes), mib(p.PeerServedBytes), p.Source)
-	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	fmt.Fprintln(out)
-
+	fmt.Fprintf(out, "  speedup: %.2f×\n\n", trad/coop)
 	if path := os.Getenv("DEMO_JSON"); path != "" {
-		b, err := json.MarshalIndent(sum, "", "  ")
+		b, err := json.Marshal(map[string]any{"traditional_seconds": trad, "cooperative_seconds": coop, "answered": answered})
 		if err != nil {
 			return err
 		}
 		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
 			return err
 		}
-		logf("summary written to %s", path)
+	}
+	if !answered {
+		return errors.New("the migrated container did not answer HTTP")
 	}
 	return nil
 }
 
-func mib(n int64) string {
-	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+// migrate runs coop migrate at dst from src, its live display and table on
+// out, and returns its JSON result.
+func migrate(ctx context.Context, dst, src *harness.Node, jsonPath string, out io.Writer) (*plugin.MigrateResult, error) {
+	mctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	bin, args := inNS(dst.Name, dst.Tools().Coop, "migrate", "--from", src.PeerURL(), "--containerd-address", dst.Address,
+		"--mirror", dst.MirrorURL(), "--hosts-dir", dst.HostsDir, "--runc-root", dst.RuncRoot,
+		"--cgroups-path", "/coopdemo-dst-"+container, "--json-file", jsonPath, "--start", container)
+	cmd := exec.CommandContext(mctx, bin, args...)
+	cmd.Stdout, cmd.Stderr = out, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("coop migrate: %w", err)
+	}
+	b, err := os.ReadFile(jsonPath)
+	if err != nil {
+		return nil, err
+	}
+	var res plugin.MigrateResult
+	if err := json.Unmarshal(b, &res); err != nil {
+		return nil, err
+	}
+	return &res, nil
+}
+
+// answers asks the container's httpd from inside the container.
+func answers(ctx context.Context, n *harness.Node) string {
+	for range 50 {
+		got, err := n.Ctr(ctx, "task", "exec", "--exec-id", fmt.Sprintf("probe-%d", time.Now().UnixNano()), container,
+			"/bin/busybox", "wget", "-qO-", "http://127.0.0.1:8080/")
+		if err == nil {
+			return got
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return ""
+}
+
+func waitHTTP(ctx context.Context, url string) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if err := harness.HTTPOK(ctx, url); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

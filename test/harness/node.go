@@ -67,6 +67,12 @@ type NodeOptions struct {
 	Snapshotter string
 	// ExtraCoopArgs are appended to the coop node command line.
 	ExtraCoopArgs []string
+	// NetNS, when set, is a network namespace path (/run/netns/NAME): coop
+	// and containerd run in it (nsenter --net), coop's peer server listens
+	// on ListenIP there, and its mirror on that namespace's loopback. The
+	// caller must be able to reach ListenIP.
+	NetNS    string
+	ListenIP string
 	// Observer keeps containerd's built-in content store and runs coop
 	// beside it in observer mode (--content-mode observer): coop learns
 	// containerd's blobs from its events; the mirror works as usual.
@@ -205,6 +211,10 @@ func (n *Node) start(ctx context.Context) error {
 		}
 		n.PeerAddr = ports[0]
 		n.MirrorAddr = ports[1]
+		if n.opts.ListenIP != "" {
+			_, port, _ := net.SplitHostPort(ports[0])
+			n.PeerAddr = net.JoinHostPort(n.opts.ListenIP, port)
+		}
 		n.ContentSocket = filepath.Join(n.RunDir, "coop.sock")
 		if err := n.StartCoop(ctx); err != nil {
 			return err
@@ -246,7 +256,8 @@ func (n *Node) Migrate(ctx context.Context, from, id string, extra ...string) (s
 		"--mirror", n.MirrorURL(), "--hosts-dir", n.HostsDir, "--runc-root", n.RuncRoot,
 		"--cgroups-path", "/" + n.Name + "-" + id}
 	args = append(append(args, extra...), id)
-	return runCommand(ctx, clientEnv(), nil, n.tools.Coop, args...)
+	bin, full := n.inNetNS(n.tools.Coop, args)
+	return runCommand(ctx, clientEnv(), nil, bin, full...)
 }
 
 // CoopLog is the path of the coop node's log file (stdout and stderr of
@@ -315,7 +326,8 @@ func (n *Node) StartCoop(ctx context.Context) error {
 	}
 	// A killed coop leaves its socket behind; it must not pass for ready.
 	_ = os.Remove(n.ContentSocket)
-	p, err := startProcess("coop", n.CoopLog(), os.Environ(), n.tools.Coop, n.coopArgs()...)
+	bin, args := n.inNetNS(n.tools.Coop, n.coopArgs())
+	p, err := startProcess("coop", n.CoopLog(), os.Environ(), bin, args...)
 	if err != nil {
 		n.mu.Unlock()
 		return err
@@ -329,6 +341,9 @@ func (n *Node) StartCoop(ctx context.Context) error {
 		}
 		if err := httpOK(ctx, n.PeerURL()+"/healthz"); err != nil {
 			return err
+		}
+		if n.opts.NetNS != "" {
+			return nil // the mirror is on the namespace's own loopback
 		}
 		return httpOK(ctx, n.MirrorURL()+"/healthz")
 	})
@@ -479,8 +494,8 @@ func (n *Node) containerdEnv() []string {
 
 func (n *Node) startContainerd(ctx context.Context) error {
 	_ = os.Remove(n.Address)
-	p, err := startProcess("containerd", n.ContainerdLog(), n.containerdEnv(), n.tools.Containerd,
-		"--config", filepath.Join(n.Dir, "config.toml"))
+	bin, args := n.inNetNS(n.tools.Containerd, []string{"--config", filepath.Join(n.Dir, "config.toml")})
+	p, err := startProcess("containerd", n.ContainerdLog(), n.containerdEnv(), bin, args...)
 	if err != nil {
 		return err
 	}
@@ -502,6 +517,28 @@ func (n *Node) startContainerd(ctx context.Context) error {
 	}
 	n.logf("containerd ready in %v (pid %d, %s)", time.Since(start).Round(time.Millisecond), p.pid(), n.Address)
 	return nil
+}
+
+// Tools returns the binaries the node runs.
+func (n *Node) Tools() *Tools { return n.tools }
+
+// HTTPOK returns nil when url answers 200.
+func HTTPOK(ctx context.Context, url string) error { return httpOK(ctx, url) }
+
+// inNetNS returns the command line that runs bin with args in the node's
+// network namespace (nsenter execs bin: same pid, same signals).
+func (n *Node) inNetNS(bin string, args []string) (string, []string) {
+	if n.opts.NetNS == "" {
+		return bin, args
+	}
+	return "nsenter", append([]string{"--net=" + n.opts.NetNS, bin}, args...)
+}
+
+// InNetNS runs bin with args in the node's network namespace (or here) and
+// returns its stdout.
+func (n *Node) InNetNS(ctx context.Context, bin string, args ...string) (string, error) {
+	b, a := n.inNetNS(bin, args)
+	return runCommand(ctx, clientEnv(), nil, b, a...)
 }
 
 // clientEnv is the environment of ctr and crictl: the host's, without
