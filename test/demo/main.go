@@ -31,17 +31,29 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/test/cluster"
 	"github.com/coopnet/coop/test/harness"
 )
 
 // The cluster.
 var (
-	kbHost     = host{name: "kb", ip: subnet + "2"}
-	sourceHost = host{name: "src", ip: subnet + "10", mbit: 100}
-	neighbours = []host{{name: "n1", ip: subnet + "11", mbit: 100}, {name: "n2", ip: subnet + "12", mbit: 100}, {name: "n3", ip: subnet + "13", mbit: 100}}
-	destHost   = host{name: "dst", ip: subnet + "20"}
-	ctlHost    = host{name: "ctl", ip: subnet + "254"}
+	kbHost     = cluster.Host{Name: "kb", IP: cluster.Subnet + "2"}
+	sourceHost = cluster.Host{Name: "src", IP: cluster.Subnet + "10", Mbit: 100}
+	neighbours = []cluster.Host{{Name: "n1", IP: cluster.Subnet + "11", Mbit: 100}, {Name: "n2", IP: cluster.Subnet + "12", Mbit: 100}, {Name: "n3", IP: cluster.Subnet + "13", Mbit: 100}}
+	destHost   = cluster.Host{Name: "dst", IP: cluster.Subnet + "20"}
+	ctlHost    = cluster.Host{Name: "ctl", IP: cluster.Subnet + "254"}
 )
+
+const (
+	nsPrefix = "coopdemo-"
+	innerEnv = "COOP_DEMO_INNER"
+)
+
+func nsPath(name string) string { return cluster.PathOf(nsPrefix, name) }
+
+func inNS(name, bin string, args ...string) (string, []string) {
+	return "nsenter", append([]string{"--net=" + nsPath(name), bin}, args...)
+}
 
 const (
 	period    = "2s"
@@ -75,12 +87,13 @@ func outer(ctx context.Context) error {
 	if _, err := exec.LookPath("nsenter"); err != nil {
 		return errors.New("nsenter is missing (util-linux)")
 	}
-	hosts := append([]host{ctlHost, kbHost, sourceHost, destHost}, neighbours...)
-	defer sweep()
-	if err := buildTopology(ctx, hosts); err != nil {
+	hosts := append([]cluster.Host{ctlHost, kbHost, sourceHost, destHost}, neighbours...)
+	t, err := cluster.Build(ctx, nsPrefix, hosts)
+	if err != nil {
 		return fmt.Errorf("network namespaces: %w", err)
 	}
-	return reexecInCtl(ctx)
+	defer t.Close()
+	return t.Reexec(ctx, ctlHost.Name, innerEnv+"=1")
 }
 
 func envInt(name string, def int) (int, error) {
@@ -105,8 +118,8 @@ type demo struct {
 	dir   string
 }
 
-func (d *demo) node(h host, opts harness.NodeOptions) (*harness.Node, error) {
-	opts.Name, opts.NetNS, opts.ListenIP = h.name, nsPath(h.name), h.ip
+func (d *demo) node(h cluster.Host, opts harness.NodeOptions) (*harness.Node, error) {
+	opts.Name, opts.NetNS, opts.ListenIP = h.Name, nsPath(h.Name), h.IP
 	opts.CoopLogLevel, opts.Logf = "info", d.logf
 	n, err := harness.StartNode(d.ctx, d.tools, opts)
 	if err != nil {
@@ -128,8 +141,8 @@ func (d *demo) stopNode(n *harness.Node) error {
 // indexArgs makes a node publish to the broker, register with ClusterKB
 // and, in kb mode, locate through it.
 func indexArgs(index string) []string {
-	kb := "http://" + kbHost.ip + ":5060"
-	return []string{"--index", index, "--kb", kb, "--nats-url", "nats://" + kbHost.ip + ":4222", "--period", period, "--neighbors-from-kb"}
+	kb := "http://" + kbHost.IP + ":5060"
+	return []string{"--index", index, "--kb", kb, "--nats-url", "nats://" + kbHost.IP + ":4222", "--period", period, "--neighbors-from-kb"}
 }
 
 func inner(ctx context.Context, out io.Writer) (retErr error) {
@@ -172,7 +185,7 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	}()
 
 	// ClusterKB with its embedded broker, in its own namespace.
-	bin, args := inNS(kbHost.name, tools.Coop, "kb", "--listen", kbHost.ip+":5060", "--nats-listen", kbHost.ip+":4222",
+	bin, args := inNS(kbHost.Name, tools.Coop, "kb", "--listen", kbHost.IP+":5060", "--nats-listen", kbHost.IP+":4222",
 		"--feed", "push", "--period", period, "--root", filepath.Join(dir, "kb"), "--log-level", "warn")
 	d.kb = exec.Command(bin, args...)
 	kbLog, err := os.Create(filepath.Join(dir, "kb.log"))
@@ -184,12 +197,12 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	if err := d.kb.Start(); err != nil {
 		return fmt.Errorf("coop kb: %w", err)
 	}
-	if err := waitHTTP(ctx, "http://"+kbHost.ip+":5060/healthz"); err != nil {
+	if err := waitHTTP(ctx, "http://"+kbHost.IP+":5060/healthz"); err != nil {
 		return fmt.Errorf("coop kb: %w", err)
 	}
 
 	// A registry, only to build the image; it is gone before the migrations.
-	reg, err := harness.StartRegistry(ctx, harness.RegistryOptions{Addr: ctlHost.ip + ":0"})
+	reg, err := harness.StartRegistry(ctx, harness.RegistryOptions{Addr: ctlHost.IP + ":0"})
 	if err != nil {
 		return err
 	}
@@ -225,11 +238,11 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 			return err
 		}
 		if err := n.PullCtr(ctx, img.Ref); err != nil {
-			return fmt.Errorf("%s: pull: %w", h.name, err)
+			return fmt.Errorf("%s: pull: %w", h.Name, err)
 		}
 		missing := img.Layers[1+i%layers] // layer 0 is busybox
 		if _, err := n.Ctr(ctx, "content", "rm", missing.Digest.String()); err != nil {
-			return fmt.Errorf("%s: drop a layer: %w", h.name, err)
+			return fmt.Errorf("%s: drop a layer: %w", h.Name, err)
 		}
 	}
 	if err := reg.Close(); err != nil {

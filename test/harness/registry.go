@@ -25,6 +25,9 @@ type RegistryOptions struct {
 	Logf func(format string, args ...any)
 	// Addr is the address to listen on; default 127.0.0.1:0 (a free port).
 	Addr string
+	// Listen, when set, opens the listener instead of net.Listen (to serve
+	// from another network namespace, say).
+	Listen func(addr string) (net.Listener, error)
 }
 
 // RegistryCounts are the requests a Registry answered since its last
@@ -54,6 +57,7 @@ type RegistryCounts struct {
 type Registry struct {
 	logf    func(format string, args ...any)
 	addr    string
+	listen  func(addr string) (net.Listener, error)
 	handler http.Handler
 	blobs   *memBlobs
 
@@ -67,9 +71,10 @@ type Registry struct {
 // default).
 func StartRegistry(ctx context.Context, opts RegistryOptions) (*Registry, error) {
 	r := &Registry{
-		logf:  opts.Logf,
-		addr:  opts.Addr,
-		blobs: &memBlobs{m: map[digest.Digest][]byte{}},
+		logf:   opts.Logf,
+		addr:   opts.Addr,
+		listen: opts.Listen,
+		blobs:  &memBlobs{m: map[digest.Digest][]byte{}},
 	}
 	if r.addr == "" {
 		r.addr = "127.0.0.1:0"
@@ -117,8 +122,12 @@ func (r *Registry) Start(ctx context.Context) error {
 	// The port was just released by Stop; retry briefly in case the kernel
 	// has not let go of it yet.
 	for attempt := 0; ; attempt++ {
-		var lc net.ListenConfig
-		ln, err = lc.Listen(ctx, "tcp", r.addr)
+		if r.listen != nil {
+			ln, err = r.listen(r.addr)
+		} else {
+			var lc net.ListenConfig
+			ln, err = lc.Listen(ctx, "tcp", r.addr)
+		}
 		if err == nil || attempt >= 50 || ctx.Err() != nil {
 			break
 		}
