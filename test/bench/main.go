@@ -40,6 +40,13 @@ type Run struct {
 	Label   string    `json:"label"`
 	Seconds float64   `json:"seconds"` // median
 	Samples []float64 `json:"samples"`
+	// Shaped scenarios (P1, P2): the limit for this run's own candidates,
+	// the scenario's limit over this run's time (fraction_of_limit), the
+	// same for its own limit, and the bytes each peer sent.
+	LimitSeconds    float64          `json:"limit_seconds,omitempty"`
+	FractionOfLimit float64          `json:"fraction_of_limit,omitempty"`
+	OwnFraction     float64          `json:"fraction_of_own_limit,omitempty"`
+	BytesByNode     map[string]int64 `json:"bytes_by_node,omitempty"`
 }
 
 // Scenario is one comparison.
@@ -50,6 +57,9 @@ type Scenario struct {
 	Runs        []Run   `json:"runs"`
 	Ratio       float64 `json:"ratio"` // second run's median over the first's
 	Target      float64 `json:"target"`
+	// LimitSeconds is a shaped scenario's physical limit: bytes ÷
+	// min(destination downlink, Σ candidate uplinks).
+	LimitSeconds float64 `json:"limit_seconds,omitempty"`
 }
 
 // Results is bench-results/latest.json. Date and Quick describe the run of
@@ -75,7 +85,19 @@ type Latency struct {
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx)
+	var err error
+	if name := os.Getenv(linksEnv); name != "" {
+		// Inside a shaped scenario's control namespace (see links.go).
+		var o options
+		flag.BoolVar(&o.quick, "quick", false, "")
+		flag.IntVar(&o.runs, "runs", 9, "")
+		flag.StringVar(&o.out, "out", "", "")
+		flag.StringVar(&o.only, "only", "", "")
+		flag.Parse()
+		err = shapedInner(ctx, o, name)
+	} else {
+		err = run(ctx)
+	}
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -95,7 +117,7 @@ func run(ctx context.Context) error {
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
-	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P3,P4,index)")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,index)")
 	flag.Parse()
 	if o.quick && o.runs == 9 {
 		o.runs = 2
@@ -108,6 +130,13 @@ func run(ctx context.Context) error {
 		if err := runContainerd(ctx, o, want, &res); err != nil {
 			return err
 		}
+	}
+	if want("P1") || want("P2") {
+		ss, err := runShaped(ctx, o, want)
+		if err != nil {
+			return fmt.Errorf("shaped links: %w", err)
+		}
+		res.Scenarios = append(res.Scenarios, ss...)
 	}
 	if want("index") {
 		ir, err := runIndex(ctx, o)
@@ -144,9 +173,22 @@ func keepPrevious(path string, res *Results) {
 	if json.Unmarshal(b, &old) != nil {
 		return
 	}
-	if res.Scenarios == nil && res.Latencies == nil && (old.Scenarios != nil || old.Latencies != nil) {
-		res.Date, res.Quick, res.Scenarios, res.Latencies = old.Date, old.Quick, old.Scenarios, old.Latencies
-		fmt.Printf("\nkept the P3/P4 results of %s from %s\n", old.Date, path)
+	have := map[string]bool{}
+	for _, s := range res.Scenarios {
+		have[s.Name] = true
+	}
+	var kept []string
+	for _, s := range old.Scenarios {
+		if !have[s.Name] {
+			res.Scenarios = append(res.Scenarios, s)
+			kept = append(kept, s.Name)
+		}
+	}
+	if res.Latencies == nil && old.Latencies != nil {
+		res.Latencies = old.Latencies
+	}
+	if len(kept) > 0 {
+		fmt.Printf("\nkept %s of an earlier run (%s) from %s\n", strings.Join(kept, ", "), old.Date, path)
 	}
 	if res.Index == nil && old.Index != nil {
 		res.Index = old.Index
@@ -384,11 +426,22 @@ func p3Latency(ctx context.Context, tools *harness.Tools, o options) (Latency, e
 }
 
 func printTable(res Results) {
-	if len(res.Scenarios) > 0 {
+	var shaped, compared []Scenario
+	for _, s := range res.Scenarios {
+		if s.LimitSeconds > 0 {
+			shaped = append(shaped, s)
+		} else {
+			compared = append(compared, s)
+		}
+	}
+	if len(compared) > 0 {
 		fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
 		fmt.Println("|---|---|---|---|---|---|---|")
 	}
-	for _, s := range res.Scenarios {
+	if len(shaped) > 0 {
+		defer printShaped(shaped)
+	}
+	for _, s := range compared {
 		verdict := "met"
 		if s.Ratio > s.Target {
 			verdict = "missed"
