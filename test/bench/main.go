@@ -158,6 +158,19 @@ func run(ctx context.Context) error {
 		return err
 	}
 	fmt.Printf("\nwrote %s\n", o.out)
+	var shaped []Scenario
+	for _, s := range res.Scenarios {
+		if s.LimitSeconds > 0 {
+			shaped = append(shaped, s)
+		}
+	}
+	if len(shaped) > 0 {
+		png := strings.TrimSuffix(o.out, filepath.Ext(o.out)) + ".png"
+		if err := plotShaped(png, shaped); err != nil {
+			return fmt.Errorf("plot: %w", err)
+		}
+		fmt.Printf("wrote %s\n", png)
+	}
 	return nil
 }
 
