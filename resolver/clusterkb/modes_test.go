@@ -58,14 +58,25 @@ func (h *holder) Kill(context.Context) error {
 }
 
 type holderOptions struct {
-	broker string // NATS URL: publish
-	kb     string // ClusterKB URL: register
+	broker    string  // NATS URL: publish
+	kb        string  // ClusterKB URL: register
+	dropRate  float64 // fraction of change events dropped
+	period    time.Duration
+	neighbors []string // registered with the KB; nil: all
+	root      string   // store directory (default: a new temporary one)
 }
 
 func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) *holder {
 	t.Helper()
 	inv := content.NewInventory()
-	store, err := content.NewStore(ctx, filepath.Join(t.TempDir(), name), inv)
+	root := o.root
+	if root == "" {
+		root = filepath.Join(t.TempDir(), name)
+	}
+	if o.period == 0 {
+		o.period = period
+	}
+	store, err := content.NewStore(ctx, root, inv)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +92,7 @@ func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) 
 		if err != nil {
 			t.Fatal(err)
 		}
-		pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: name, URL: h.srv.URL, Inventory: inv, Conn: nc, Period: period})
+		pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: name, URL: h.srv.URL, Inventory: inv, Conn: nc, Period: o.period, DropRate: o.dropRate})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,7 +104,7 @@ func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) 
 			t.Fatal(err)
 		}
 		h.wg.Go(func() {
-			clusterkb.Heartbeat(hctx, c, clusterkb.RegisterRequest{Name: name, URL: h.srv.URL}, period, nil)
+			clusterkb.Heartbeat(hctx, c, clusterkb.RegisterRequest{Name: name, URL: h.srv.URL, Neighbors: o.neighbors}, o.period, nil)
 		})
 	}
 	return h
