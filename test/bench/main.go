@@ -126,7 +126,7 @@ func run(ctx context.Context) error {
 	want := func(name string) bool {
 		return o.only == "" || slices.Contains(strings.Split(o.only, ","), name)
 	}
-	if want("P3") || want("P4") {
+	if want("P3") || want("P4") || want("P4-observer") {
 		if err := runContainerd(ctx, o, want, &res); err != nil {
 			return err
 		}
@@ -246,6 +246,13 @@ func runContainerd(ctx context.Context, o options, want func(string) bool, res *
 			res.Scenarios = append(res.Scenarios, s)
 		}
 	}
+	if want("P4") || want("P4-observer") {
+		s, err := p4Mode(ctx, tools, reg, o, "ctr", true)
+		if err != nil {
+			return fmt.Errorf("P4 observer: %w", err)
+		}
+		res.Scenarios = append(res.Scenarios, s)
+	}
 	return nil
 }
 
@@ -354,6 +361,12 @@ func p3(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o opti
 }
 
 func p4(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via string) (Scenario, error) {
+	return p4Mode(ctx, tools, reg, o, via, false)
+}
+
+// p4Mode is P4 against coop in proxy mode, or, with observer, against
+// containerd's built-in store with coop observing it (the mirror in front).
+func p4Mode(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via string, observer bool) (Scenario, error) {
 	layers := []int64{256 * mib}
 	if o.quick {
 		layers = []int64{64 * mib}
@@ -373,15 +386,19 @@ func p4(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o opti
 		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-builtin", Plain: true, Registries: up}, pull)
 	}
 	coop := func() (float64, error) {
-		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-coop", Registries: up}, pull)
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-coop", Registries: up, Observer: observer}, pull)
 	}
-	runs, err := compare(ctx, o.runs, builtin, coop, "built-in store", "coop proxy + diff")
+	name, label, what := "P4-"+via, "coop proxy + diff", "coop's content proxy and diff service"
+	if observer {
+		name, label, what = "P4-observer-"+via, "coop observer + mirror", "containerd's built-in store with coop observing it (mirror miss)"
+	}
+	runs, err := compare(ctx, o.runs, builtin, coop, "built-in store", label)
 	if err != nil {
 		return Scenario{}, err
 	}
 	return Scenario{
-		Name:        "P4-" + via,
-		Description: fmt.Sprintf("local pull+unpack of a %d MiB layer through %s: coop's content proxy and diff service vs the built-in store", img.LayerBytes()/mib, via),
+		Name:        name,
+		Description: fmt.Sprintf("local pull+unpack of a %d MiB layer through %s: %s vs the built-in store", img.LayerBytes()/mib, via, what),
 		Bytes:       img.TotalBytes(),
 		Runs:        runs,
 		Ratio:       runs[1].Seconds / runs[0].Seconds,
