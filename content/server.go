@@ -11,6 +11,7 @@ import (
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
 	"github.com/containerd/containerd/v2/contrib/diffservice"
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff/apply"
 	"github.com/containerd/containerd/v2/plugins/diff/walking"
 	"github.com/containerd/containerd/v2/plugins/services/content/contentserver"
@@ -21,8 +22,9 @@ import (
 // NewGRPCServer returns a gRPC server with containerd's content service over
 // store and containerd's Diff service, whose Apply extracts layers read
 // directly from store (containerd's own file-system applier), so unpacking
-// does not read the layer back through the socket.
-func NewGRPCServer(store *Store) *grpc.Server {
+// does not read the layer back through the socket. With a ClaimStore, a
+// claimed layer is applied as its bytes arrive from the peers.
+func NewGRPCServer(store ctdcontent.Store) *grpc.Server {
 	srv := grpc.NewServer(
 		grpc.MaxRecvMsgSize(16<<20),
 		grpc.MaxSendMsgSize(16<<20),

@@ -18,6 +18,7 @@ import (
 // gains (Commit) and loses (Delete).
 type Store struct {
 	ctdcontent.Store
+	root   string
 	rec    Recorder
 	labels *labels
 	// locks orders a commit and a delete of the same digest, so the
@@ -41,7 +42,7 @@ func NewStore(ctx context.Context, root string, rec Recorder) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open content store %s: %w", root, err)
 	}
-	s := &Store{Store: ls, rec: rec, labels: lbl, locks: newDigestLocks()}
+	s := &Store{Store: ls, root: root, rec: rec, labels: lbl, locks: newDigestLocks()}
 	n := 0
 	if err := ls.Walk(ctx, func(info ctdcontent.Info) error {
 		rec.Add(info.Digest, info.Size)
@@ -76,6 +77,30 @@ func (s *Store) Delete(ctx context.Context, dgst digest.Digest) error {
 	}
 	_ = s.labels.Set(dgst, nil)
 	s.rec.Remove(dgst)
+	return nil
+}
+
+// adopt moves the file at path, whose bytes were verified to be dgst of
+// size bytes, into the store as that blob, and records it. A blob already
+// there wins: path is then removed.
+func (s *Store) adopt(ctx context.Context, path string, dgst digest.Digest, size int64) error {
+	unlock := s.locks.lock(dgst)
+	defer unlock()
+	if _, err := s.Info(ctx, dgst); err == nil {
+		return os.Remove(path)
+	}
+	target := filepath.Join(s.root, "blobs", dgst.Algorithm().String(), dgst.Encoded())
+	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+		return err
+	}
+	// Read-only, as the local store leaves committed blobs.
+	if err := os.Chmod(path, 0o444); err != nil {
+		return err
+	}
+	if err := os.Rename(path, target); err != nil {
+		return fmt.Errorf("adopt %s: %w", dgst, err)
+	}
+	s.rec.Add(dgst, size)
 	return nil
 }
 

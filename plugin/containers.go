@@ -3,6 +3,7 @@ package plugin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"syscall"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/peers"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // Containers reads this node's containers from its containerd: the source
@@ -128,4 +130,25 @@ func (c *Containers) Stop(ctx context.Context, ns, id string) error {
 	}
 	log.G(ctx).WithField("container", ns+"/"+id).Info("container stopped for a migration")
 	return nil
+}
+
+// Forget removes containerd's records of dgst in every namespace: a claimed
+// blob that could not be fetched, which containerd would otherwise take as
+// present and never fetch again (content.RecordCleaner).
+func (c *Containers) Forget(ctx context.Context, dgst digest.Digest) error {
+	nss, err := c.client.NamespaceService().List(ctx)
+	if err != nil {
+		return fmt.Errorf("list containerd namespaces: %w", err)
+	}
+	var errs []error
+	for _, ns := range nss {
+		err := c.client.ContentStore().Delete(namespaces.WithNamespace(ctx, ns), dgst)
+		switch {
+		case err == nil:
+			log.G(ctx).WithField("namespace", ns).WithField("digest", dgst).Info("containerd forgot a blob coop could not fetch")
+		case !errdefs.IsNotFound(err):
+			errs = append(errs, fmt.Errorf("namespace %s: %w", ns, err))
+		}
+	}
+	return errors.Join(errs...)
 }

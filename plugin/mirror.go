@@ -285,7 +285,12 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 		log.G(ctx).WithError(err).Warn("locate failed; letting the registry serve")
 		return nil
 	}
-	cs := got[dgst]
+	return agreeOnSize(got[dgst])
+}
+
+// agreeOnSize keeps the candidates that agree with the most common size
+// (the smallest on a tie).
+func agreeOnSize(cs []peers.Candidate) []peers.Candidate {
 	if len(cs) < 2 {
 		return cs
 	}

@@ -84,8 +84,19 @@ func (w withSources) Locate(ctx context.Context, dgsts []digest.Digest) (map[dig
 		}
 		got = nil // the index failed; the sources still stand
 	}
+	return mergeSources(got, srcs), nil
+}
+
+// Known answers from the sources and from what r knows without a round
+// trip.
+func (w withSources) Known(dgsts []digest.Digest) map[digest.Digest][]peers.Candidate {
+	return mergeSources(Known(w.r, dgsts), w.s.locate(dgsts))
+}
+
+// mergeSources puts the sources first among got's candidates.
+func mergeSources(got, srcs map[digest.Digest][]peers.Candidate) map[digest.Digest][]peers.Candidate {
 	if len(srcs) == 0 {
-		return got, nil
+		return got
 	}
 	out := make(map[digest.Digest][]peers.Candidate, len(got)+len(srcs))
 	for d, cs := range got {
@@ -104,5 +115,5 @@ func (w withSources) Locate(ctx context.Context, dgsts []digest.Digest) (map[dig
 		}
 		out[d] = merged
 	}
-	return out, nil
+	return out
 }

@@ -75,8 +75,10 @@ func checkIndexSetup(cfg nodeConfig, neighbors []resolver.Neighbor, peerTimeout 
 // node's own announcements going.
 type nodeIndex struct {
 	resolver resolver.Resolver
-	runners  []func(ctx context.Context)
-	close    func()
+	// local is true when resolver answers from memory (periodic, push).
+	local   bool
+	runners []func(ctx context.Context)
+	close   func()
 }
 
 // buildIndex sets up the resolver of s.mode, the publisher when a broker is
@@ -136,7 +138,7 @@ func buildIndex(ctx context.Context, s indexSetup, inv *content.Inventory, clien
 		p, err = resolver.NewPoller(resolver.PollerOptions{Index: idx, Reader: client, Nodes: source, Period: s.period, Metrics: metrics})
 		if err == nil {
 			ni.runners = append(ni.runners, func(ctx context.Context) { _ = p.Run(ctx) })
-			ni.resolver = &resolver.Local{Index: idx, Neighbors: source}
+			ni.resolver, ni.local = &resolver.Local{Index: idx, Neighbors: source}, true
 		}
 	case indexPush:
 		idx := resolver.NewIndex()
@@ -144,7 +146,7 @@ func buildIndex(ctx context.Context, s indexSetup, inv *content.Inventory, clien
 		sub, err = resolver.NewSubscriber(resolver.SubscriberOptions{Index: idx, Conn: nc, Members: resolver.Neighborhood{Source: source}, Reader: client, Period: s.period, Metrics: metrics})
 		if err == nil {
 			ni.runners = append(ni.runners, func(ctx context.Context) { _ = sub.Run(ctx) })
-			ni.resolver = &resolver.Local{Index: idx, Neighbors: source}
+			ni.resolver, ni.local = &resolver.Local{Index: idx, Neighbors: source}, true
 		}
 	case indexKB:
 		ni.resolver = kbc

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
@@ -28,6 +29,10 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 )
+
+// claimRecent is how long, in online and kb modes, a locate's answer may
+// decide a claim.
+const claimRecent = time.Minute
 
 const (
 	defaultContentSocket = "/run/coop/content.sock"
@@ -62,6 +67,7 @@ type nodeConfig struct {
 	Containerd    string  `toml:"containerd_address"`
 	ContentMode   string  `toml:"content_mode"`
 	AllowStop     bool    `toml:"allow_remote_stop"`
+	Claim         bool    `toml:"claim"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -107,6 +113,7 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
 	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: serve container records to migration destinations (coop migrate)")
 	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "proxy: be containerd's content store (content + diff proxy plugins); observer: leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address)")
+	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 }
@@ -249,14 +256,21 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}, func() float64 { return float64(inv.Len()) })
 	reg.MustRegister(invGauge)
 
+	if cfg.Claim && cfg.ContentMode != contentModeProxy {
+		return fmt.Errorf("--claim needs --content-mode proxy: %w", errUsage)
+	}
+	if cfg.Claim && cfg.Containerd == "" {
+		return fmt.Errorf("--claim needs --containerd-address (a failed claim must be removed from containerd's records): %w", errUsage)
+	}
 	var containers peers.ContainerRecords
+	var records content.RecordCleaner
 	if cfg.Containerd != "" {
 		cs, err := plugin.NewContainers(cfg.Containerd)
 		if err != nil {
 			return fmt.Errorf("--containerd-address: %w", err)
 		}
 		defer cs.Close()
-		containers = cs
+		containers, records = cs, cs
 	} else if cfg.AllowStop {
 		return fmt.Errorf("--allow-remote-stop needs --containerd-address: %w", errUsage)
 	}
@@ -281,7 +295,13 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer index.close()
-	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: index.resolver, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg,
+	res := index.resolver
+	if cfg.Claim && !index.local {
+		// Claims are decided without a round trip: in online and kb
+		// modes, from what a recent locate found.
+		res = resolver.Remember(res, claimRecent)
+	}
+	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg,
 		Policy: cfg.Policy, DownloadBuffer: downloadBuf, Sources: resolver.NewSources()})
 	if err != nil {
 		return err
@@ -294,7 +314,14 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 			return err
 		}
 		defer os.Remove(cfg.ContentSocket)
-		grpcSrv = content.NewGRPCServer(store)
+		var cstore ctdcontent.Store = store
+		if cfg.Claim {
+			if cstore, err = content.NewClaimStore(gctx, store, content.ClaimOptions{Source: mirror, Cleaner: records, Registerer: reg}); err != nil {
+				sock.Close()
+				return err
+			}
+		}
+		grpcSrv = content.NewGRPCServer(cstore)
 	}
 	closeSock := func() {
 		if sock != nil {
@@ -344,7 +371,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	})
 	log.G(ctx).WithFields(log.Fields{
 		"root": cfg.Root, "socket": cfg.ContentSocket, "content_mode": cfg.ContentMode, "peer": peerL.Addr().String(),
-		"advertise": cfg.Advertise, "mirror": mirrorL.Addr().String(), "index": cfg.Index,
+		"advertise": cfg.Advertise, "mirror": mirrorL.Addr().String(), "index": cfg.Index, "claim": cfg.Claim,
 		"neighbors": len(neighbors), "blobs": inv.Len(), "epoch": inv.Epoch(),
 	}).Info("coop node ready")
 	err = g.Wait()

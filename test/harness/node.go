@@ -80,6 +80,10 @@ type NodeOptions struct {
 	// Migrations makes coop read its containerd (--containerd-address)
 	// and let destinations stop its containers (--allow-remote-stop).
 	Migrations bool
+	// Claim runs coop with --claim (and --containerd-address): blobs the
+	// index knows peers hold are claimed at containerd's Info and unpacked
+	// as they stream in.
+	Claim bool
 	// BaseDir holds the node's data directory (default os.TempDir()).
 	BaseDir string
 	// KeepDirs leaves the node's directories in place after Stop (for
@@ -298,7 +302,7 @@ func (n *Node) coopArgs() []string {
 	if n.opts.UploadLimit > 0 {
 		args = append(args, "--upload-limit", strconv.FormatInt(n.opts.UploadLimit, 10))
 	}
-	if n.opts.Migrations || n.opts.Observer {
+	if n.opts.Migrations || n.opts.Observer || n.opts.Claim {
 		args = append(args, "--containerd-address", n.Address)
 	}
 	if n.opts.Migrations {
@@ -306,6 +310,9 @@ func (n *Node) coopArgs() []string {
 	}
 	if n.opts.Observer {
 		args = append(args, "--content-mode", "observer")
+	}
+	if n.opts.Claim {
+		args = append(args, "--claim")
 	}
 	return append(args, n.opts.ExtraCoopArgs...)
 }

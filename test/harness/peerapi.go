@@ -306,3 +306,32 @@ const (
 	MetricMirrorRequests  = "coop_mirror_requests_total"
 	MetricActiveUploads   = "coop_peer_active_uploads"
 )
+
+// Locate asks n's mirror which peers hold dgsts (/coop/v1/locate): the node
+// count per digest.
+func (n *Node) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.Digest]int, error) {
+	var req struct {
+		Digests []digest.Digest `json:"digests"`
+	}
+	req.Digests = dgsts
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Candidates map[digest.Digest][]json.RawMessage `json:"candidates"`
+	}
+	if err := doJSON(ctx, http.MethodPost, n.MirrorURL()+"/coop/v1/locate", body, &resp); err != nil {
+		return nil, err
+	}
+	out := map[digest.Digest]int{}
+	for d, cs := range resp.Candidates {
+		out[d] = len(cs)
+	}
+	return out, nil
+}
+
+// Metric names of claim mode.
+const (
+	MetricClaims = "coop_claims_total"
+)

@@ -1,0 +1,424 @@
+package content
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/content/testsuite"
+	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// fakeSource serves blobs it is given, a piece each time step receives
+// (or at once when step is nil), optionally lying.
+type fakeSource struct {
+	mu      sync.Mutex
+	blobs   map[digest.Digest][]byte
+	piece   int
+	step    chan struct{}
+	corrupt bool
+	failAt  int64 // fail after this many bytes (0: never)
+	started []digest.Digest
+	ctxs    map[digest.Digest]context.Context
+}
+
+func newFakeSource() *fakeSource {
+	return &fakeSource{blobs: map[digest.Digest][]byte{}, piece: 1 << 10, ctxs: map[digest.Digest]context.Context{}}
+}
+
+func (f *fakeSource) add(b []byte) digest.Digest {
+	d := digest.FromBytes(b)
+	f.mu.Lock()
+	f.blobs[d] = b
+	f.mu.Unlock()
+	return d
+}
+
+func (f *fakeSource) Claimable(d digest.Digest) (int64, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	b, ok := f.blobs[d]
+	return int64(len(b)), ok
+}
+
+func (f *fakeSource) FetchClaim(ctx context.Context, d digest.Digest, size int64, w io.Writer) error {
+	f.mu.Lock()
+	b := append([]byte(nil), f.blobs[d]...)
+	f.started = append(f.started, d)
+	f.ctxs[d] = ctx
+	corrupt, failAt, step, piece := f.corrupt, f.failAt, f.step, f.piece
+	f.mu.Unlock()
+	if corrupt {
+		b[len(b)-1] ^= 0xff
+	}
+	for off := 0; off < len(b); off += piece {
+		if failAt > 0 && int64(off) >= failAt {
+			return fmt.Errorf("peer died at %d: %w", off, errdefs.ErrUnavailable)
+		}
+		if step != nil {
+			select {
+			case <-step:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if _, err := w.Write(b[off:min(off+piece, len(b))]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (f *fakeSource) startedList() []digest.Digest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]digest.Digest(nil), f.started...)
+}
+
+type fakeCleaner struct {
+	mu     sync.Mutex
+	forgot []digest.Digest
+}
+
+func (c *fakeCleaner) Forget(_ context.Context, d digest.Digest) error {
+	c.mu.Lock()
+	c.forgot = append(c.forgot, d)
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *fakeCleaner) has(d digest.Digest) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, x := range c.forgot {
+		if x == d {
+			return true
+		}
+	}
+	return false
+}
+
+func newClaimStore(t *testing.T, src ClaimSource, opts ClaimOptions) (*ClaimStore, *Inventory, *fakeCleaner) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	inv := NewInventory()
+	s, err := NewStore(ctx, t.TempDir(), inv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := &fakeCleaner{}
+	opts.Source, opts.Cleaner = src, cl
+	cs, err := NewClaimStore(ctx, s, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs, inv, cl
+}
+
+func randomBytes(t *testing.T, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// The content suite passes when nothing is claimable: the claim store is a
+// plain store then.
+func TestClaimStoreContentSuite(t *testing.T) {
+	testsuite.ContentSuite(t, "coop-claim", func(ctx context.Context, root string) (context.Context, ctdcontent.Store, func() error, error) {
+		s, err := NewStore(ctx, root, NewInventory())
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cs, err := NewClaimStore(ctx, s, ClaimOptions{Source: newFakeSource()})
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return ctx, cs, func() error { return nil }, nil
+	})
+}
+
+func TestClaimStreamsAndStores(t *testing.T) {
+	ctx := context.Background()
+	src := newFakeSource()
+	src.step = make(chan struct{})
+	blob := randomBytes(t, 64<<10)
+	d := src.add(blob)
+	cs, inv, cl := newClaimStore(t, src, ClaimOptions{})
+
+	if _, err := cs.Info(ctx, digest.FromString("nobody has it")); !errdefs.IsNotFound(err) {
+		t.Fatalf("Info of an unknown blob: %v, want not found", err)
+	}
+	info, err := cs.Info(ctx, d)
+	if err != nil || info.Size != int64(len(blob)) {
+		t.Fatalf("Info of a claimable blob = %+v, %v; want found with size %d", info, err, len(blob))
+	}
+	var walked []digest.Digest
+	if err := cs.Walk(ctx, func(i ctdcontent.Info) error { walked = append(walked, i.Digest); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(walked) != 1 || walked[0] != d {
+		t.Fatalf("Walk during the claim = %v, want the claimed blob", walked)
+	}
+	ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ra.Close()
+	if ra.Size() != int64(len(blob)) {
+		t.Fatalf("reader size %d", ra.Size())
+	}
+	// A read of the first KiB waits for the first piece.
+	got := make(chan error, 1)
+	p := make([]byte, 1<<10)
+	go func() { _, err := ra.ReadAt(p, 0); got <- err }()
+	select {
+	case err := <-got:
+		t.Fatalf("read returned (%v) before its bytes arrived", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	src.step <- struct{}{}
+	if err := <-got; err != nil || !bytes.Equal(p, blob[:1<<10]) {
+		t.Fatalf("first KiB: %v", err)
+	}
+	// Let the rest arrive while reading it all.
+	go func() {
+		for range len(blob)/src.piece - 1 {
+			src.step <- struct{}{}
+		}
+	}()
+	all, err := io.ReadAll(ctdcontent.NewReader(ra))
+	if err != nil || !bytes.Equal(all, blob) {
+		t.Fatalf("whole blob: %v (%d bytes)", err, len(all))
+	}
+	eventually(t, "the claimed blob stored", func() bool {
+		_, err := cs.Store.Info(ctx, d)
+		return err == nil
+	})
+	if n, ok := inv.Size(d); !ok || n != int64(len(blob)) {
+		t.Fatalf("stored claim not in the inventory: %d %v", n, ok)
+	}
+	if len(cs.Claimed()) != 0 || cl.has(d) {
+		t.Fatalf("after success: claimed %v, forgotten %v", cs.Claimed(), cl.forgot)
+	}
+	if ents, _ := os.ReadDir(cs.dir); len(ents) != 0 {
+		t.Fatalf("claims directory not empty: %v", ents)
+	}
+}
+
+func TestClaimFailures(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		corrupt bool
+		failAt  int64
+	}{
+		{name: "corrupt bytes", corrupt: true},
+		{name: "peer dies mid-blob", failAt: 8 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			src := newFakeSource()
+			src.corrupt, src.failAt = tc.corrupt, tc.failAt
+			src.step = make(chan struct{})
+			blob := randomBytes(t, 32<<10)
+			d := src.add(blob)
+			cs, inv, cl := newClaimStore(t, src, ClaimOptions{})
+			if _, err := cs.Info(ctx, d); err != nil {
+				t.Fatal(err)
+			}
+			ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ra.Close()
+			stop := make(chan struct{})
+			defer close(stop)
+			go func() {
+				for {
+					select {
+					case src.step <- struct{}{}:
+					case <-stop:
+						return
+					}
+				}
+			}()
+			_, err = io.ReadAll(ctdcontent.NewReader(ra))
+			if err == nil {
+				t.Fatal("reading a failed claim succeeded")
+			}
+			if !cl.has(d) {
+				t.Fatal("a failed claim was not forgotten by containerd before the read failed")
+			}
+			if _, err := cs.Info(ctx, d); !errdefs.IsNotFound(err) {
+				t.Fatalf("Info after the claim failed: %v, want not found (the retry goes to the registry)", err)
+			}
+			if _, ok := inv.Size(d); ok {
+				t.Fatal("a failed claim is in the inventory")
+			}
+			if _, err := cs.Store.Info(ctx, d); !errdefs.IsNotFound(err) {
+				t.Fatalf("a failed claim was stored: %v", err)
+			}
+			if ents, _ := os.ReadDir(cs.dir); len(ents) != 0 {
+				t.Fatalf("claims directory not empty: %v", ents)
+			}
+		})
+	}
+}
+
+func TestClaimDeletedByGC(t *testing.T) {
+	ctx := context.Background()
+	src := newFakeSource()
+	src.step = make(chan struct{})
+	d := src.add(randomBytes(t, 16<<10))
+	cs, _, cl := newClaimStore(t, src, ClaimOptions{})
+	if _, err := cs.Info(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the download to start", func() bool { return len(src.startedList()) == 1 })
+	if err := cs.Delete(ctx, d); err != nil {
+		t.Fatalf("Delete of a claimed blob: %v", err)
+	}
+	src.mu.Lock()
+	dctx := src.ctxs[d]
+	src.mu.Unlock()
+	select {
+	case <-dctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Delete did not cancel the download")
+	}
+	if len(cs.Claimed()) != 0 {
+		t.Fatalf("still claimed after Delete: %v", cs.Claimed())
+	}
+	if cl.has(d) {
+		t.Fatal("a blob the garbage collector deleted was forgotten: containerd references nothing of it")
+	}
+	if err := cs.Delete(ctx, d); !errdefs.IsNotFound(err) {
+		t.Fatalf("second Delete: %v, want not found", err)
+	}
+}
+
+func TestClaimUnreadTimeout(t *testing.T) {
+	ctx := context.Background()
+	src := newFakeSource()
+	src.step = make(chan struct{})
+	d := src.add(randomBytes(t, 16<<10))
+	cs, _, cl := newClaimStore(t, src, ClaimOptions{UnreadTimeout: 100 * time.Millisecond})
+	if _, err := cs.Info(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the unread claim cancelled", func() bool { return len(cs.Claimed()) == 0 })
+	eventually(t, "containerd told to forget it", func() bool { return cl.has(d) })
+}
+
+func TestClaimSlots(t *testing.T) {
+	ctx := context.Background()
+	src := newFakeSource()
+	src.step = make(chan struct{})
+	a := src.add(randomBytes(t, 32<<10))
+	b := src.add(randomBytes(t, 32<<10))
+	c := src.add(randomBytes(t, 32<<10))
+	cs, _, _ := newClaimStore(t, src, ClaimOptions{Active: 1, Tail: 4 << 10})
+	for _, d := range []digest.Digest{a, b, c} {
+		if _, err := cs.Info(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the first download", func() bool { return len(src.startedList()) == 1 })
+	time.Sleep(20 * time.Millisecond)
+	if got := src.startedList(); len(got) != 1 || got[0] != a {
+		t.Fatalf("started %v, want only the first claim", got)
+	}
+	// Someone reads c: it goes before b.
+	rc, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	// a nears its end (28 of 32 KiB): the next one starts.
+	for range 28 {
+		src.step <- struct{}{}
+	}
+	eventually(t, "the next download", func() bool { return len(src.startedList()) == 2 })
+	if got := src.startedList(); got[1] != c {
+		t.Fatalf("second download %s, want the one being read (%s)", got[1], c)
+	}
+	go func() {
+		for {
+			select {
+			case src.step <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	eventually(t, "every claim stored", func() bool { return len(cs.Claimed()) == 0 })
+	for _, d := range []digest.Digest{a, b, c} {
+		if _, err := cs.Store.Info(ctx, d); err != nil {
+			t.Fatalf("%s not stored: %v", d, err)
+		}
+	}
+}
+
+func TestClaimLeftByEarlierRun(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	s, err := NewStore(ctx, root, NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := digest.FromString("half a layer")
+	dir := filepath.Join(root, "claims")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, d.Encoded()), []byte("half"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cl := &fakeCleaner{}
+	if _, err := NewClaimStore(ctx, s, ClaimOptions{Source: newFakeSource(), Cleaner: cl}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, d.Encoded())); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("unfinished claim left in place: %v", err)
+	}
+	eventually(t, "containerd told to forget the unfinished claim", func() bool { return cl.has(d) })
+}
+
+// A reader of a blob containerd records but the store lacks (a claim lost
+// with a restart) has containerd forget it, so the retry fetches it.
+func TestMissingBlobForgotten(t *testing.T) {
+	ctx := context.Background()
+	cs, _, cl := newClaimStore(t, newFakeSource(), ClaimOptions{})
+	d := digest.FromString("lost")
+	if _, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: 4}); !errdefs.IsNotFound(err) {
+		t.Fatalf("ReaderAt of a missing blob: %v", err)
+	}
+	if !cl.has(d) {
+		t.Fatal("missing blob not forgotten")
+	}
+}
