@@ -285,6 +285,17 @@ func (cs *ClaimStore) Walk(ctx context.Context, fn ctdcontent.WalkFunc, fs ...st
 // If the content is not present, ErrNotFound is returned.
 func (cs *ClaimStore) Delete(ctx context.Context, dgst digest.Digest) error {
 	if c := cs.claimed(dgst); c != nil {
+		c.mu.Lock()
+		read := c.readers > 0
+		c.mu.Unlock()
+		if read {
+			// Deleted while being read: the pull reading it failed
+			// (its unpack saw bad bytes before the digest could be
+			// checked). Its retry must not claim it again.
+			cs.mu.Lock()
+			cs.failed[dgst] = time.Now()
+			cs.mu.Unlock()
+		}
 		cs.end(c, fmt.Errorf("claimed blob %s was deleted: %w", dgst, errdefs.ErrNotFound), claimCancelled)
 		if err := cs.Store.Delete(ctx, dgst); err != nil && !errdefs.IsNotFound(err) {
 			return err
@@ -407,6 +418,8 @@ func (cs *ClaimStore) run(c *claim) {
 		err = c.verify()
 	}
 	if err == nil {
+		// Readers may finish now; the sync and the rename follow.
+		c.finish(nil)
 		err = c.f.Sync()
 	}
 	if err != nil {
@@ -426,7 +439,7 @@ func (cs *ClaimStore) run(c *claim) {
 	}
 	delete(cs.claims, c.dgst)
 	cs.mu.Unlock()
-	c.finish(nil)
+	c.f.Close()
 	cs.release(c)
 	cs.results.WithLabelValues(claimDone).Inc()
 	log.G(ctx).WithField("size", c.size).WithField("seconds", time.Since(c.created).Seconds()).Debug("claimed blob stored")
@@ -488,7 +501,7 @@ type claim struct {
 
 	mu      sync.Mutex
 	written int64
-	done    bool
+	done    bool // every byte arrived and verified
 	err     error
 	readers int
 	slot    bool
@@ -549,17 +562,18 @@ func (c *claim) verify() error {
 	return nil
 }
 
-// finish marks c stored (err nil) or failed, and wakes its readers.
+// finish marks c verified (err nil) or failed, and wakes its readers.
 func (c *claim) finish(err error) {
 	c.mu.Lock()
 	if err != nil {
 		c.err = err
+		c.done = false
+		defer c.f.Close()
 	} else {
 		c.done = true
 	}
 	c.signalLocked()
 	c.mu.Unlock()
-	c.f.Close()
 }
 
 func (c *claim) signalLocked() {
