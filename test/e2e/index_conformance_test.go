@@ -63,7 +63,8 @@ func (e *env) startBare(name, peerAddr string, extra ...string) *bareNode {
 	n := &bareNode{name: name, peer: "http://" + peerAddr, mirror: "http://" + freeAddr(e.t), sock: filepath.Join(dir, "c.sock")}
 	args := append([]string{"node", "--name", name, "--root", filepath.Join(dir, "root"), "--content-socket", n.sock,
 		"--peer-listen", peerAddr, "--advertise", n.peer, "--mirror-listen", strings.TrimPrefix(n.mirror, "http://"),
-		"--period", conformancePeriod.String(), "--peer-timeout", "300ms", "--log-level", "info"}, extra...)
+		"--period", conformancePeriod.String(), "--peer-timeout", "300ms", "--log-level", "info",
+		"--content-mode", "proxy", "--containerd-address", ""}, extra...)
 	n.cmd = exec.Command(e.tools.Coop, args...)
 	logf, err := os.Create(filepath.Join(dir, "coop.log"))
 	if err != nil {

@@ -15,7 +15,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	digest "github.com/opencontainers/go-digest"
 )
 
 // RunRoot holds each node's short paths (sockets, containerd state, runc
@@ -302,14 +305,15 @@ func (n *Node) coopArgs() []string {
 	if n.opts.UploadLimit > 0 {
 		args = append(args, "--upload-limit", strconv.FormatInt(n.opts.UploadLimit, 10))
 	}
-	if n.opts.Migrations || n.opts.Observer || n.opts.Claim {
-		args = append(args, "--containerd-address", n.Address)
-	}
+	// Always this node's own containerd, never the host's default.
+	args = append(args, "--containerd-address", n.Address)
 	if n.opts.Migrations {
 		args = append(args, "--allow-remote-stop")
 	}
 	if n.opts.Observer {
 		args = append(args, "--content-mode", "observer")
+	} else {
+		args = append(args, "--content-mode", "proxy")
 	}
 	if n.opts.Claim {
 		args = append(args, "--claim")
@@ -371,6 +375,22 @@ func (n *Node) KillCoop() error {
 	}
 	n.logf("killing coop (pid %d)", p.pid())
 	return p.kill()
+}
+
+// SignalCoop sends sig to the coop node: SIGSTOP and SIGCONT make a peer
+// that stalls mid-transfer.
+func (n *Node) SignalCoop(sig syscall.Signal) {
+	n.mu.Lock()
+	p := n.coop
+	n.mu.Unlock()
+	if p != nil {
+		p.signal(sig)
+	}
+}
+
+// BlobPath is where coop's store keeps blob dgst on disk.
+func (n *Node) BlobPath(dgst digest.Digest) string {
+	return filepath.Join(n.Dir, "coop", "blobs", dgst.Algorithm().String(), dgst.Encoded())
 }
 
 // StopCoop stops the coop node with SIGTERM (SIGKILL after 10 s).
@@ -461,6 +481,7 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 		snapshotters += ",native"
 	}
 	args := []string{"containerd-config",
+		"--content-mode", "proxy",
 		"--base", basePath,
 		"--output", cfgPath,
 		"--content-socket", n.ContentSocket,

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -307,28 +308,32 @@ const (
 	MetricActiveUploads   = "coop_peer_active_uploads"
 )
 
-// Locate asks n's mirror which peers hold dgsts (/coop/v1/locate): the node
-// count per digest.
+// Locate asks n's mirror which peers hold dgsts (/coop/v1/locate, through
+// coop locate inside the node's network namespace when it has one): the
+// node count per digest.
 func (n *Node) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.Digest]int, error) {
-	var req struct {
-		Digests []digest.Digest `json:"digests"`
+	if n.tools.Coop == "" {
+		return nil, errors.New("locate needs bin/coop")
 	}
-	req.Digests = dgsts
-	body, err := json.Marshal(req)
+	args := []string{"locate", "--node", n.MirrorURL(), "--json"}
+	for _, d := range dgsts {
+		args = append(args, d.String())
+	}
+	out, err := n.InNetNS(ctx, n.tools.Coop, args...)
 	if err != nil {
 		return nil, err
 	}
-	var resp struct {
-		Candidates map[digest.Digest][]json.RawMessage `json:"candidates"`
+	var rows []struct {
+		Digest digest.Digest `json:"digest"`
 	}
-	if err := doJSON(ctx, http.MethodPost, n.MirrorURL()+"/coop/v1/locate", body, &resp); err != nil {
-		return nil, err
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		return nil, fmt.Errorf("coop locate: %w: %q", err, out)
 	}
-	out := map[digest.Digest]int{}
-	for d, cs := range resp.Candidates {
-		out[d] = len(cs)
+	got := map[digest.Digest]int{}
+	for _, r := range rows {
+		got[r.Digest]++
 	}
-	return out, nil
+	return got, nil
 }
 
 // Metric names of claim mode.
