@@ -35,10 +35,17 @@ type ContainerdConfigOptions struct {
 	// Snapshotters and Platforms: one unpack_config entry for each pair.
 	Snapshotters []string
 	Platforms    []string
+	// Observer leaves containerd's content store and differ alone (coop in
+	// observer mode): only CRI's config_path is set.
+	Observer bool
 }
 
 func (o ContainerdConfigOptions) validate() error {
 	switch {
+	case o.Observer && o.HostsDir != "" && !filepath.IsAbs(o.HostsDir):
+		return fmt.Errorf("hosts dir %q must be an absolute path: %w", o.HostsDir, errdefs.ErrInvalidArgument)
+	case o.Observer:
+		return nil
 	case !filepath.IsAbs(o.ContentSocket):
 		return fmt.Errorf("content socket %q must be an absolute path: %w", o.ContentSocket, errdefs.ErrInvalidArgument)
 	case o.HostsDir != "" && !filepath.IsAbs(o.HostsDir):
@@ -52,7 +59,8 @@ func (o ContainerdConfigOptions) validate() error {
 // MergeContainerdConfig returns base (a containerd config.toml, version 3, or
 // empty) with coop's settings merged in: the built-in content store disabled,
 // the content and diff proxy plugins on the socket, the transfer unpacker and
-// the diff service using coop's differ, and CRI's registry config_path.
+// the diff service using coop's differ, and CRI's registry config_path (with
+// Observer, only CRI's config_path).
 // Merging is idempotent. Comments in base are not kept.
 func MergeContainerdConfig(base []byte, o ContainerdConfigOptions) ([]byte, error) {
 	if err := o.validate(); err != nil {
@@ -73,6 +81,13 @@ func MergeContainerdConfig(base []byte, o ContainerdConfigOptions) ([]byte, erro
 		}
 	default:
 		return nil, fmt.Errorf("base containerd config: version is %T: %w", v, errdefs.ErrInvalidArgument)
+	}
+
+	if o.Observer {
+		if o.HostsDir != "" {
+			table(table(table(cfg, "plugins"), criImagesPlugin), "registry")["config_path"] = o.HostsDir
+		}
+		return toml.Marshal(cfg)
 	}
 
 	disabled, _ := cfg["disabled_plugins"].([]any)

@@ -152,3 +152,23 @@ func TestWriteHostsTOML(t *testing.T) {
 		t.Fatalf("bad server accepted: %v", err)
 	}
 }
+
+func TestMergeContainerdConfigObserver(t *testing.T) {
+	base := []byte("version = 3\ndisabled_plugins = [\"io.containerd.nri.v1.nri\"]\n")
+	out, err := MergeContainerdConfig(base, ContainerdConfigOptions{HostsDir: "/etc/containerd/certs.d", Observer: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(out)
+	for _, absent := range []string{builtinContent, "proxy_plugins", DiffPluginName, "unpack_config"} {
+		if strings.Contains(s, absent) {
+			t.Fatalf("observer config mentions %q: containerd must keep its own store and differ:\n%s", absent, s)
+		}
+	}
+	if !strings.Contains(s, `config_path = '/etc/containerd/certs.d'`) || !strings.Contains(s, "io.containerd.nri.v1.nri") {
+		t.Fatalf("observer config lacks CRI's config_path or lost the base:\n%s", s)
+	}
+	if _, err := MergeContainerdConfig(nil, ContainerdConfigOptions{HostsDir: "relative", Observer: true}); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("relative hosts dir: %v", err)
+	}
+}

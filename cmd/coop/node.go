@@ -36,8 +36,10 @@ const claimRecent = time.Minute
 
 const (
 	defaultContentSocket = "/run/coop/content.sock"
-	defaultMirrorListen  = "127.0.0.1:5051"
-	defaultPeerPort      = "5050"
+	// defaultContainerdAddress is containerd's own default socket.
+	defaultContainerdAddress = "/run/containerd/containerd.sock"
+	defaultMirrorListen      = "127.0.0.1:5051"
+	defaultPeerPort          = "5050"
 )
 
 // nodeConfig is coop node's configuration: flags, or the same keys in a TOML
@@ -68,6 +70,7 @@ type nodeConfig struct {
 	ContentMode   string  `toml:"content_mode"`
 	AllowStop     bool    `toml:"allow_remote_stop"`
 	Claim         bool    `toml:"claim"`
+	ClaimParallel int     `toml:"claim_parallel"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -81,8 +84,10 @@ func defaultNodeConfig() nodeConfig {
 		Index:         "online",
 		Period:        "10s",
 		MaxUploads:    16,
+		ClaimParallel: 3,
 		Policy:        peers.PolicyStripe,
-		ContentMode:   contentModeProxy,
+		ContentMode:   contentModeObserver,
+		Containerd:    defaultContainerdAddress,
 		DownloadBuf:   "64MiB",
 		PeerTimeout:   "500ms",
 		StallTimeout:  "5s",
@@ -111,9 +116,10 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
-	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: serve container records to migration destinations (coop migrate)")
-	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "proxy: be containerd's content store (content + diff proxy plugins); observer: leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address)")
+	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: observer mode watches it; claims need it; container records for migration destinations (coop migrate) come from it (empty: none)")
+	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "observer (default): leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address); proxy: be containerd's content store (content + diff proxy plugins; needed by --claim)")
 	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
+	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 }
@@ -259,6 +265,9 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if cfg.Claim && cfg.ContentMode != contentModeProxy {
 		return fmt.Errorf("--claim needs --content-mode proxy: %w", errUsage)
 	}
+	if cfg.ClaimParallel < 1 {
+		return fmt.Errorf("--claim-parallel %d: want 1 or more: %w", cfg.ClaimParallel, errUsage)
+	}
 	if cfg.Claim && cfg.Containerd == "" {
 		return fmt.Errorf("--claim needs --containerd-address (a failed claim must be removed from containerd's records): %w", errUsage)
 	}
@@ -316,7 +325,7 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 		defer os.Remove(cfg.ContentSocket)
 		var cstore ctdcontent.Store = store
 		if cfg.Claim {
-			if cstore, err = content.NewClaimStore(gctx, store, content.ClaimOptions{Source: mirror, Cleaner: records, Registerer: reg}); err != nil {
+			if cstore, err = content.NewClaimStore(gctx, store, content.ClaimOptions{Source: mirror, Cleaner: records, Registerer: reg, Active: cfg.ClaimParallel}); err != nil {
 				sock.Close()
 				return err
 			}
