@@ -23,6 +23,7 @@ import (
 
 	"github.com/coopnet/coop/test/cluster"
 	"github.com/coopnet/coop/test/harness"
+	digest "github.com/opencontainers/go-digest"
 )
 
 const (
@@ -186,17 +187,33 @@ func shapedInner(ctx context.Context, o options, name string) error {
 	limit := func(mbit int) float64 { return float64(bytes) / (float64(mbit) * 1e6 / 8) }
 	s := Scenario{Name: spec.name, Description: spec.description, Bytes: bytes, LimitSeconds: limit(sumMbit), Target: map[string]float64{"P1": 0.90, "P2": 0.85}[spec.name]}
 	for _, r := range []struct {
-		label string
-		args  []string
-		mbit  int
+		label    string
+		args     []string
+		mbit     int
+		claim    bool
+		observer bool
 	}{
-		{"traditional", []string{"--index", "none"}, source.Mbit},
-		{"first", []string{"--index", "online", "--policy", "first"}, source.Mbit},
-		{"stripe", []string{"--index", "online", "--policy", "stripe"}, sumMbit},
+		{label: "traditional", args: []string{"--index", "none"}, mbit: source.Mbit},
+		{label: "first", args: []string{"--index", "online", "--policy", "first"}, mbit: source.Mbit},
+		{label: "stripe", args: []string{"--index", "online", "--policy", "stripe"}, mbit: sumMbit},
+		// Claim mode decides from a local index: periodic, warmed before
+		// the clock starts, as on a node that has been up for a while.
+		{label: "claim-stripe", args: []string{"--index", "periodic", "--period", "1s", "--policy", "stripe"}, mbit: sumMbit, claim: true},
+		{label: "observer-stripe", args: []string{"--index", "online", "--policy", "stripe"}, mbit: sumMbit, observer: true},
 	} {
-		dst, err := start(linksDst, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(srcReg)}, Neighbors: neighbours, ExtraCoopArgs: r.args})
+		if o.shapedRuns != "" && !strings.Contains(","+o.shapedRuns+",", ","+r.label+",") {
+			continue
+		}
+		dst, err := start(linksDst, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(srcReg)}, Neighbors: neighbours, ExtraCoopArgs: r.args,
+			Claim: r.claim, Observer: r.observer})
 		if err != nil {
 			return err
+		}
+		if r.claim {
+			if err := waitIndexed(ctx, dst, img.Digests()); err != nil {
+				_ = dst.Stop()
+				return err
+			}
 		}
 		t0 := time.Now()
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
@@ -242,7 +259,7 @@ func printShaped(ss []Scenario) {
 	for _, s := range ss {
 		for _, r := range s.Runs {
 			target := "—"
-			if r.Label == "stripe" {
+			if r.Label == "stripe" || r.Label == "claim-stripe" {
 				verdict := "met"
 				if r.FractionOfLimit < s.Target {
 					verdict = "missed"
@@ -257,5 +274,20 @@ func printShaped(ss []Scenario) {
 			fmt.Printf("| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Name, r.Label, r.Seconds, r.LimitSeconds, r.OwnFraction,
 				s.LimitSeconds, r.FractionOfLimit, strings.Join(parts, ", "), target)
 		}
+	}
+}
+
+// waitIndexed waits until n's index knows a holder of every digest.
+func waitIndexed(ctx context.Context, n *harness.Node, dgsts []digest.Digest) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got, err := n.Locate(ctx, dgsts)
+		if err == nil && len(got) == len(dgsts) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("node %s: the index knows %d of %d blobs after 30 s (err=%v)", n.Name, len(got), len(dgsts), err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

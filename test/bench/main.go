@@ -70,6 +70,8 @@ type Results struct {
 	Scenarios []Scenario    `json:"scenarios"`
 	Latencies []Latency     `json:"latencies"`
 	Index     *IndexResults `json:"index,omitempty"`
+	// Failures is the failure matrix (failures.go).
+	Failures []FailureCell `json:"failures,omitempty"`
 }
 
 // Latency is a latency distribution.
@@ -93,6 +95,7 @@ func main() {
 		flag.IntVar(&o.runs, "runs", 9, "")
 		flag.StringVar(&o.out, "out", "", "")
 		flag.StringVar(&o.only, "only", "", "")
+		flag.StringVar(&o.shapedRuns, "shaped-runs", "", "")
 		flag.Parse()
 		err = shapedInner(ctx, o, name)
 	} else {
@@ -110,6 +113,8 @@ type options struct {
 	runs  int
 	out   string
 	only  string
+	// shapedRuns, when set, keeps only these P1/P2 runs (labels).
+	shapedRuns string
 }
 
 func run(ctx context.Context) error {
@@ -117,7 +122,8 @@ func run(ctx context.Context) error {
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
-	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,index)")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,failures,index)")
+	flag.StringVar(&o.shapedRuns, "shaped-runs", "", "P1/P2: run only these (comma list: traditional,first,stripe,claim-stripe,observer-stripe)")
 	flag.Parse()
 	if o.quick && o.runs == 9 {
 		o.runs = 2
@@ -137,6 +143,13 @@ func run(ctx context.Context) error {
 			return fmt.Errorf("shaped links: %w", err)
 		}
 		res.Scenarios = append(res.Scenarios, ss...)
+	}
+	if want("failures") {
+		cells, err := runFailures(ctx, o)
+		if err != nil {
+			return fmt.Errorf("failure matrix: %w", err)
+		}
+		res.Failures = cells
 	}
 	if want("index") {
 		ir, err := runIndex(ctx, o)
@@ -202,6 +215,9 @@ func keepPrevious(path string, res *Results) {
 	}
 	if len(kept) > 0 {
 		fmt.Printf("\nkept %s of an earlier run (%s) from %s\n", strings.Join(kept, ", "), old.Date, path)
+	}
+	if res.Failures == nil && old.Failures != nil {
+		res.Failures = old.Failures
 	}
 	if res.Index == nil && old.Index != nil {
 		res.Index = old.Index
@@ -490,6 +506,9 @@ func printTable(res Results) {
 			}
 			fmt.Printf("| %s | %d | %.2f | %.2f | %.2f | ≤ %.0f ms (%s) |\n", l.Name, l.Requests, l.P50Ms, l.P99Ms, l.MaxMs, l.TargetP99Ms, verdict)
 		}
+	}
+	if len(res.Failures) > 0 {
+		printFailures(res.Failures)
 	}
 	if res.Index != nil {
 		printIndexTable(res.Index)
