@@ -422,3 +422,53 @@ func TestMissingBlobForgotten(t *testing.T) {
 		t.Fatal("missing blob not forgotten")
 	}
 }
+
+// An unpack that stops before the end of a claimed blob failed on its
+// bytes: the claim fails at once and containerd forgets it, before the
+// unpack's error reaches containerd and its retry starts.
+func TestClaimUnpackStopsEarly(t *testing.T) {
+	ctx := context.Background()
+	src := newFakeSource()
+	src.step = make(chan struct{}, 64)
+	blob := randomBytes(t, 64<<10)
+	d := src.add(blob)
+	cs, _, cl := newClaimStore(t, src, ClaimOptions{})
+	if _, err := cs.Info(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := cs.ApplyProvider().ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.step <- struct{}{}
+	if _, err := ra.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ra.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !cl.has(d) {
+		t.Fatal("containerd not told to forget a claim whose unpack stopped early")
+	}
+	if _, err := cs.Info(ctx, d); !errdefs.IsNotFound(err) {
+		t.Fatalf("Info after the unpack failed: %v, want not found", err)
+	}
+	// A plain reader (containerd's Read RPCs read ranges) closing early
+	// changes nothing.
+	e := src.add(randomBytes(t, 64<<10))
+	if _, err := cs.Info(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	rb, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: e})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.step <- struct{}{}
+	if _, err := rb.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	rb.Close()
+	if len(cs.Claimed()) != 1 {
+		t.Fatalf("claimed %v after a range read closed, want the claim kept", cs.Claimed())
+	}
+}

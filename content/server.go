@@ -37,8 +37,12 @@ func NewGRPCServer(store ctdcontent.Store) *grpc.Server {
 		grpc.WriteBufferSize(256<<10),
 	)
 	contentapi.RegisterContentServer(srv, &pipelinedContent{ContentServer: contentserver.New(store), store: store})
+	var unpackFrom ctdcontent.Provider = store
+	if ap, ok := store.(interface{ ApplyProvider() ctdcontent.Provider }); ok {
+		unpackFrom = ap.ApplyProvider()
+	}
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(
-		apply.NewFileSystemApplier(store),
+		apply.NewFileSystemApplier(unpackFrom),
 		walking.NewWalkingDiff(store),
 	))
 	return srv
