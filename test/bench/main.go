@@ -122,7 +122,7 @@ func run(ctx context.Context) error {
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
-	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,failures,index)")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,P4-claim,failures,index)")
 	flag.StringVar(&o.shapedRuns, "shaped-runs", "", "P1/P2: run only these (comma list: traditional,first,stripe,claim-stripe,observer-stripe)")
 	flag.Parse()
 	if o.quick && o.runs == 9 {
@@ -132,7 +132,7 @@ func run(ctx context.Context) error {
 	want := func(name string) bool {
 		return o.only == "" || slices.Contains(strings.Split(o.only, ","), name)
 	}
-	if want("P3") || want("P4") || want("P4-observer") {
+	if want("P3") || want("P4") || want("P4-observer") || want("P4-claim") {
 		if err := runContainerd(ctx, o, want, &res); err != nil {
 			return err
 		}
@@ -263,9 +263,16 @@ func runContainerd(ctx context.Context, o options, want func(string) bool, res *
 		}
 	}
 	if want("P4") || want("P4-observer") {
-		s, err := p4Mode(ctx, tools, reg, o, "ctr", true)
+		s, err := p4Mode(ctx, tools, reg, o, "ctr", "observer")
 		if err != nil {
 			return fmt.Errorf("P4 observer: %w", err)
+		}
+		res.Scenarios = append(res.Scenarios, s)
+	}
+	if want("P4") || want("P4-claim") {
+		s, err := p4Mode(ctx, tools, reg, o, "ctr", "claim")
+		if err != nil {
+			return fmt.Errorf("P4 claim: %w", err)
 		}
 		res.Scenarios = append(res.Scenarios, s)
 	}
@@ -377,12 +384,13 @@ func p3(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o opti
 }
 
 func p4(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via string) (Scenario, error) {
-	return p4Mode(ctx, tools, reg, o, via, false)
+	return p4Mode(ctx, tools, reg, o, via, "proxy")
 }
 
-// p4Mode is P4 against coop in proxy mode, or, with observer, against
-// containerd's built-in store with coop observing it (the mirror in front).
-func p4Mode(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via string, observer bool) (Scenario, error) {
+// p4Mode is P4 against coop in proxy mode, in claim mode (nothing to claim:
+// the claim store's own cost), or, with observer, against containerd's
+// built-in store with coop observing it (the mirror in front).
+func p4Mode(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o options, via, mode string) (Scenario, error) {
 	layers := []int64{256 * mib}
 	if o.quick {
 		layers = []int64{64 * mib}
@@ -402,11 +410,14 @@ func p4Mode(ctx context.Context, tools *harness.Tools, reg *harness.Registry, o 
 		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-builtin", Plain: true, Registries: up}, pull)
 	}
 	coop := func() (float64, error) {
-		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-coop", Registries: up, Observer: observer}, pull)
+		return timedPull(ctx, tools, harness.NodeOptions{Name: "p4-coop", Registries: up, Observer: mode == "observer", Claim: mode == "claim"}, pull)
 	}
 	name, label, what := "P4-"+via, "coop proxy + diff", "coop's content proxy and diff service"
-	if observer {
+	switch mode {
+	case "observer":
 		name, label, what = "P4-observer-"+via, "coop observer + mirror", "containerd's built-in store with coop observing it (mirror miss)"
+	case "claim":
+		name, label, what = "P4-claim-"+via, "coop proxy + diff --claim", "coop's content proxy in claim mode, nothing claimable"
 	}
 	runs, err := compare(ctx, o.runs, builtin, coop, "built-in store", label)
 	if err != nil {

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -257,7 +258,7 @@ func TestCoopRestartUnderRunningContainerd(t *testing.T) {
 		// containerd reads old content through the restarted proxy...
 		e.verifyContent(a, "default")
 		// ...and pulls and unpacks a new image through it.
-		img2 := e.push(reg, "coop/restart-next", 1<<20, int64(i+1)<<20)
+		img2 := e.push(reg, fmt.Sprintf("coop/restart-next-%d", i), 1<<20, int64(i+1)<<20) // its own name: a replaced image's snapshots may be collected
 		if err := e.timed("a: pull after "+restart.name+" restart", pullTimeout, func(ctx context.Context) error { return a.PullCtr(ctx, img2.Ref) }); err != nil {
 			t.Fatalf("pull after %s restart: %v", restart.name, err)
 		}
