@@ -211,17 +211,22 @@ func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cand
 	// rate cannot hold containerd for ever.
 	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
 	defer cancel()
-	for _, c := range cands {
-		if c.Load != nil {
-			m.downloader.Estimates().SetLoad(c.Node, c.Load.ActiveUploads, c.Load.MaxUploads)
-		}
-	}
+	m.noteLoads(cands)
 	m.downloads.start(dgst, size)
 	err := m.fetchStriped(ctx, dgst, size, cands)
 	if err != nil {
 		m.downloads.finish(dgst, nil, 0, err)
 	}
 	return err
+}
+
+// noteLoads feeds the loads the candidates reported to the estimates.
+func (m *Mirror) noteLoads(cands []peers.Candidate) {
+	for _, c := range cands {
+		if c.Load != nil {
+			m.downloader.Estimates().SetLoad(c.Node, c.Load.ActiveUploads, c.Load.MaxUploads)
+		}
+	}
 }
 
 func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {

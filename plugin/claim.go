@@ -43,11 +43,7 @@ func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64,
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
 	defer cancel()
-	for _, c := range cs {
-		if c.Load != nil {
-			m.downloader.Estimates().SetLoad(c.Node, c.Load.ActiveUploads, c.Load.MaxUploads)
-		}
-	}
+	m.noteLoads(cs)
 	m.downloads.start(dgst, size)
 	st, err := m.downloader.Download(ctx, dgst, size, cs, w)
 	if err != nil {
