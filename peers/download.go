@@ -305,7 +305,11 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 		d.mu.Unlock()
 		if _, err := w.Write(data); err != nil {
 			d.dl.putBuf(data)
-			return d.stats, fmt.Errorf("local write: %w", err)
+			// The workers still run: copy the stats under their lock.
+			d.mu.Lock()
+			stats := d.statsLocked()
+			d.mu.Unlock()
+			return stats, fmt.Errorf("local write: %w", err)
 		}
 		d.dl.putBuf(data)
 		d.mu.Lock()
@@ -320,6 +324,8 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 	return d.statsLocked(), nil
 }
 
+// statsLocked returns a copy of the stats (d.mu held): the workers go on
+// updating d.stats until run returns.
 func (d *download) statsLocked() DownloadStats {
 	s := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: d.stats.Hedged}
 	for k, v := range d.stats.BytesByNode {

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -247,4 +248,61 @@ func TestDownloaderRejects(t *testing.T) {
 	if _, err := dl.Download(context.Background(), digest.FromString("x"), 10, []Candidate{{Node: "a", URL: "a", Size: 11}}, io.Discard); !errdefs.IsNotFound(err) {
 		t.Fatalf("no candidate of the right size: %v", err)
 	}
+}
+
+// hedgeFetcher answers the first attempt at every chunk but the first only
+// when it is cancelled, and every other attempt at once: idle peers keep
+// hedging the chunks held up.
+type hedgeFetcher struct {
+	data []byte
+
+	mu       sync.Mutex
+	attempts map[int64]int
+}
+
+func (f *hedgeFetcher) FetchRange(ctx context.Context, _ string, _ digest.Digest, off, n, _ int64) (io.ReadCloser, error) {
+	f.mu.Lock()
+	f.attempts[off]++
+	first := f.attempts[off] == 1
+	f.mu.Unlock()
+	if off > 0 && first {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return io.NopCloser(bytes.NewReader(f.data[off : off+n])), nil
+}
+
+// failingWriter fails its first Write, after a while.
+type failingWriter struct{ after time.Duration }
+
+var errLocalDisk = errors.New("local disk full")
+
+func (w failingWriter) Write([]byte) (int, error) {
+	time.Sleep(w.after) // in a bubble: peers hedge meanwhile
+	return 0, errLocalDisk
+}
+
+// TestDownloadWriteFailureStats: the stats of a download whose writer fails
+// are read while the peers' workers still count hedges. Under -race this
+// catches a read of the stats without the lock the workers hold.
+func TestDownloadWriteFailureStats(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const chunk = 64 << 10
+		data := make([]byte, 6*chunk)
+		f := &hedgeFetcher{data: data, attempts: map[int64]int{}}
+		// Stall only bounds body reads: the held-up attempts block in
+		// FetchRange, so hedging alone gets their chunks.
+		dl, err := NewDownloader(f, DownloadOptions{ChunkSize: chunk, Buffer: 3 * chunk, Stall: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cands := []Candidate{{Node: "a", URL: "a", Size: int64(len(data))}, {Node: "b", URL: "b", Size: int64(len(data))}, {Node: "c", URL: "c", Size: int64(len(data))}}
+		st, err := dl.Download(t.Context(), digest.FromBytes(data), int64(len(data)), cands, failingWriter{after: time.Second})
+		if !errors.Is(err, errLocalDisk) {
+			t.Fatalf("err %v, want the writer's", err)
+		}
+		if st.Hedged == 0 {
+			t.Fatalf("stats %+v: no hedge while the writer waited", st)
+		}
+	})
 }
