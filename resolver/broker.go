@@ -62,20 +62,36 @@ func Token(name string) string {
 // Subject is the subject node publishes on.
 func Subject(node string) string { return SubjectPrefix + Token(node) }
 
-// ConnectBroker connects to NATS at url and keeps reconnecting for ever, so
-// a broker that is down at start or goes away is picked up when it is back.
-func ConnectBroker(ctx context.Context, url, name string) (*nats.Conn, error) {
-	return nats.Connect(url,
-		nats.Name("coop "+name),
+// ConnectBroker connects to NATS at url as name and keeps reconnecting for
+// ever, so a broker that is down at start or goes away is picked up when it
+// is back. The connection logs, through ctx's logger, each loss with its
+// cause and each return; closing it logs nothing. extra options (a dialer,
+// say) apply after coop's.
+//
+// The connection and its handlers belong to the caller. Those who share it
+// (a Publisher, a Subscriber) learn of its state through nc.StatusChanged
+// and never replace its handlers.
+func ConnectBroker(ctx context.Context, url, name string, extra ...nats.Option) (*nats.Conn, error) {
+	logger := log.G(ctx)
+	opts := []nats.Option{
+		nats.Name("coop " + name),
 		nats.RetryOnFailedConnect(true),
 		nats.MaxReconnects(-1),
-		nats.ReconnectWait(500*time.Millisecond),
-		nats.Timeout(2*time.Second),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.G(ctx).WithError(err).Warn("broker connection lost; reconnecting")
+		nats.ReconnectWait(500 * time.Millisecond),
+		nats.Timeout(2 * time.Second),
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			switch {
+			case nc.IsClosed():
+				// Closed by its owner: nothing was lost.
+			case err == nil:
+				logger.Debug("broker connection reset; reconnecting")
+			default:
+				logger.WithError(err).Warn("broker connection lost; reconnecting")
+			}
 		}),
-		nats.ReconnectHandler(func(*nats.Conn) { log.G(ctx).Info("broker connection back") }),
-	)
+		nats.ReconnectHandler(func(*nats.Conn) { logger.Info("broker connection back") }),
+	}
+	return nats.Connect(url, append(opts, extra...)...)
 }
 
 // InventoryBucket opens the retained-inventory bucket, creating it if

@@ -74,7 +74,6 @@ type Subscriber struct {
 	subs      map[string]*nats.Subscription // by node; "" for all
 	repairing map[string]bool
 	since     time.Time // connected since; zero while disconnected
-	resync    chan struct{}
 }
 
 // NewSubscriber returns a Subscriber; Run starts it.
@@ -88,35 +87,21 @@ func NewSubscriber(opts SubscriberOptions) (*Subscriber, error) {
 	if opts.Period < 0 {
 		return nil, fmt.Errorf("subscriber period %v: %w", opts.Period, errdefs.ErrInvalidArgument)
 	}
-	return &Subscriber{opts: opts, subs: map[string]*nats.Subscription{}, repairing: map[string]bool{}, resync: make(chan struct{}, 1)}, nil
+	return &Subscriber{opts: opts, subs: map[string]*nats.Subscription{}, repairing: map[string]bool{}}, nil
 }
 
 // TTL is how long a node may stay silent before it is dropped.
 func (s *Subscriber) TTL() time.Duration { return 3 * s.opts.Period }
 
-// Run follows the broker until ctx ends.
+// Run follows the broker until ctx ends. It learns of the connection's
+// losses and returns from nc.StatusChanged: the connection's handlers
+// belong to whoever made it.
 func (s *Subscriber) Run(ctx context.Context) error {
 	nc := s.opts.Conn
-	nc.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
-		log.G(ctx).WithError(err).Warn("broker connection lost; keeping the index as it is")
-		s.mu.Lock()
-		s.since = time.Time{}
-		s.mu.Unlock()
-	})
-	nc.SetReconnectHandler(func(*nats.Conn) {
-		log.G(ctx).Info("broker connection back; resyncing the index")
-		s.mu.Lock()
-		s.since = time.Now()
-		s.mu.Unlock()
-		select {
-		case s.resync <- struct{}{}:
-		default:
-		}
-	})
+	status := nc.StatusChanged(nats.CONNECTED, nats.RECONNECTING, nats.DISCONNECTED, nats.CLOSED)
+	defer nc.RemoveStatusListener(status)
 	if nc.IsConnected() {
-		s.mu.Lock()
-		s.since = time.Now()
-		s.mu.Unlock()
+		s.connected(true)
 	}
 	defer s.unsubscribeAll()
 	s.reconcile(ctx, true)
@@ -126,12 +111,32 @@ func (s *Subscriber) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-s.resync:
+		case st := <-status:
+			if st != nats.CONNECTED {
+				s.connected(false)
+				log.G(ctx).WithField("status", st.String()).Debug("broker unreachable; keeping the index as it is")
+				continue
+			}
+			s.connected(true)
+			log.G(ctx).Info("broker connection back; resyncing the index")
 			s.resyncAll(ctx)
 		case <-t.C:
 			s.reconcile(ctx, false)
 			s.expire(ctx)
 		}
+	}
+}
+
+// connected records whether the broker is reachable: nodes are expired
+// only after a TTL of being connected.
+func (s *Subscriber) connected(up bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case !up:
+		s.since = time.Time{}
+	case s.since.IsZero():
+		s.since = time.Now()
 	}
 }
 
