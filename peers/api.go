@@ -1,7 +1,6 @@
 package peers
 
 import (
-	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -9,7 +8,6 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/content"
 	digest "github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // ForwardedHeader marks a request made by a coop node to a peer. A peer server
@@ -156,24 +154,4 @@ func (ir *InventoryResponse) Validate() error {
 		}
 	}
 	return nil
-}
-
-// ContainersPath prefixes the container records: GET
-// ContainersPath/<namespace>/<id>, POST ContainersPath/<namespace>/<id>/stop.
-const ContainersPath = "/coop/v1/containers"
-
-// ContainerRecord is what a destination needs to recreate a container:
-// its image, its OCI runtime spec and how containerd ran it.
-type ContainerRecord struct {
-	// Node is the source node's name.
-	Node        string             `json:"node"`
-	Namespace   string             `json:"namespace"`
-	ID          string             `json:"id"`
-	Image       string             `json:"image"`
-	Target      ocispec.Descriptor `json:"target"`
-	Spec        json.RawMessage    `json:"spec"`
-	Snapshotter string             `json:"snapshotter"`
-	Labels      map[string]string  `json:"labels,omitempty"`
-	Runtime     string             `json:"runtime"`
-	Running     bool               `json:"running"`
 }
