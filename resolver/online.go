@@ -75,9 +75,7 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 	answers := make([]*peers.HaveResponse, len(neighbors))
 	var wg sync.WaitGroup
 	for i, n := range neighbors {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			hr, err := o.client.Have(ctx, n.URL, dgsts)
 			if err != nil {
 				if !errors.Is(err, context.Canceled) {
@@ -86,7 +84,7 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 				return
 			}
 			answers[i] = hr
-		}()
+		})
 	}
 	wg.Wait()
 	for i, hr := range answers {

@@ -74,6 +74,11 @@ type Subscriber struct {
 	subs      map[string]*nats.Subscription // by node; "" for all
 	repairing map[string]bool
 	since     time.Time // connected since; zero while disconnected
+	stopped   bool      // Run has returned: no new repairs
+
+	// repairs are the repairs in flight; Run waits for them before it
+	// returns. Added to under mu, and never once stopped.
+	repairs sync.WaitGroup
 }
 
 // NewSubscriber returns a Subscriber; Run starts it.
@@ -93,9 +98,10 @@ func NewSubscriber(opts SubscriberOptions) (*Subscriber, error) {
 // TTL is how long a node may stay silent before it is dropped.
 func (s *Subscriber) TTL() time.Duration { return 3 * s.opts.Period }
 
-// Run follows the broker until ctx ends. It learns of the connection's
-// losses and returns from nc.StatusChanged: the connection's handlers
-// belong to whoever made it.
+// Run follows the broker until ctx ends, and returns once the repairs it
+// started have ended. It learns of the connection's losses and returns from
+// nc.StatusChanged: the connection's handlers belong to whoever made it.
+// Run may be called once.
 func (s *Subscriber) Run(ctx context.Context) error {
 	nc := s.opts.Conn
 	status := nc.StatusChanged(nats.CONNECTED, nats.RECONNECTING, nats.DISCONNECTED, nats.CLOSED)
@@ -103,6 +109,7 @@ func (s *Subscriber) Run(ctx context.Context) error {
 	if nc.IsConnected() {
 		s.connected(true)
 	}
+	defer s.stop()
 	defer s.unsubscribeAll()
 	s.reconcile(ctx, true)
 	t := time.NewTicker(s.opts.Period / 2)
@@ -341,8 +348,9 @@ func (s *Subscriber) apply(ctx context.Context, token string, data []byte, sourc
 	}
 }
 
-// repair brings node up to date from the node itself, once at a time per
-// node, falling back to the retained bucket when the node cannot be read.
+// repair brings node up to date from the node itself, in the background,
+// once at a time per node; a failed repair leaves it to the node's next full
+// inventory. Run waits for the repairs before it returns.
 func (s *Subscriber) repair(ctx context.Context, node, url string) {
 	if url == "" {
 		var ok bool
@@ -351,13 +359,12 @@ func (s *Subscriber) repair(ctx context.Context, node, url string) {
 		}
 	}
 	s.mu.Lock()
-	if s.repairing[node] {
-		s.mu.Unlock()
+	defer s.mu.Unlock()
+	if s.repairing[node] || s.stopped {
 		return
 	}
 	s.repairing[node] = true
-	s.mu.Unlock()
-	go func() {
+	s.repairs.Go(func() {
 		defer func() {
 			s.mu.Lock()
 			delete(s.repairing, node)
@@ -368,7 +375,15 @@ func (s *Subscriber) repair(ctx context.Context, node, url string) {
 		if err := Sync(rctx, s.opts.Index, s.opts.Reader, Neighbor{Name: node, URL: url}, s.opts.Metrics, "repair"); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).WithField("node", node).Info("inventory repair failed; the next full update will")
 		}
-	}()
+	})
+}
+
+// stop refuses new repairs and waits for those in flight.
+func (s *Subscriber) stop() {
+	s.mu.Lock()
+	s.stopped = true
+	s.mu.Unlock()
+	s.repairs.Wait()
 }
 
 // expire drops nodes silent for the TTL, unless the broker itself was

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -51,11 +52,7 @@ func TestSubscriberBadInput(t *testing.T) {
 				subs: nil, repairing: map[string]bool{},
 			}
 			s.apply(context.Background(), tc.token, tc.data, "event")
-			deadline := time.Now().Add(2 * time.Second)
-			for r.calls.Load() < tc.repairs && time.Now().Before(deadline) {
-				time.Sleep(5 * time.Millisecond)
-			}
-			time.Sleep(20 * time.Millisecond) // let a repair land
+			s.stop() // waits for a repair to land
 			if got := r.calls.Load(); got != tc.repairs {
 				t.Fatalf("repairs %d, want %d", got, tc.repairs)
 			}
@@ -80,5 +77,50 @@ func TestSubscriberBadInput(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// stuckReader is a peer that answers nothing: each read blocks until its
+// context ends and then takes a while to give up.
+type stuckReader struct {
+	started  chan struct{}
+	inFlight atomic.Int32
+}
+
+func (r *stuckReader) Inventory(ctx context.Context, _, _ string, _ uint64) (*peers.InventoryResponse, error) {
+	r.inFlight.Add(1)
+	defer r.inFlight.Add(-1)
+	select {
+	case r.started <- struct{}{}:
+	default:
+	}
+	<-ctx.Done()
+	time.Sleep(50 * time.Millisecond) // slow to give up; not a synchronisation
+	return nil, ctx.Err()
+}
+
+// TestSubscriberRunWaitsForRepairs: Run returns only once the repairs it
+// started have ended.
+func TestSubscriberRunWaitsForRepairs(t *testing.T) {
+	ns := startNATS(t, "127.0.0.1:0", t.TempDir())
+	nc, err := ConnectBroker(t.Context(), ns.ClientURL(), "dest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	r := &stuckReader{started: make(chan struct{}, 1)}
+	sub, err := NewSubscriber(SubscriberOptions{Index: NewIndex(), Conn: nc, Reader: r, Period: time.Hour,
+		Members: Neighborhood{Source: Static{{Name: "x", URL: "http://x"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { _ = sub.Run(ctx); close(done) }()
+	<-r.started // x is read at start: nothing is retained for it
+	cancel()
+	<-done
+	if n := r.inFlight.Load(); n != 0 {
+		t.Fatalf("Run returned with %d repairs still reading", n)
 	}
 }

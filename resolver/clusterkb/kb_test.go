@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -153,6 +154,66 @@ func TestKBAPI(t *testing.T) {
 			}
 			if strings.Join(got, ",") != strings.Join(tc.nodes, ",") {
 				t.Fatalf("candidates %v, want %v", got, tc.nodes)
+			}
+		})
+	}
+}
+
+// stuckReader is a node that answers nothing: each read blocks until its
+// context ends and then takes a while to give up.
+type stuckReader struct {
+	started  chan struct{}
+	inFlight atomic.Int32
+}
+
+func (r *stuckReader) Inventory(ctx context.Context, _, _ string, _ uint64) (*peers.InventoryResponse, error) {
+	r.inFlight.Add(1)
+	defer r.inFlight.Add(-1)
+	select {
+	case r.started <- struct{}{}:
+	default:
+	}
+	<-ctx.Done()
+	time.Sleep(50 * time.Millisecond) // slow to give up; not a synchronisation
+	return nil, ctx.Err()
+}
+
+// TestKBRunWaitsForFirstReads: the first read of a registered node belongs
+// to Run, which returns only once it has ended; a KB that is not running
+// reads nobody.
+func TestKBRunWaitsForFirstReads(t *testing.T) {
+	for _, feed := range []string{clusterkb.FeedPull, clusterkb.FeedPush} {
+		t.Run(feed, func(t *testing.T) {
+			r := &stuckReader{started: make(chan struct{}, 1)}
+			opts := clusterkb.Options{Feed: feed, Period: time.Hour, PollTimeout: time.Hour, Reader: r}
+			if feed == clusterkb.FeedPush {
+				nc, err := resolver.ConnectBroker(t.Context(), startBroker(t), "kb")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer nc.Close()
+				opts.Conn = nc
+			}
+			kb, err := clusterkb.New(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := kb.Register(t.Context(), clusterkb.RegisterRequest{Name: "x", URL: "http://127.0.0.1:1"}); err != nil {
+				t.Fatal(err)
+			}
+			if n := r.inFlight.Load(); n != 0 {
+				t.Fatalf("a KB that is not running reads %d nodes", n)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			done := make(chan error)
+			go func() { done <- kb.Run(ctx) }()
+			<-r.started
+			cancel()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			if n := r.inFlight.Load(); n != 0 {
+				t.Fatalf("Run returned with %d reads in flight", n)
 			}
 		})
 	}

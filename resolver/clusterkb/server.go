@@ -100,9 +100,19 @@ type KB struct {
 
 	mu      sync.RWMutex
 	members map[string]*member
+	// unread are the members registered or moved since Run last looked,
+	// whose inventory Run reads at once; wake tells it to look.
+	unread map[string]firstRead
+	wake   chan struct{}
 
 	locates   *prometheus.CounterVec
 	locateDur prometheus.Histogram
+}
+
+// firstRead is a registration waiting for its first read.
+type firstRead struct {
+	url   string
+	moved bool // drop what the index holds first
 }
 
 type member struct {
@@ -144,6 +154,8 @@ func New(opts Options) (*KB, error) {
 		idx:     resolver.NewIndex(),
 		metrics: metrics,
 		members: map[string]*member{},
+		unread:  map[string]firstRead{},
+		wake:    make(chan struct{}, 1),
 		locates: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_kb_locate_requests_total",
 			Help: "Locate questions answered, by result (ok, bad_request).",
@@ -193,25 +205,50 @@ func New(opts Options) (*KB, error) {
 // Index is the KB's index (for benchmarks and tests).
 func (k *KB) Index() *resolver.Index { return k.idx }
 
-// Run feeds the index and expires silent members until ctx ends.
+// Run feeds the index, reads newly registered members at once and expires
+// silent ones until ctx ends; it returns once everything it started has
+// ended.
 func (k *KB) Run(ctx context.Context) error {
-	done := make(chan error, 1)
-	go func() {
+	var wg sync.WaitGroup
+	var err error
+	wg.Go(func() {
 		if k.poller != nil {
-			done <- k.poller.Run(ctx)
+			err = k.poller.Run(ctx)
 		} else {
-			done <- k.sub.Run(ctx)
+			err = k.sub.Run(ctx)
 		}
-	}()
+	})
 	t := time.NewTicker(k.opts.Period)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return <-done
+			wg.Wait()
+			return err
 		case <-t.C:
 			k.expireMembers(ctx)
+		case <-k.wake:
+			k.mu.Lock()
+			unread := k.unread
+			k.unread = map[string]firstRead{}
+			k.mu.Unlock()
+			for name, r := range unread {
+				wg.Go(func() { k.readFirst(ctx, name, r) })
+			}
 		}
+	}
+}
+
+// readFirst reads a newly registered member at once, so that a new or
+// restarted KB is complete quickly.
+func (k *KB) readFirst(ctx context.Context, name string, r firstRead) {
+	rctx, cancel := context.WithTimeout(ctx, k.opts.PollTimeout)
+	defer cancel()
+	if r.moved {
+		k.idx.Drop(name)
+	}
+	if err := resolver.Sync(rctx, k.idx, k.opts.Reader, resolver.Neighbor{Name: name, URL: r.url}, k.metrics, "poll"); err != nil && ctx.Err() == nil {
+		log.G(ctx).WithError(err).WithField("node", name).Info("first read of a registered node failed")
 	}
 }
 
@@ -222,6 +259,7 @@ func (k *KB) expireMembers(ctx context.Context) {
 	for name, m := range k.members {
 		if !m.static && m.heartbeat.Before(cutoff) {
 			delete(k.members, name)
+			delete(k.unread, name)
 			gone = append(gone, name)
 		}
 	}
@@ -268,7 +306,8 @@ func (k *KB) Follow(node, claimed string) (string, bool) {
 // Followed says every node is followed.
 func (k *KB) Followed() ([]resolver.Neighbor, bool) { return nil, true }
 
-// Register adds or renews a member.
+// Register adds or renews a member. A new member, or one at a new URL, is
+// read at once by Run.
 func (k *KB) Register(ctx context.Context, req RegisterRequest) error {
 	if err := validName(req.Name); err != nil {
 		return err
@@ -291,20 +330,19 @@ func (k *KB) Register(ctx context.Context, req RegisterRequest) error {
 	}
 	moved := m.url != req.URL
 	m.url, m.neighbors, m.heartbeat = req.URL, nb, time.Now()
+	if !known || moved {
+		// Run reads it at once, so a new or restarted KB is complete
+		// quickly.
+		r := k.unread[req.Name]
+		k.unread[req.Name] = firstRead{url: req.URL, moved: r.moved || (known && moved)}
+	}
 	k.mu.Unlock()
 	if !known || moved {
 		log.G(ctx).WithField("node", req.Name).WithField("url", req.URL).Info("node registered")
-		// Read it at once, so a new or restarted KB is complete quickly.
-		go func() {
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), k.opts.PollTimeout)
-			defer cancel()
-			if moved && known {
-				k.idx.Drop(req.Name)
-			}
-			if err := resolver.Sync(sctx, k.idx, k.opts.Reader, resolver.Neighbor{Name: req.Name, URL: req.URL}, k.metrics, "poll"); err != nil {
-				log.G(ctx).WithError(err).WithField("node", req.Name).Info("first read of a registered node failed")
-			}
-		}()
+		select {
+		case k.wake <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }

@@ -81,8 +81,8 @@ func measureKBScale(ctx context.Context, p indexParams) (KBScale, error) {
 	if err != nil {
 		return ks, err
 	}
-	// "dest" may fetch from its 16 neighbours only; ClusterKB's first read
-	// of it fails (it serves nothing), which changes nothing here.
+	// "dest" may fetch from its 16 neighbours only. The KB is not running
+	// (its index is loaded by hand), so nobody reads "dest".
 	reg, err := clusterkb.NewClient(clusterkb.ClientOptions{URLs: []string{url}, Node: "dest"})
 	if err != nil {
 		return ks, err
