@@ -1,0 +1,73 @@
+package main
+
+import (
+	"bytes"
+	"image/png"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+)
+
+func TestRunLabels(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		runs [][]string // per scenario
+		want []string
+	}{
+		{name: "fixed order whatever the runs' order",
+			runs: [][]string{{"observer-stripe", "stripe", "traditional"}, {"claim-stripe", "first"}},
+			want: []string{"traditional", "first", "stripe", "claim-stripe", "observer-stripe"}},
+		{name: "others follow in order of appearance",
+			runs: [][]string{{"zeta", "stripe"}, {"alpha", "zeta", "traditional"}},
+			want: []string{"traditional", "stripe", "zeta", "alpha"}},
+		{name: "none", runs: [][]string{{}}, want: nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var ss []Scenario
+			for _, labels := range tc.runs {
+				var s Scenario
+				for _, l := range labels {
+					s.Runs = append(s.Runs, Run{Label: l})
+				}
+				ss = append(ss, s)
+			}
+			if got := runLabels(ss); !slices.Equal(got, tc.want) {
+				t.Fatalf("runLabels = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestPlotShaped renders P1 and P2 with every run (P2 missing one) and
+// checks that a PNG comes out. COOP_BENCH_PLOT_OUT=path keeps a copy to
+// look at.
+func TestPlotShaped(t *testing.T) {
+	run := func(label string, f float64) Run { return Run{Label: label, FractionOfLimit: f} }
+	ss := []Scenario{
+		{Name: "P1", LimitSeconds: 10.74, Target: 0.90, Runs: []Run{
+			run("traditional", 0.23), run("first", 0.22), run("stripe", 0.69), run("claim-stripe", 0.92), run("observer-stripe", 0.71)}},
+		{Name: "P2", LimitSeconds: 11.45, Target: 0.85, Runs: []Run{
+			run("traditional", 0.25), run("stripe", 0.85), run("claim-stripe", 0.88), run("observer-stripe", 0.82), run("first", 0.25)}},
+	}
+	path := filepath.Join(t.TempDir(), "shaped.png")
+	if err := plotShaped(path, ss); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := png.Decode(bytes.NewReader(b))
+	if err != nil {
+		t.Fatalf("not a PNG: %v", err)
+	}
+	if w := img.Bounds().Dx(); w < 500 {
+		t.Fatalf("width %d px", w)
+	}
+	if out := os.Getenv("COOP_BENCH_PLOT_OUT"); out != "" {
+		if err := os.WriteFile(out, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
