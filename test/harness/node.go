@@ -796,3 +796,102 @@ func sanitize(s string) string {
 		return '_'
 	}, s)
 }
+
+// BlobDisk is what a node's content stores hold on disk, in bytes of blob
+// files (snapshots are not counted).
+type BlobDisk struct {
+	// Coop is coop's content store under its --root: verified blobs and
+	// claims still arriving.
+	Coop int64
+	// Containerd is containerd's built-in content store (empty when coop
+	// is its content store).
+	Containerd int64
+}
+
+// Total is the bytes of blobs on the node's disk in both stores.
+func (d BlobDisk) Total() int64 { return d.Coop + d.Containerd }
+
+// BlobDisk measures the blob files of the node's two content stores: coop's
+// (<Dir>/coop/blobs and claims, BlobPath's tree) and containerd's built-in
+// one (<Dir>/containerd/io.containerd.content.v1.content/blobs). A store
+// that does not exist counts 0; files removed while they are walked are
+// skipped.
+func (n *Node) BlobDisk() (BlobDisk, error) {
+	var d BlobDisk
+	for _, s := range []struct {
+		dirs []string
+		sum  *int64
+	}{
+		{[]string{filepath.Join(n.Dir, "coop", "blobs"), filepath.Join(n.Dir, "coop", "claims")}, &d.Coop},
+		{[]string{filepath.Join(n.Dir, "containerd", "io.containerd.content.v1.content", "blobs")}, &d.Containerd},
+	} {
+		for _, dir := range s.dirs {
+			b, err := regularBytes(dir)
+			if err != nil {
+				return BlobDisk{}, fmt.Errorf("node %s: %w", n.Name, err)
+			}
+			*s.sum += b
+		}
+	}
+	return d, nil
+}
+
+// SettledBlobDisk polls BlobDisk until it has not changed for quiet, and
+// returns it; after limit it returns the last reading with settled false.
+// (In observer mode coop drops its copy of a blob only when containerd's
+// event for it arrives.)
+func (n *Node) SettledBlobDisk(ctx context.Context, quiet, limit time.Duration) (d BlobDisk, settled bool, err error) {
+	deadline := time.Now().Add(limit)
+	last, err := n.BlobDisk()
+	if err != nil {
+		return BlobDisk{}, false, err
+	}
+	since := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return last, false, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		cur, err := n.BlobDisk()
+		if err != nil {
+			return BlobDisk{}, false, err
+		}
+		if cur != last {
+			last, since = cur, time.Now()
+		}
+		if time.Since(since) >= quiet {
+			return last, true, nil
+		}
+		if time.Now().After(deadline) {
+			return last, false, nil
+		}
+	}
+}
+
+// regularBytes sums the sizes of the regular files under dir (0 if dir does
+// not exist).
+func regularBytes(dir string) (int64, error) {
+	var sum int64
+	err := filepath.WalkDir(dir, func(path string, de os.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !de.Type().IsRegular() {
+			return nil
+		}
+		info, err := de.Info()
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		sum += info.Size()
+		return nil
+	})
+	return sum, err
+}
