@@ -7,8 +7,10 @@ package main
 // node behind the same uplink; the neighbours are coop nodes. Runs:
 // traditional (the destination's index is none: the registry only), first
 // (--policy first: one candidate, the first found, which is the source),
-// stripe (--policy stripe: every candidate). Each run uses a fresh
-// destination.
+// stripe (--policy stripe: every candidate), the same in claim mode and in
+// observer mode. Each run uses a fresh destination; after its pull, the
+// bytes of blobs on the destination's disk (coop's store and containerd's)
+// are recorded with the copies of the image they amount to.
 
 import (
 	"context"
@@ -228,6 +230,10 @@ func shapedInner(ctx context.Context, o options, name string) error {
 				}
 			}
 		}
+		var disk harness.BlobDisk
+		if err == nil {
+			disk, err = settledDisk(ctx, dst, logf)
+		}
 		_ = dst.Stop()
 		if err != nil {
 			return fmt.Errorf("%s %s: %w", spec.name, r.label, err)
@@ -240,8 +246,11 @@ func shapedInner(ctx context.Context, o options, name string) error {
 			byNode["registry"] = rest
 		}
 		run := Run{Label: r.label, Seconds: took, Samples: []float64{took}, LimitSeconds: limit(r.mbit),
-			FractionOfLimit: s.LimitSeconds / took, OwnFraction: limit(r.mbit) / took, BytesByNode: byNode}
-		logf("%s %s: %.2f s (limit %.2f s for its candidates, %.2f s for all): %v", spec.name, r.label, took, run.LimitSeconds, s.LimitSeconds, byNode)
+			FractionOfLimit: s.LimitSeconds / took, OwnFraction: limit(r.mbit) / took, BytesByNode: byNode,
+			BlobDiskBytes: disk.Total(), BlobDiskByStore: map[string]int64{"coop": disk.Coop, "containerd": disk.Containerd},
+			Copies: float64(disk.Total()) / float64(bytes)}
+		logf("%s %s: %.2f s (limit %.2f s for its candidates, %.2f s for all): %v; blobs on disk %d bytes (coop %d, containerd %d): %.2f copies",
+			spec.name, r.label, took, run.LimitSeconds, s.LimitSeconds, byNode, disk.Total(), disk.Coop, disk.Containerd, run.Copies)
 		s.Runs = append(s.Runs, run)
 	}
 	b, err := json.Marshal(s)
@@ -254,8 +263,8 @@ func shapedInner(ctx context.Context, o options, name string) error {
 // printShaped prints the P1/P2 table.
 func printShaped(ss []Scenario) {
 	fmt.Println()
-	fmt.Println("| scenario | run | seconds | limit s (its candidates) | fraction of its limit | limit s (all candidates) | fraction_of_limit | bytes by node | target |")
-	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	fmt.Println("| scenario | run | seconds | limit s (its candidates) | fraction of its limit | limit s (all candidates) | fraction_of_limit | bytes by node | blob_disk_bytes (coop + containerd) | copies | target |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, s := range ss {
 		for _, r := range s.Runs {
 			target := "—"
@@ -271,10 +280,30 @@ func printShaped(ss []Scenario) {
 				parts = append(parts, fmt.Sprintf("%s %.0f MiB", n, float64(b)/mib))
 			}
 			sort.Strings(parts)
-			fmt.Printf("| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", s.Name, r.Label, r.Seconds, r.LimitSeconds, r.OwnFraction,
-				s.LimitSeconds, r.FractionOfLimit, strings.Join(parts, ", "), target)
+			fmt.Printf("| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %d (%d + %d) | %.2f | %s |\n", s.Name, r.Label, r.Seconds, r.LimitSeconds, r.OwnFraction,
+				s.LimitSeconds, r.FractionOfLimit, strings.Join(parts, ", "), r.BlobDiskBytes, r.BlobDiskByStore["coop"], r.BlobDiskByStore["containerd"], r.Copies, target)
 		}
 	}
+}
+
+// Blob disk readings settle when unchanged for diskQuiet; diskLimit bounds
+// the wait (observer mode drops coop's copy of a blob on containerd's event
+// for it, after the pull may have returned).
+const (
+	diskQuiet = time.Second
+	diskLimit = 5 * time.Second
+)
+
+// settledDisk measures the blobs on n's disk once the reading has settled.
+func settledDisk(ctx context.Context, n *harness.Node, logf func(string, ...any)) (harness.BlobDisk, error) {
+	d, settled, err := n.SettledBlobDisk(ctx, diskQuiet, diskLimit)
+	if err != nil {
+		return harness.BlobDisk{}, fmt.Errorf("blobs on disk: %w", err)
+	}
+	if !settled {
+		logf("node %s: blobs on disk still changing after %v; last reading %d bytes", n.Name, diskLimit, d.Total())
+	}
+	return d, nil
 }
 
 // waitIndexed waits until n's index knows a holder of every digest.

@@ -47,6 +47,13 @@ type Run struct {
 	FractionOfLimit float64          `json:"fraction_of_limit,omitempty"`
 	OwnFraction     float64          `json:"fraction_of_own_limit,omitempty"`
 	BytesByNode     map[string]int64 `json:"bytes_by_node,omitempty"`
+	// BlobDiskBytes is what the destination's content stores hold on disk
+	// after the pull (coop's and containerd's, blob files only, settled),
+	// BlobDiskByStore the same per store, and Copies BlobDiskBytes over
+	// the image's bytes.
+	BlobDiskBytes   int64            `json:"blob_disk_bytes,omitempty"`
+	BlobDiskByStore map[string]int64 `json:"blob_disk_bytes_by_store,omitempty"`
+	Copies          float64          `json:"copies,omitempty"`
 }
 
 // Scenario is one comparison.
