@@ -10,7 +10,6 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -39,37 +38,6 @@ const (
 	// copyBufferSize is the buffer a blob is streamed through.
 	copyBufferSize = 1 << 20
 )
-
-// ociNameRegexp is a repository name as the OCI distribution spec defines it.
-// It is read-only after init.
-var ociNameRegexp = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
-
-// ValidName reports whether name is a repository name as the OCI
-// distribution spec defines it.
-func ValidName(name string) bool {
-	return ociNameRegexp.MatchString(name)
-}
-
-// splitDistributionPath splits "<name>/blobs/<digest>" and
-// "<name>/manifests/<reference>". ok is false for any other path.
-func splitDistributionPath(rest string) (kind, name, ref string, ok bool) {
-	i := strings.LastIndexByte(rest, '/')
-	if i < 0 {
-		return "", "", "", false
-	}
-	head, ref := rest[:i], rest[i+1:]
-	name, seg := "", head
-	if j := strings.LastIndexByte(head, '/'); j >= 0 {
-		name, seg = head[:j], head[j+1:]
-	}
-	switch seg {
-	case "blobs":
-		return kindBlob, name, ref, true
-	case "manifests":
-		return kindManifest, name, ref, true
-	}
-	return "", "", "", false
-}
 
 // serveBase answers the API version check.
 func (s *Server) serveBase(w http.ResponseWriter, _ *http.Request) error {

@@ -43,8 +43,8 @@ type ServerOptions struct {
 
 // Request kinds, the "kind" label of coop_peer_requests_total.
 const (
-	kindBlob      = "blob"
-	kindManifest  = "manifest"
+	kindBlob      = string(KindBlob)
+	kindManifest  = string(KindManifest)
 	kindInventory = "inventory"
 	kindHave      = "have"
 	kindOther     = "other"
@@ -176,29 +176,25 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 	if strings.HasPrefix(p, ContainersPath+"/") {
 		return kindOther, s.serveContainer(w, r, strings.TrimPrefix(p, ContainersPath+"/"))
 	}
-	rest, ok := strings.CutPrefix(p, "/v2/")
-	if !ok {
+	if !strings.HasPrefix(p, "/v2/") {
 		return kindOther, newError(http.StatusNotFound, CodeNotFound, errdefs.ErrNotFound, "no endpoint at %q", p)
+	}
+	dp, err := ParseDistributionPath(p)
+	kind := kindOther
+	if dp.Kind != "" {
+		kind = string(dp.Kind)
 	}
 	// The distribution API is read-only: whatever the route, only reads.
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		kind := kindOther
-		if k, _, _, ok := splitDistributionPath(rest); ok {
-			kind = k
-		}
 		return kind, methodNotAllowed(w, r, http.MethodGet, http.MethodHead)
 	}
-	kind, name, ref, ok := splitDistributionPath(rest)
-	if !ok {
-		return kindOther, newError(http.StatusNotFound, CodeNotFound, errdefs.ErrNotFound, "no endpoint at %q", p)
+	if err != nil {
+		return kind, err
 	}
-	if !ociNameRegexp.MatchString(name) {
-		return kind, newError(http.StatusBadRequest, CodeNameInvalid, errdefs.ErrInvalidArgument, "invalid repository name %q", name)
+	if dp.Kind == KindBlob {
+		return kind, s.serveBlob(w, r, dp.Ref)
 	}
-	if kind == kindBlob {
-		return kind, s.serveBlob(w, r, ref)
-	}
-	return kind, s.serveManifest(w, r, ref)
+	return kind, s.serveManifest(w, r, dp.Ref)
 }
 
 // allow calls h when r's method is one of methods, and answers 405 otherwise.
