@@ -895,3 +895,10 @@ func regularBytes(dir string) (int64, error) {
 	})
 	return sum, err
 }
+
+// ContainerdBlobPath is where containerd's built-in content store keeps
+// blob dgst on disk (Plain and Observer nodes; with coop as containerd's
+// content store nothing is there).
+func (n *Node) ContainerdBlobPath(dgst digest.Digest) string {
+	return filepath.Join(n.Dir, "containerd", "io.containerd.content.v1.content", "blobs", dgst.Algorithm().String(), dgst.Encoded())
+}
