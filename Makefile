@@ -10,42 +10,55 @@ CRANE_VERSION := v0.22.1
 GOLANGCI_VERSION := v2.15.0
 CONFORMANCE_VERSION := v0.0.0-20260831232431-97274622c111
 
-.PHONY: help build tools test test-unit test-integration lint demo bench clean
+.PHONY: help deps root build tools test test-unit test-integration lint demo bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
+deps: ## install what the tests and the demo need from Debian (runc, busybox-static, iproute2, gcc), if missing (root)
+	@./test/deps.sh
+
+# root stops a target that runs containerd or network namespaces at once, in
+# one line, when make does not run as root.
+root:
+	@test "$$(id -u)" = 0 || { echo "$(MAKECMDGOALS): needs root (it runs containerd and creates network namespaces); run: sudo make $(MAKECMDGOALS)" >&2; exit 1; }
+
 build: ## build bin/coop
+	@echo "build: bin/coop"
 	$(GO) build -o $(BIN)/coop ./cmd/coop
 
 tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane, the OCI conformance suite into bin/
 	@mkdir -p $(BIN)
 	@test -x $(BIN)/containerd -a -x $(BIN)/ctr -a -x $(BIN)/containerd-shim-runc-v2 && \
 	  $(BIN)/containerd --version | grep -q ' $(patsubst v%,%,$(CONTAINERD_VERSION))+' || { \
-	  echo "building containerd $(CONTAINERD_VERSION)"; \
+	  echo "tools: building containerd, ctr and the runc shim $(CONTAINERD_VERSION) from the Go module proxy into bin/ (the first time takes a few minutes; later runs reuse it)"; \
 	  CGO_ENABLED=0 $(GO) build -o $(BIN)/ github.com/containerd/containerd/v2/cmd/containerd \
 	    github.com/containerd/containerd/v2/cmd/ctr \
 	    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2; }
+	@test -x $(BIN)/crictl || echo "tools: building crictl $(CRICTL_VERSION)"
 	@test -x $(BIN)/crictl || GOBIN=$(BIN) GOFLAGS= $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+	@test -x $(BIN)/crane || echo "tools: building crane $(CRANE_VERSION)"
 	@test -x $(BIN)/crane || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
+	@test -x $(BIN)/conformance || echo "tools: building the OCI conformance suite"
 	@test -x $(BIN)/conformance || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/opencontainers/distribution-spec/conformance@$(CONFORMANCE_VERSION)
 
 test-unit: ## hermetic unit tests: no root, no network beyond loopback
+	@echo "test-unit: go test -race ./... (the first run compiles containerd's packages with the race detector: a few minutes)"
 	$(GO) test -race -count=1 ./...
 
-test-integration: build tools ## real containerd + coop node tests (needs root)
+test-integration: root deps build tools ## real containerd + coop node tests (needs root)
 	COOP_BIN=$(BIN) $(GO) test -count=1 -timeout 20m -tags integration ./test/... -v
 
-test: test-unit test-integration ## everything: unit, then the real-containerd tests (root)
+test: root deps test-unit test-integration ## everything: unit, then the real-containerd tests (root)
 
 lint: ## golangci-lint v2 with .golangci.yml
 	@test -x $(BIN)/golangci-lint || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_VERSION)
 	$(BIN)/golangci-lint run ./...
 
-demo: build tools ## the main job: a cooperative container migration in network namespaces (root)
+demo: root deps build tools ## the main job: a cooperative container migration in network namespaces (root)
 	COOP_BIN=$(BIN) $(GO) run ./test/demo
 
-bench: build tools ## benchmarks: P3 (mirror miss), P4 (local pull+unpack), index (every mode; ClusterKB at scale); writes bench-results/
+bench: root deps build tools ## benchmarks: P3 (mirror miss), P4 (local pull+unpack), index (every mode; ClusterKB at scale); writes bench-results/
 	COOP_BIN=$(BIN) $(GO) run ./test/bench $(BENCH_FLAGS)
 
 clean: ## remove build outputs
