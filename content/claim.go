@@ -68,6 +68,7 @@ type ClaimOptions struct {
 // ClaimStore is a Store that also claims missing blobs peers hold: Info says
 // found at once and the blob is fetched in the background; reads of a claimed
 // blob wait for their bytes. It is what containerd is served in claim mode.
+// Close stops what it runs in the background.
 type ClaimStore struct {
 	*Store
 	src     ClaimSource
@@ -77,9 +78,17 @@ type ClaimStore struct {
 	ttl     time.Duration
 	slots   int
 	tail    int64
-	ctx     context.Context
+
+	// bg is the store's own lifetime, not a caller's: the downloads and
+	// the background forgets run under it, and Close cancels it.
+	bg   context.Context
+	stop context.CancelFunc
+	// wg counts every goroutine the store starts (see goLocked), and the
+	// unread timers' functions while they run; Close waits for them.
+	wg sync.WaitGroup
 
 	mu      sync.Mutex
+	closed  bool
 	claims  map[digest.Digest]*claim
 	failed  map[digest.Digest]time.Time
 	queue   []*claim // made, waiting for a download slot
@@ -99,14 +108,19 @@ const (
 	claimCancelled = "cancelled"
 )
 
-// NewClaimStore returns store with claims. Downloads end when ctx ends.
+// errClaimStoreClosed ends the claims still running when the store closes.
+var errClaimStoreClosed = fmt.Errorf("claim store closed: %w", errdefs.ErrUnavailable)
+
+// NewClaimStore returns store with claims. ctx serves the recovery of the
+// claims an earlier run left (see ClaimOptions.Dir) and lends its values (its
+// logger) to the background work, not its lifetime: that runs until Close.
 func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*ClaimStore, error) {
 	if store == nil || opts.Source == nil {
 		return nil, fmt.Errorf("claim store needs a store and a claim source: %w", errdefs.ErrInvalidArgument)
 	}
 	cs := &ClaimStore{
 		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir,
-		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20, ctx: ctx,
+		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20,
 		claims: map[digest.Digest]*claim{}, failed: map[digest.Digest]time.Time{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_claims_total",
@@ -146,10 +160,59 @@ func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*Claim
 	if err := os.MkdirAll(cs.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("claims directory: %w", err)
 	}
+	cs.bg, cs.stop = context.WithCancel(context.WithoutCancel(ctx))
 	if err := cs.recover(ctx); err != nil {
+		cs.stop()
 		return nil, err
 	}
 	return cs, nil
+}
+
+// Close stops the store's background work and waits for it: the downloads
+// are cancelled, the claims still made fail their readers, and no blob is
+// claimed any more (Info answers from the store alone). The files of those
+// claims stay for the next run to remove (see ClaimOptions.Dir). The Store
+// itself stays usable. Close always returns nil; it is safe to call twice.
+func (cs *ClaimStore) Close() error {
+	cs.mu.Lock()
+	if cs.closed {
+		cs.mu.Unlock()
+		cs.wg.Wait()
+		return nil
+	}
+	cs.closed = true
+	left := make([]*claim, 0, len(cs.claims))
+	for _, c := range cs.claims {
+		left = append(left, c)
+	}
+	cs.mu.Unlock()
+	cs.stop()
+	for _, c := range left {
+		cs.end(c, errClaimStoreClosed, claimCancelled)
+	}
+	cs.wg.Wait()
+	return nil
+}
+
+// goLocked runs f in a goroutine Close waits for, unless the store is
+// closed (cs.mu held).
+func (cs *ClaimStore) goLocked(f func()) {
+	if !cs.closed {
+		cs.wg.Go(f)
+	}
+}
+
+// enter counts a function the runtime started (a timer's) among those
+// Close waits for; it returns false, counting nothing, when the store is
+// closed. The caller calls cs.wg.Done when enter returned true.
+func (cs *ClaimStore) enter() bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.closed {
+		return false
+	}
+	cs.wg.Add(1)
+	return true
 }
 
 // recover removes the claims an earlier run left unfinished and has
@@ -172,21 +235,34 @@ func (cs *ClaimStore) recover(ctx context.Context) error {
 		return nil
 	}
 	log.G(ctx).WithField("blobs", len(left)).Info("removed claims an earlier run left unfinished")
-	go func() {
-		for _, d := range left {
-			for try := 0; ; try++ {
-				err := cs.forget(ctx, d)
-				if err == nil || try == 30 || ctx.Err() != nil {
-					if err != nil {
-						log.G(ctx).WithError(err).WithField("digest", d).Warn("containerd still records an unfinished claim: remove it with ctr content rm")
-					}
-					break
-				}
-				time.Sleep(2 * time.Second)
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	cs.goLocked(func() { cs.forgetLeft(cs.bg, left) })
+	return nil
+}
+
+// forgetLeft has containerd forget the claims an earlier run left, retrying
+// while containerd is not up, until ctx ends.
+func (cs *ClaimStore) forgetLeft(ctx context.Context, left []digest.Digest) {
+	for _, d := range left {
+		for try := 0; ; try++ {
+			err := cs.forget(ctx, d)
+			if err == nil {
+				break
+			}
+			if try == 30 {
+				log.G(ctx).WithError(err).WithField("digest", d).Warn("containerd still records an unfinished claim: remove it with ctr content rm")
+				break
+			}
+			t := time.NewTimer(2 * time.Second)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
 			}
 		}
-	}()
-	return nil
+	}
 }
 
 // forget has containerd drop its records of dgst unless the blob is here or
@@ -224,6 +300,9 @@ func (cs *ClaimStore) Info(ctx context.Context, dgst digest.Digest) (ctdcontent.
 	defer cs.mu.Unlock()
 	if c, ok := cs.claims[dgst]; ok {
 		return c.info(), nil
+	}
+	if cs.closed {
+		return info, err
 	}
 	if t, ok := cs.failed[dgst]; ok {
 		if time.Since(t) < cs.ttl {
@@ -375,14 +454,18 @@ func (cs *ClaimStore) newClaimLocked(dgst digest.Digest, size int64) (*claim, er
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(cs.ctx)
+	ctx, cancel := context.WithCancel(cs.bg)
 	now := time.Now()
 	c := &claim{dgst: dgst, size: size, path: path, f: f, created: now, ctx: ctx, cancel: cancel, changed: make(chan struct{}), digester: dgst.Algorithm().Digester()}
 	cs.claims[dgst] = c
 	cs.queue = append(cs.queue, c)
 	cs.results.WithLabelValues(claimMade).Inc()
 	cs.pumpLocked()
-	time.AfterFunc(cs.unread, func() {
+	c.unreadTimer = time.AfterFunc(cs.unread, func() {
+		if !cs.enter() {
+			return
+		}
+		defer cs.wg.Done()
 		if c.unread() {
 			cs.end(c, fmt.Errorf("claimed blob %s: nobody read it within %v: %w", dgst, cs.unread, context.DeadlineExceeded), claimCancelled)
 		}
@@ -403,12 +486,12 @@ func (cs *ClaimStore) promoteLocked(c *claim) {
 
 // pumpLocked starts queued claims while slots are free.
 func (cs *ClaimStore) pumpLocked() {
-	for cs.running < cs.slots && len(cs.queue) > 0 {
+	for !cs.closed && cs.running < cs.slots && len(cs.queue) > 0 {
 		c := cs.queue[0]
 		cs.queue = cs.queue[1:]
 		cs.running++
 		c.slot = true
-		go cs.run(c)
+		cs.goLocked(func() { cs.run(c) })
 	}
 }
 
@@ -427,7 +510,7 @@ func (cs *ClaimStore) release(c *claim) {
 func (cs *ClaimStore) run(c *claim) {
 	ctx := log.WithLogger(c.ctx, log.G(c.ctx).WithField("digest", c.dgst))
 	c.mu.Lock()
-	c.onTail = func() { go cs.release(c) }
+	c.onTail = func() { cs.release(c) }
 	c.tail = cs.tail
 	c.mu.Unlock()
 	err := cs.src.FetchClaim(ctx, c.dgst, c.size, c)
@@ -455,6 +538,7 @@ func (cs *ClaimStore) run(c *claim) {
 		return
 	}
 	delete(cs.claims, c.dgst)
+	c.unreadTimer.Stop()
 	cs.mu.Unlock()
 	c.f.Close()
 	cs.release(c)
@@ -463,13 +547,16 @@ func (cs *ClaimStore) run(c *claim) {
 }
 
 // end ends c with err: it is no longer claimed, its bytes are removed, its
-// readers fail, and containerd forgets it.
+// readers fail, and containerd forgets it. Once the store is closed, the
+// bytes stay and nothing is forgotten: the next run does both.
 func (cs *ClaimStore) end(c *claim, err error, result string) {
 	cs.mu.Lock()
 	if cs.claims[c.dgst] != c {
 		cs.mu.Unlock()
 		return
 	}
+	closed := cs.closed
+	c.unreadTimer.Stop()
 	delete(cs.claims, c.dgst)
 	for i, q := range cs.queue {
 		if q == c {
@@ -489,18 +576,22 @@ func (cs *ClaimStore) end(c *claim, err error, result string) {
 	cs.mu.Unlock()
 	c.cancel()
 	c.finish(err)
-	_ = os.Remove(c.path)
+	if !closed {
+		_ = os.Remove(c.path)
+	}
 	cs.release(c)
 	cs.results.WithLabelValues(result).Inc()
-	ctx := log.WithLogger(cs.ctx, log.G(cs.ctx).WithField("digest", c.dgst))
+	ctx := log.WithLogger(cs.bg, log.G(cs.bg).WithField("digest", c.dgst))
 	log.G(ctx).WithError(err).WithField("result", result).Warn("claim ended; containerd's retry goes to the mirror and the registry")
 	if result != claimCancelled || !errors.Is(err, errdefs.ErrNotFound) {
 		// Not a garbage-collector delete: containerd may record it.
-		go func() {
-			if ferr := cs.forget(context.WithoutCancel(ctx), c.dgst); ferr != nil {
+		cs.mu.Lock()
+		cs.goLocked(func() {
+			if ferr := cs.forget(ctx, c.dgst); ferr != nil {
 				log.G(ctx).WithError(ferr).Warn("could not have containerd forget a failed claim")
 			}
-		}()
+		})
+		cs.mu.Unlock()
 	}
 }
 
@@ -512,9 +603,12 @@ type claim struct {
 	path     string
 	f        *os.File
 	created  time.Time
-	ctx      context.Context // the download's
+	ctx      context.Context // the download's, under the store's lifetime
 	cancel   context.CancelFunc
 	digester digest.Digester
+	// unreadTimer cancels the claim if nobody reads it (cs.mu: stopped
+	// when the claim ends).
+	unreadTimer *time.Timer
 
 	mu      sync.Mutex
 	written int64

@@ -10,7 +10,9 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
@@ -124,6 +126,7 @@ func newClaimStore(t *testing.T, src ClaimSource, opts ClaimOptions) (*ClaimStor
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { cs.Close() })
 	return cs, inv, cl
 }
 
@@ -134,17 +137,6 @@ func randomBytes(t *testing.T, n int) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // The content suite passes when nothing is claimable: the claim store is a
@@ -159,11 +151,15 @@ func TestClaimStoreContentSuite(t *testing.T) {
 		if err != nil {
 			return nil, nil, nil, err
 		}
-		return ctx, cs, func() error { return nil }, nil
+		return ctx, cs, cs.Close, nil
 	})
 }
 
 func TestClaimStreamsAndStores(t *testing.T) {
+	synctest.Test(t, testClaimStreamsAndStores)
+}
+
+func testClaimStreamsAndStores(t *testing.T) {
 	ctx := context.Background()
 	src := newFakeSource()
 	src.step = make(chan struct{})
@@ -197,10 +193,11 @@ func TestClaimStreamsAndStores(t *testing.T) {
 	got := make(chan error, 1)
 	p := make([]byte, 1<<10)
 	go func() { _, err := ra.ReadAt(p, 0); got <- err }()
+	synctest.Wait()
 	select {
 	case err := <-got:
 		t.Fatalf("read returned (%v) before its bytes arrived", err)
-	case <-time.After(50 * time.Millisecond):
+	default:
 	}
 	src.step <- struct{}{}
 	if err := <-got; err != nil || !bytes.Equal(p, blob[:1<<10]) {
@@ -216,10 +213,10 @@ func TestClaimStreamsAndStores(t *testing.T) {
 	if err != nil || !bytes.Equal(all, blob) {
 		t.Fatalf("whole blob: %v (%d bytes)", err, len(all))
 	}
-	eventually(t, "the claimed blob stored", func() bool {
-		_, err := cs.Store.Info(ctx, d)
-		return err == nil
-	})
+	synctest.Wait() // the download stores the blob
+	if _, err := cs.Store.Info(ctx, d); err != nil {
+		t.Fatalf("the claimed blob is not stored: %v", err)
+	}
 	if n, ok := inv.Size(d); !ok || n != int64(len(blob)) {
 		t.Fatalf("stored claim not in the inventory: %d %v", n, ok)
 	}
@@ -241,56 +238,63 @@ func TestClaimFailures(t *testing.T) {
 		{name: "peer dies mid-blob", failAt: 8 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ctx := context.Background()
-			src := newFakeSource()
-			src.corrupt, src.failAt = tc.corrupt, tc.failAt
-			src.step = make(chan struct{})
-			blob := randomBytes(t, 32<<10)
-			d := src.add(blob)
-			cs, inv, cl := newClaimStore(t, src, ClaimOptions{})
-			if _, err := cs.Info(ctx, d); err != nil {
-				t.Fatal(err)
-			}
-			ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ra.Close()
-			stop := make(chan struct{})
-			defer close(stop)
-			go func() {
-				for {
-					select {
-					case src.step <- struct{}{}:
-					case <-stop:
-						return
-					}
+			synctest.Test(t, func(t *testing.T) {
+				ctx := context.Background()
+				src := newFakeSource()
+				src.corrupt, src.failAt = tc.corrupt, tc.failAt
+				src.step = make(chan struct{})
+				blob := randomBytes(t, 32<<10)
+				d := src.add(blob)
+				cs, inv, cl := newClaimStore(t, src, ClaimOptions{})
+				if _, err := cs.Info(ctx, d); err != nil {
+					t.Fatal(err)
 				}
-			}()
-			_, err = io.ReadAll(ctdcontent.NewReader(ra))
-			if err == nil {
-				t.Fatal("reading a failed claim succeeded")
-			}
-			if !cl.has(d) {
-				t.Fatal("a failed claim was not forgotten by containerd before the read failed")
-			}
-			if _, err := cs.Info(ctx, d); !errdefs.IsNotFound(err) {
-				t.Fatalf("Info after the claim failed: %v, want not found (the retry goes to the registry)", err)
-			}
-			if _, ok := inv.Size(d); ok {
-				t.Fatal("a failed claim is in the inventory")
-			}
-			if _, err := cs.Store.Info(ctx, d); !errdefs.IsNotFound(err) {
-				t.Fatalf("a failed claim was stored: %v", err)
-			}
-			if ents, _ := os.ReadDir(cs.dir); len(ents) != 0 {
-				t.Fatalf("claims directory not empty: %v", ents)
-			}
+				ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ra.Close()
+				stop := make(chan struct{})
+				defer close(stop)
+				go func() {
+					for {
+						select {
+						case src.step <- struct{}{}:
+						case <-stop:
+							return
+						}
+					}
+				}()
+				_, err = io.ReadAll(ctdcontent.NewReader(ra))
+				if err == nil {
+					t.Fatal("reading a failed claim succeeded")
+				}
+				if !cl.has(d) {
+					t.Fatal("a failed claim was not forgotten by containerd before the read failed")
+				}
+				synctest.Wait() // the failed download ends
+				if _, err := cs.Info(ctx, d); !errdefs.IsNotFound(err) {
+					t.Fatalf("Info after the claim failed: %v, want not found (the retry goes to the registry)", err)
+				}
+				if _, ok := inv.Size(d); ok {
+					t.Fatal("a failed claim is in the inventory")
+				}
+				if _, err := cs.Store.Info(ctx, d); !errdefs.IsNotFound(err) {
+					t.Fatalf("a failed claim was stored: %v", err)
+				}
+				if ents, _ := os.ReadDir(cs.dir); len(ents) != 0 {
+					t.Fatalf("claims directory not empty: %v", ents)
+				}
+			})
 		})
 	}
 }
 
 func TestClaimDeletedByGC(t *testing.T) {
+	synctest.Test(t, testClaimDeletedByGC)
+}
+
+func testClaimDeletedByGC(t *testing.T) {
 	ctx := context.Background()
 	src := newFakeSource()
 	src.step = make(chan struct{})
@@ -299,18 +303,20 @@ func TestClaimDeletedByGC(t *testing.T) {
 	if _, err := cs.Info(ctx, d); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the download to start", func() bool { return len(src.startedList()) == 1 })
+	synctest.Wait()
+	if got := src.startedList(); len(got) != 1 {
+		t.Fatalf("downloads started: %v, want one", got)
+	}
 	if err := cs.Delete(ctx, d); err != nil {
 		t.Fatalf("Delete of a claimed blob: %v", err)
 	}
 	src.mu.Lock()
 	dctx := src.ctxs[d]
 	src.mu.Unlock()
-	select {
-	case <-dctx.Done():
-	case <-time.After(5 * time.Second):
+	if dctx.Err() == nil {
 		t.Fatal("Delete did not cancel the download")
 	}
+	synctest.Wait() // the cancelled download ends
 	if len(cs.Claimed()) != 0 {
 		t.Fatalf("still claimed after Delete: %v", cs.Claimed())
 	}
@@ -323,19 +329,39 @@ func TestClaimDeletedByGC(t *testing.T) {
 }
 
 func TestClaimUnreadTimeout(t *testing.T) {
+	synctest.Test(t, testClaimUnreadTimeout)
+}
+
+func testClaimUnreadTimeout(t *testing.T) {
 	ctx := context.Background()
 	src := newFakeSource()
 	src.step = make(chan struct{})
 	d := src.add(randomBytes(t, 16<<10))
-	cs, _, cl := newClaimStore(t, src, ClaimOptions{UnreadTimeout: 100 * time.Millisecond})
+	const unread = 100 * time.Millisecond
+	cs, _, cl := newClaimStore(t, src, ClaimOptions{UnreadTimeout: unread})
 	if _, err := cs.Info(ctx, d); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the unread claim cancelled", func() bool { return len(cs.Claimed()) == 0 })
-	eventually(t, "containerd told to forget it", func() bool { return cl.has(d) })
+	time.Sleep(unread - time.Nanosecond)
+	synctest.Wait()
+	if len(cs.Claimed()) != 1 {
+		t.Fatalf("claim cancelled before its unread timeout: %v", cs.Claimed())
+	}
+	time.Sleep(time.Nanosecond)
+	synctest.Wait()
+	if len(cs.Claimed()) != 0 {
+		t.Fatalf("unread claim not cancelled: %v", cs.Claimed())
+	}
+	if !cl.has(d) {
+		t.Fatal("containerd not told to forget an unread claim")
+	}
 }
 
 func TestClaimSlots(t *testing.T) {
+	synctest.Test(t, testClaimSlots)
+}
+
+func testClaimSlots(t *testing.T) {
 	ctx := context.Background()
 	src := newFakeSource()
 	src.step = make(chan struct{})
@@ -348,8 +374,7 @@ func TestClaimSlots(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "the first download", func() bool { return len(src.startedList()) == 1 })
-	time.Sleep(20 * time.Millisecond)
+	synctest.Wait()
 	if got := src.startedList(); len(got) != 1 || got[0] != a {
 		t.Fatalf("started %v, want only the first claim", got)
 	}
@@ -363,20 +388,25 @@ func TestClaimSlots(t *testing.T) {
 	for range 28 {
 		src.step <- struct{}{}
 	}
-	eventually(t, "the next download", func() bool { return len(src.startedList()) == 2 })
-	if got := src.startedList(); got[1] != c {
-		t.Fatalf("second download %s, want the one being read (%s)", got[1], c)
+	synctest.Wait()
+	if got := src.startedList(); len(got) != 2 || got[1] != c {
+		t.Fatalf("downloads %v, want a then the one being read (%s)", got, c)
 	}
+	stop := make(chan struct{})
+	defer close(stop)
 	go func() {
 		for {
 			select {
 			case src.step <- struct{}{}:
-			case <-ctx.Done():
+			case <-stop:
 				return
 			}
 		}
 	}()
-	eventually(t, "every claim stored", func() bool { return len(cs.Claimed()) == 0 })
+	synctest.Wait()
+	if len(cs.Claimed()) != 0 {
+		t.Fatalf("claims left: %v", cs.Claimed())
+	}
 	for _, d := range []digest.Digest{a, b, c} {
 		if _, err := cs.Store.Info(ctx, d); err != nil {
 			t.Fatalf("%s not stored: %v", d, err)
@@ -385,6 +415,10 @@ func TestClaimSlots(t *testing.T) {
 }
 
 func TestClaimLeftByEarlierRun(t *testing.T) {
+	synctest.Test(t, testClaimLeftByEarlierRun)
+}
+
+func testClaimLeftByEarlierRun(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	s, err := NewStore(ctx, root, NewInventory())
@@ -400,13 +434,18 @@ func TestClaimLeftByEarlierRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	cl := &fakeCleaner{}
-	if _, err := NewClaimStore(ctx, s, ClaimOptions{Source: newFakeSource(), Cleaner: cl}); err != nil {
+	cs, err := NewClaimStore(ctx, s, ClaimOptions{Source: newFakeSource(), Cleaner: cl})
+	if err != nil {
 		t.Fatal(err)
 	}
+	defer cs.Close()
 	if _, err := os.Stat(filepath.Join(dir, d.Encoded())); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("unfinished claim left in place: %v", err)
 	}
-	eventually(t, "containerd told to forget the unfinished claim", func() bool { return cl.has(d) })
+	synctest.Wait()
+	if !cl.has(d) {
+		t.Fatal("containerd not told to forget the unfinished claim")
+	}
 }
 
 // A reader of a blob containerd records but the store lacks (a claim lost
@@ -471,4 +510,135 @@ func TestClaimUnpackStopsEarly(t *testing.T) {
 	if len(cs.Claimed()) != 1 {
 		t.Fatalf("claimed %v after a range read closed, want the claim kept", cs.Claimed())
 	}
+}
+
+// blockingSource holds every download until it is cancelled, then until
+// release is closed: Close must wait for it.
+type blockingSource struct {
+	blobs     map[digest.Digest]int64
+	started   chan digest.Digest // one per download
+	cancelled chan struct{}      // closed when a download saw its cancellation
+	release   chan struct{}
+	returned  atomic.Bool
+}
+
+func (s *blockingSource) Claimable(d digest.Digest) (int64, bool) {
+	n, ok := s.blobs[d]
+	return n, ok
+}
+
+func (s *blockingSource) FetchClaim(ctx context.Context, d digest.Digest, _ int64, _ io.Writer) error {
+	s.started <- d
+	<-ctx.Done()
+	close(s.cancelled)
+	<-s.release
+	s.returned.Store(true)
+	return ctx.Err()
+}
+
+// TestClaimStoreClose: Close cancels the downloads, fails the claims'
+// readers, and returns only once its goroutines have ended; afterwards
+// nothing is claimed, and the claim's file is left for the next run.
+func TestClaimStoreClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		d := digest.FromString("held up")
+		src := &blockingSource{
+			blobs:   map[digest.Digest]int64{d: 10, digest.FromString("other"): 10},
+			started: make(chan digest.Digest, 4), cancelled: make(chan struct{}), release: make(chan struct{}),
+		}
+		cs, _, _ := newClaimStore(t, src, ClaimOptions{})
+		if _, err := cs.Info(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		<-src.started
+		ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ra.Close()
+		readErr := make(chan error, 1)
+		go func() { _, err := ra.ReadAt(make([]byte, 10), 0); readErr <- err }()
+
+		closed := make(chan error, 1)
+		go func() { closed <- cs.Close() }()
+		synctest.Wait()
+		select {
+		case <-src.cancelled:
+		default:
+			t.Fatal("Close did not cancel the download")
+		}
+		select {
+		case err := <-closed:
+			t.Fatalf("Close returned (%v) while its download still ran", err)
+		default:
+		}
+		if err := <-readErr; !errdefs.IsUnavailable(err) {
+			t.Fatalf("read of a claim when the store closed: %v, want unavailable", err)
+		}
+		close(src.release)
+		if err := <-closed; err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		if !src.returned.Load() {
+			t.Fatal("Close returned before the download did")
+		}
+
+		if _, err := cs.Info(ctx, digest.FromString("other")); !errdefs.IsNotFound(err) {
+			t.Fatalf("Info of a claimable blob after Close: %v, want not found", err)
+		}
+		if len(src.started) != 0 || len(cs.Claimed()) != 0 {
+			t.Fatalf("after Close: downloads started %d, claimed %v", len(src.started), cs.Claimed())
+		}
+		if _, err := os.Stat(filepath.Join(cs.dir, d.Encoded())); err != nil {
+			t.Fatalf("the claim's file is not left for the next run: %v", err)
+		}
+		if err := cs.Close(); err != nil {
+			t.Fatalf("second Close: %v", err)
+		}
+	})
+}
+
+// failingCleaner fails every Forget, as while containerd is not up.
+type failingCleaner struct{ calls atomic.Int32 }
+
+func (c *failingCleaner) Forget(context.Context, digest.Digest) error {
+	c.calls.Add(1)
+	return fmt.Errorf("containerd: %w", errdefs.ErrUnavailable)
+}
+
+// TestClaimStoreCloseStopsRecovery: the retries that have containerd
+// forget an earlier run's claims stop at Close, without waiting them out.
+func TestClaimStoreCloseStopsRecovery(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		root := t.TempDir()
+		s, err := NewStore(ctx, root, NewInventory())
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := digest.FromString("half a layer")
+		if err := os.MkdirAll(filepath.Join(root, "claims"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, "claims", d.Encoded()), []byte("half"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cl := &failingCleaner{}
+		start := time.Now()
+		cs, err := NewClaimStore(ctx, s, ClaimOptions{Source: newFakeSource(), Cleaner: cl})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * time.Second) // two tries
+		if err := cs.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if el := time.Since(start); el != 3*time.Second {
+			t.Fatalf("Close returned %v after the start, want at once after 3s", el)
+		}
+		if n := cl.calls.Load(); n != 2 {
+			t.Fatalf("Forget tried %d times, want 2 (at 0s and 2s)", n)
+		}
+	})
 }
