@@ -45,6 +45,7 @@ type Index struct {
 	nodes   map[string]*indexNode
 	byID    []*indexNode // node id → node; nil when free
 	freeN   []uint32
+	changed chan struct{} // closed at the next change; nil until asked for
 }
 
 type indexNode struct {
@@ -81,7 +82,10 @@ func (x *Index) Full(name, url, epoch string, seq uint64, blobs []content.Blob, 
 		}
 		if seq == n.seq && x.sameLocked(n, blobs) {
 			// Nothing changed: a heartbeat.
-			n.url = url
+			if n.url != url {
+				n.url = url
+				x.changedLocked()
+			}
 			n.seen = maxTime(n.seen, seen)
 			return nil
 		}
@@ -107,6 +111,7 @@ func (x *Index) Full(name, url, epoch string, seq uint64, blobs []content.Blob, 
 	n.blobs = next
 	n.url, n.epoch, n.seq = url, epoch, seq
 	n.seen = maxTime(n.seen, seen)
+	x.changedLocked()
 	return nil
 }
 
@@ -177,6 +182,7 @@ func (x *Index) Delta(name, epoch string, from, to uint64, added []content.Blob,
 	}
 	n.seq = to
 	n.seen = maxTime(n.seen, seen)
+	x.changedLocked()
 	return nil
 }
 
@@ -199,6 +205,7 @@ func (x *Index) SetLoad(name string, l *peers.Load) {
 	defer x.mu.Unlock()
 	if n := x.nodes[name]; n != nil {
 		n.load = &cp
+		x.changedLocked()
 	}
 }
 
@@ -226,6 +233,35 @@ func (x *Index) Drop(name string) {
 	delete(x.nodes, name)
 	x.byID[n.id] = nil
 	x.freeN = append(x.freeN, n.id)
+	x.changedLocked()
+}
+
+// Changed returns a channel closed at the next change of what Locate
+// answers: a node's blobs, URL or load, a node dropped. Take it before
+// looking at the index, then wait on it, and no change is missed:
+//
+//	for {
+//		changed := x.Changed()
+//		if done(x) {
+//			break
+//		}
+//		<-changed
+//	}
+func (x *Index) Changed() <-chan struct{} {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.changed == nil {
+		x.changed = make(chan struct{})
+	}
+	return x.changed
+}
+
+// changedLocked wakes those waiting on Changed.
+func (x *Index) changedLocked() {
+	if x.changed != nil {
+		close(x.changed)
+		x.changed = nil
+	}
 }
 
 // Expire drops the nodes last heard from before cutoff and returns their

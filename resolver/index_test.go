@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/coopnet/coop/content"
+	"github.com/coopnet/coop/peers"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -148,5 +149,47 @@ func TestIndexFullSameSeqDifferentContent(t *testing.T) {
 	}
 	if got := holders(x, a, LocateOptions{}); len(got) != 1 {
 		t.Fatalf("real blob lost: %v", got)
+	}
+}
+
+func TestIndexChanged(t *testing.T) {
+	a, b := digest.FromString("a"), digest.FromString("b")
+	now := time.Now()
+	for _, tc := range []struct {
+		name    string
+		op      func(x *Index)
+		changed bool
+	}{
+		{"full of a new node", func(x *Index) { _ = x.Full("n2", "http://n2", "e", 1, blobs(a), now) }, true},
+		{"full with other blobs", func(x *Index) { _ = x.Full("n1", "http://n1", "e", 2, blobs(b), now) }, true},
+		{"full heartbeat", func(x *Index) { _ = x.Full("n1", "http://n1", "e", 1, blobs(a), now) }, false},
+		{"full heartbeat at a new URL", func(x *Index) { _ = x.Full("n1", "http://n1b", "e", 1, blobs(a), now) }, true},
+		{"stale full", func(x *Index) { _ = x.Full("n1", "http://n1", "e", 0, blobs(b), now) }, false},
+		{"delta", func(x *Index) { _ = x.Delta("n1", "e", 1, 2, blobs(b), nil, now) }, true},
+		{"delta with a gap", func(x *Index) { _ = x.Delta("n1", "e", 5, 6, blobs(b), nil, now) }, false},
+		{"touch", func(x *Index) { x.Touch("n1", now.Add(time.Second)) }, false},
+		{"load", func(x *Index) { x.SetLoad("n1", &peers.Load{ActiveUploads: 1}) }, true},
+		{"drop", func(x *Index) { x.Drop("n1") }, true},
+		{"drop of an unknown node", func(x *Index) { x.Drop("n9") }, false},
+		{"expire", func(x *Index) { x.Expire(now.Add(time.Second)) }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			x := NewIndex()
+			if err := x.Full("n1", "http://n1", "e", 1, blobs(a), now); err != nil {
+				t.Fatal(err)
+			}
+			changed := x.Changed()
+			tc.op(x)
+			select {
+			case <-changed:
+				if !tc.changed {
+					t.Fatal("woken, but Locate answers the same")
+				}
+			default:
+				if tc.changed {
+					t.Fatal("not woken")
+				}
+			}
+		})
 	}
 }

@@ -47,19 +47,27 @@ func hasNode(cs []peers.Candidate, node string) bool {
 	return false
 }
 
-func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) {
+// waitFor waits until cond holds, looking again at each change of idx (the
+// index cond depends on), and fails after bound.
+func waitFor(t *testing.T, idx *resolver.Index, bound time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(bound)
-	for !cond() {
-		if time.Now().After(deadline) {
+	timeout := time.NewTimer(bound)
+	defer timeout.Stop()
+	for {
+		changed := idx.Changed()
+		if cond() {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
 			t.Fatalf("not within %v: %s", bound, what)
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
 // pushDestination follows a holder through the broker.
-func pushDestination(ctx context.Context, t *testing.T, broker string, nb *resolver.DynamicNeighbors, p time.Duration) (resolver.Resolver, *resolver.Metrics) {
+func pushDestination(ctx context.Context, t *testing.T, broker string, nb *resolver.DynamicNeighbors, p time.Duration) (*resolver.Local, *resolver.Metrics) {
 	t.Helper()
 	nc, err := resolver.ConnectBroker(ctx, broker, "dest")
 	if err != nil {
@@ -104,20 +112,27 @@ func TestDroppedEventsRepaired(t *testing.T) {
 	}
 	gone, have = have[:20], have[20:]
 	// Commit sentinels until one is seen: an event after the last loss.
-	var sentinel digest.Digest
-	waitFor(t, 10*time.Second, "a sentinel event gets through", func() bool {
-		if sentinel != "" && exactNow(ctx, res, "x", []digest.Digest{sentinel}, nil) {
-			return true
-		}
+	// A lost event has no event of its own: after a quiet while, the next
+	// sentinel goes out.
+	timeout := time.After(10 * time.Second)
+	for {
+		changed := res.Index.Changed()
 		d, err := h.Commit(ctx, 7)
 		if err != nil {
 			t.Fatal(err)
 		}
-		have, sentinel = append(have, d), d
-		time.Sleep(20 * time.Millisecond)
-		return false
-	})
-	waitFor(t, time.Second, "exact after one repair", func() bool { return exactNow(ctx, res, "x", have, gone) })
+		have = append(have, d)
+		select {
+		case <-changed:
+		case <-time.After(100 * time.Millisecond):
+		case <-timeout:
+			t.Fatal("no sentinel event got through")
+		}
+		if exactNow(ctx, res, "x", []digest.Digest{d}, nil) {
+			break
+		}
+	}
+	waitFor(t, res.Index, time.Second, "exact after one repair", func() bool { return exactNow(ctx, res, "x", have, gone) })
 	if n := testutil.ToFloat64(m.Updates.WithLabelValues("repair", "ok")); n == 0 {
 		t.Fatal("exact without any repair: were events dropped at all?")
 	}
@@ -139,7 +154,7 @@ func TestKBRestarted(t *testing.T) {
 				t.Fatal(err)
 			}
 			addr := l.Addr().String()
-			start := func(l net.Listener) (stop func()) {
+			start := func(l net.Listener) (kb *clusterkb.KB, stop func()) {
 				opts := clusterkb.Options{Feed: feed, Period: period, Reader: peerClient()}
 				kctx, cancel := context.WithCancel(ctx)
 				var nc interface{ Close() }
@@ -154,11 +169,11 @@ func TestKBRestarted(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				srv := &http.Server{Handler: kb}
+				srv := &http.Server{Handler: kb, ReadHeaderTimeout: 5 * time.Second}
 				var wg sync.WaitGroup
 				wg.Go(func() { _ = kb.Run(kctx) })
 				wg.Go(func() { _ = srv.Serve(l) })
-				return func() {
+				return kb, func() {
 					cancel()
 					_ = srv.Close()
 					if nc != nil {
@@ -167,7 +182,7 @@ func TestKBRestarted(t *testing.T) {
 					wg.Wait()
 				}
 			}
-			stop := start(l)
+			kb, stop := start(l)
 			var ds []digest.Digest
 			for i := range 3 {
 				h := newHolder(ctx, t, "n"+strconv.Itoa(i), holderOptions{broker: broker, kb: "http://" + addr})
@@ -185,7 +200,7 @@ func TestKBRestarted(t *testing.T) {
 				got, err := client.Locate(ctx, ds)
 				return err == nil && len(got) == len(ds)
 			}
-			waitFor(t, 2*time.Second, "KB complete at first", complete)
+			waitFor(t, kb.Index(), 2*time.Second, "KB complete at first", complete)
 			stop()
 			if _, err := client.Locate(ctx, ds); err == nil {
 				t.Fatal("a stopped KB answered")
@@ -195,9 +210,9 @@ func TestKBRestarted(t *testing.T) {
 				t.Fatal(err)
 			}
 			restarted := time.Now()
-			stop = start(l2)
+			kb, stop = start(l2)
 			defer stop()
-			waitFor(t, period+time.Second, "KB complete again within one period", complete)
+			waitFor(t, kb.Index(), period+time.Second, "KB complete again within one period", complete)
 			t.Logf("complete again %v after the restart", time.Since(restarted).Round(time.Millisecond))
 		})
 	}
@@ -228,7 +243,7 @@ func TestBrokerDownAndBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 2*time.Second, "commit shows", func() bool { return exactNow(ctx, res, "x", []digest.Digest{before}, nil) })
+	waitFor(t, res.Index, 2*time.Second, "commit shows", func() bool { return exactNow(ctx, res, "x", []digest.Digest{before}, nil) })
 
 	ns.Shutdown()
 	ns.WaitForShutdown()
@@ -236,17 +251,26 @@ func TestBrokerDownAndBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Well past the silence bound (3 periods): still answering.
-	time.Sleep(5 * period)
-	if !exactNow(ctx, res, "x", []digest.Digest{before}, nil) {
-		t.Fatal("the destination forgot x while the broker was down")
+	// What is tested is that nothing happens: for well past the silence
+	// bound (3 periods), x stays after every change of the index.
+	quiet := time.After(5 * period)
+	for waiting := true; waiting; {
+		changed := res.Index.Changed()
+		if !exactNow(ctx, res, "x", []digest.Digest{before}, nil) {
+			t.Fatal("the destination forgot x while the broker was down")
+		}
+		select {
+		case <-changed:
+		case <-quiet:
+			waiting = false
+		}
 	}
 	ns2, err := clusterkb.StartBroker(clusterkb.BrokerOptions{Listen: addr, StoreDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(ns2.Shutdown)
-	waitFor(t, 10*time.Second, "the blob committed while the broker was down shows", func() bool {
+	waitFor(t, res.Index, 10*time.Second, "the blob committed while the broker was down shows", func() bool {
 		return exactNow(ctx, res, "x", []digest.Digest{before, during}, nil)
 	})
 }
@@ -269,7 +293,8 @@ func TestNodeRestartedNewEpoch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, c.bound, "both show", func() bool { return exactNow(ctx, c.res, "x", []digest.Digest{keep, drop}, nil) })
+			idx := c.res.(*resolver.Local).Index
+			waitFor(t, idx, c.bound, "both show", func() bool { return exactNow(ctx, c.res, "x", []digest.Digest{keep, drop}, nil) })
 			_ = x.Kill(ctx)
 			x2 := newHolder(c.ctx, t, "x", holderOptions{broker: c.hopts.broker, root: root})
 			c.neighbors.Set([]resolver.Neighbor{{Name: "x", URL: x2.URL()}})
@@ -280,7 +305,7 @@ func TestNodeRestartedNewEpoch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, c.dead+c.bound, "the new epoch's state", func() bool {
+			waitFor(t, idx, c.dead+c.bound, "the new epoch's state", func() bool {
 				return exactNow(ctx, c.res, "x", []digest.Digest{keep, added}, []digest.Digest{drop})
 			})
 		})
@@ -317,12 +342,10 @@ func TestAsymmetricNeighbours(t *testing.T) {
 		}
 		return c
 	}
-	atA, atB := ask("a"), ask("b")
-	waitFor(t, 2*time.Second, "a finds b's blob", func() bool { return exactNow(ctx, atA, "b", []digest.Digest{db}, nil) })
-	for range 2 * int(time.Second/(50*time.Millisecond)) {
-		if !exactNow(ctx, atB, "a", nil, []digest.Digest{da}) {
-			t.Fatal("b was offered a, which it does not list")
-		}
-		time.Sleep(50 * time.Millisecond)
+	atA, atB, atAny := ask("a"), ask("b"), ask("")
+	waitFor(t, kb.Index(), 2*time.Second, "a finds b's blob", func() bool { return exactNow(ctx, atA, "b", []digest.Digest{db}, nil) })
+	waitFor(t, kb.Index(), 2*time.Second, "the KB knows a's blob", func() bool { return exactNow(ctx, atAny, "a", []digest.Digest{da}, nil) })
+	if !exactNow(ctx, atB, "a", nil, []digest.Digest{da}) {
+		t.Fatal("b was offered a, which it does not list")
 	}
 }
