@@ -503,13 +503,19 @@ func (d *download) fetchChunk(ctx context.Context, c Candidate, ch *chunk, a *at
 	buf := d.dl.getBuf(ch.n)
 	var n int64
 	window, windowBytes := time.Now(), int64(0)
-	var stalled atomic.Bool
 	for n < ch.n {
-		timer := time.AfterFunc(d.opts.Stall, func() { stalled.Store(true); cancel(); body.Close() })
+		fired := make(chan struct{})
+		timer := time.AfterFunc(d.opts.Stall, func() {
+			defer close(fired)
+			cancel()
+			body.Close()
+		})
 		k, rerr := body.Read(buf[n:ch.n])
 		if !timer.Stop() {
 			// The timer fired (perhaps just as data came): the body is
-			// closed, so this peer is done for this chunk.
+			// closed, so this peer is done for this chunk. Its function
+			// runs in a goroutine of its own: wait for it.
+			<-fired
 			return buf, ttfb, fmt.Errorf("offset %d: stalled for %v: %w", ch.off+n, d.opts.Stall, errdefs.ErrUnavailable)
 		}
 		if k > 0 {
@@ -529,9 +535,6 @@ func (d *download) fetchChunk(ctx context.Context, c Candidate, ch *chunk, a *at
 		if rerr != nil {
 			if n == ch.n && errors.Is(rerr, io.EOF) {
 				break
-			}
-			if stalled.Load() {
-				return buf, ttfb, fmt.Errorf("offset %d: stalled for %v: %w", ch.off+n, d.opts.Stall, errdefs.ErrUnavailable)
 			}
 			if errors.Is(rerr, io.EOF) {
 				rerr = io.ErrUnexpectedEOF
