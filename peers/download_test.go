@@ -156,39 +156,41 @@ func TestDownload(t *testing.T) {
 		{"all fail", PolicyStripe, map[string]*fakePeer{"a": {mode: "dead"}, "b": {mode: "busy"}, "c": {rate: 64 * mb, mode: "short"}}, false, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := &fakeFetcher{data: data, peers: tc.peers}
-			var cands []Candidate
-			for _, name := range []string{"a", "b", "c", "fast", "slow", "dead", "busy", "ok", "dies", "stall", "short", "crawl"} {
-				if _, ok := tc.peers[name]; ok {
-					cands = append(cands, Candidate{Node: name, URL: name, Size: size})
+			synctest.Test(t, func(t *testing.T) {
+				f := &fakeFetcher{data: data, peers: tc.peers}
+				var cands []Candidate
+				for _, name := range []string{"a", "b", "c", "fast", "slow", "dead", "busy", "ok", "dies", "stall", "short", "crawl"} {
+					if _, ok := tc.peers[name]; ok {
+						cands = append(cands, Candidate{Node: name, URL: name, Size: size})
+					}
 				}
-			}
-			dl, err := NewDownloader(f, DownloadOptions{Policy: tc.policy, ChunkSize: 1 << 20, Buffer: 4 << 20, Stall: time.Second})
-			if err != nil {
-				t.Fatal(err)
-			}
-			var out bytes.Buffer
-			st, err := dl.Download(context.Background(), d, size, cands, &out)
-			if !tc.ok {
-				if !errors.Is(err, ErrAllPeersFailed) {
-					t.Fatalf("err %v, want every candidate failed", err)
+				dl, err := NewDownloader(f, DownloadOptions{Policy: tc.policy, ChunkSize: 1 << 20, Buffer: 4 << 20, Stall: time.Second})
+				if err != nil {
+					t.Fatal(err)
 				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(out.Bytes(), data) {
-				t.Fatal("downloaded bytes differ")
-			}
-			var total int64
-			for _, n := range st.BytesByNode {
-				total += n
-			}
-			if total != size {
-				t.Fatalf("bytes by node sum to %d, want %d", total, size)
-			}
-			tc.check(t, st, tc.peers)
+				var out bytes.Buffer
+				st, err := dl.Download(context.Background(), d, size, cands, &out)
+				if !tc.ok {
+					if !errors.Is(err, ErrAllPeersFailed) {
+						t.Fatalf("err %v, want every candidate failed", err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(out.Bytes(), data) {
+					t.Fatal("downloaded bytes differ")
+				}
+				var total int64
+				for _, n := range st.BytesByNode {
+					total += n
+				}
+				if total != size {
+					t.Fatalf("bytes by node sum to %d, want %d", total, size)
+				}
+				tc.check(t, st, tc.peers)
+			})
 		})
 	}
 }
@@ -216,10 +218,14 @@ func (w *aheadWriter) Write(p []byte) (int, error) {
 }
 
 func TestDownloadBufferBound(t *testing.T) {
+	synctest.Test(t, testDownloadBufferBound)
+}
+
+func testDownloadBufferBound(t *testing.T) {
 	const size = 16 << 20
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
-	peers := map[string]*fakePeer{"a": {}, "b": {}}
+	peers := map[string]*fakePeer{"a": {rate: 256 << 20}, "b": {rate: 256 << 20}}
 	f := &fakeFetcher{data: data, peers: peers}
 	dl, err := NewDownloader(f, DownloadOptions{ChunkSize: 1 << 20, Buffer: 3 << 20})
 	if err != nil {

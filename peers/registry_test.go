@@ -225,7 +225,14 @@ func TestServerMaxUploads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := httptest.NewServer(srv)
+	// bigServed is closed when the answer to the first upload has ended.
+	bigServed := make(chan struct{})
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		srv.ServeHTTP(w, r)
+		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, f.bigD.String()) {
+			close(bigServed)
+		}
+	}))
 	defer ts.Close()
 	c := &Client{HTTP: &http.Client{}, Node: "t"}
 	// The first upload stays open: its reader does not read.
@@ -249,12 +256,13 @@ func TestServerMaxUploads(t *testing.T) {
 		t.Fatalf("load %s (%v)", body, err)
 	}
 	first.Close()
-	deadline := time.Now().Add(5 * time.Second)
-	for srv.Load().ActiveUploads != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("upload slot not released after the client went away")
-		}
-		time.Sleep(10 * time.Millisecond)
+	select {
+	case <-bigServed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first upload's answer did not end after the client went away")
+	}
+	if n := srv.Load().ActiveUploads; n != 0 {
+		t.Fatalf("%d uploads still counted after the client went away", n)
 	}
 	b, err := c.Fetch(ctx, ts.URL, f.smallD, 0, int64(len(f.small)))
 	if err != nil {
