@@ -32,8 +32,15 @@ func serve(ctx context.Context, t testing.TB, root string) (ctdcontent.Store, *I
 		t.Fatal(err)
 	}
 	srv := NewGRPCServer(store)
-	go func() { _ = srv.Serve(l) }()
-	t.Cleanup(srv.Stop)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(l)
+	}()
+	t.Cleanup(func() {
+		srv.Stop()
+		<-served
+	})
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -197,6 +197,7 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 }
 
 // writeQueue writes data to a content writer in a goroutine of its own.
+// Whoever makes a queue owns that goroutine: close ends it and waits for it.
 type writeQueue struct {
 	ch   chan writeItem
 	done chan struct{}
