@@ -87,14 +87,14 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	if opts.Inventory == nil {
 		return nil, fmt.Errorf("peer server needs an inventory: %w", errdefs.ErrInvalidArgument)
 	}
+	if opts.MaxUploads < 0 {
+		return nil, fmt.Errorf("peer server max uploads %d: %w", opts.MaxUploads, errdefs.ErrInvalidArgument)
+	}
 	m := newServerMetrics()
 	if opts.Registerer != nil {
 		if err := m.register(opts.Registerer); err != nil {
 			return nil, fmt.Errorf("register peer server metrics: %w: %w", err, errdefs.ErrInvalidArgument)
 		}
-	}
-	if opts.MaxUploads < 0 {
-		return nil, fmt.Errorf("peer server max uploads %d: %w", opts.MaxUploads, errdefs.ErrInvalidArgument)
 	}
 	s := &Server{
 		maxUploads: opts.MaxUploads,

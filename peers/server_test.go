@@ -208,6 +208,16 @@ func TestNewServerValidates(t *testing.T) {
 		}
 	})
 
+	t.Run("refused options register nothing", func(t *testing.T) {
+		reg := prometheus.NewRegistry()
+		if _, err := NewServer(ServerOptions{Node: "n", Store: store, Inventory: inv, Registerer: reg, MaxUploads: -1}); !errdefs.IsInvalidArgument(err) {
+			t.Fatalf("negative max uploads: %v, want invalid argument", err)
+		}
+		if _, err := NewServer(ServerOptions{Node: "n", Store: store, Inventory: inv, Registerer: reg}); err != nil {
+			t.Fatalf("NewServer after a refused one on the same registry: %v", err)
+		}
+	})
+
 	t.Run("no registerer", func(t *testing.T) {
 		srv, err := NewServer(ServerOptions{Node: "n", Store: store, Inventory: inv})
 		if err != nil {
