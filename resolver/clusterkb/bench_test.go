@@ -57,7 +57,7 @@ func loadKB(b *testing.B, nodes int, pool []digest.Digest) (kb *clusterkb.KB, ne
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Reader: peerClient()})
+	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Reader: peerClient("kb")})
 	if err != nil {
 		b.Fatal(err)
 	}

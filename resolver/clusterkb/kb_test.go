@@ -91,7 +91,7 @@ func TestClientRejectsBadURL(t *testing.T) {
 }
 
 func TestKBAPI(t *testing.T) {
-	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Period: time.Hour, Reader: peerClient()})
+	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Period: time.Hour, Reader: peerClient("kb")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,45 +16,78 @@ import (
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/coopnet/coop/resolver/modes"
 	"github.com/coopnet/coop/resolver/resolvertest"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // In-process clusters of every mode, on real HTTP and a real (embedded)
-// NATS server: hermetic and fast. test/e2e runs the same suite on real
-// coop processes.
+// NATS server: hermetic and fast. Every node, destination and holders
+// alike, builds its index with modes.New, as coop node does. test/e2e runs
+// the same suite on real coop processes.
 
 const period = 250 * time.Millisecond
 
-// holder is an in-process node: a content store, its inventory, a peer
-// server, and, when a broker is set, a publisher and a KB registration.
-type holder struct {
+// node is an in-process coop node: a content store, its inventory, a peer
+// server, and its index (resolver, feeds, announcements) from modes.New.
+type node struct {
 	name  string
 	srv   *httptest.Server
 	store *content.Store
+	index *modes.Index
 	stop  context.CancelFunc
 	wg    sync.WaitGroup
 }
 
-func (h *holder) Name() string { return h.name }
-func (h *holder) URL() string  { return h.srv.URL }
+func (h *node) Name() string { return h.name }
+func (h *node) URL() string  { return h.srv.URL }
 
-func (h *holder) Commit(ctx context.Context, size int64) (digest.Digest, error) {
+func (h *node) Commit(ctx context.Context, size int64) (digest.Digest, error) {
 	b := make([]byte, size)
 	_, _ = rand.Read(b)
 	desc := ocispec.Descriptor{Digest: digest.FromBytes(b), Size: size}
 	return desc.Digest, ctdcontent.WriteBlob(ctx, h.store, "t-"+desc.Digest.Encoded(), bytes.NewReader(b), desc)
 }
 
-func (h *holder) Delete(ctx context.Context, d digest.Digest) error { return h.store.Delete(ctx, d) }
+func (h *node) Delete(ctx context.Context, d digest.Digest) error { return h.store.Delete(ctx, d) }
 
-func (h *holder) Kill(context.Context) error {
+func (h *node) Kill(context.Context) error {
 	h.stop()
 	h.srv.CloseClientConnections()
 	h.srv.Close()
 	h.wg.Wait()
-	return nil
+	return h.index.Close()
+}
+
+// newNode starts a node whose index o configures; newNode fills in what
+// the node itself provides (name, URL, inventory, peer client, load). root
+// is its store directory ("": a new temporary one).
+func newNode(ctx context.Context, t *testing.T, name, root string, o modes.Options) *node {
+	t.Helper()
+	inv := content.NewInventory()
+	if root == "" {
+		root = filepath.Join(t.TempDir(), name)
+	}
+	store, err := content.NewStore(ctx, root, inv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := peers.NewServer(peers.ServerOptions{Node: name, Store: store, Inventory: inv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hctx, stop := context.WithCancel(ctx)
+	h := &node{name: name, srv: httptest.NewServer(ps), store: store, stop: stop}
+	o.Node, o.URL, o.Inventory, o.Client, o.Load = name, h.srv.URL, inv, peerClient(name), ps.Load
+	if h.index, err = modes.New(hctx, o); err != nil {
+		stop()
+		h.srv.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Kill(ctx) })
+	h.wg.Go(func() { _ = h.index.Run(hctx) })
+	return h
 }
 
 type holderOptions struct {
@@ -66,48 +99,22 @@ type holderOptions struct {
 	root      string   // store directory (default: a new temporary one)
 }
 
-func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) *holder {
+// newHolder starts a node that locates nothing (mode none) and announces
+// itself as o says.
+func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) *node {
 	t.Helper()
-	inv := content.NewInventory()
-	root := o.root
-	if root == "" {
-		root = filepath.Join(t.TempDir(), name)
-	}
-	if o.period == 0 {
-		o.period = period
-	}
-	store, err := content.NewStore(ctx, root, inv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ps, err := peers.NewServer(peers.ServerOptions{Node: name, Store: store, Inventory: inv})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hctx, stop := context.WithCancel(ctx)
-	h := &holder{name: name, srv: httptest.NewServer(ps), store: store, stop: stop}
-	t.Cleanup(func() { _ = h.Kill(ctx) })
-	if o.broker != "" {
-		nc, err := resolver.ConnectBroker(hctx, o.broker, name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: name, URL: h.srv.URL, Inventory: inv, Conn: nc, Period: o.period, DropRate: o.dropRate})
-		if err != nil {
-			t.Fatal(err)
-		}
-		h.wg.Go(func() { _ = pub.Run(hctx); nc.Close() })
+	mo := modes.Options{Mode: modes.None, Period: o.period, NATSURL: o.broker, DropEvents: o.dropRate}
+	if mo.Period == 0 {
+		mo.Period = period
 	}
 	if o.kb != "" {
-		c, err := clusterkb.NewClient(clusterkb.ClientOptions{URLs: []string{o.kb}, Node: name})
-		if err != nil {
-			t.Fatal(err)
-		}
-		h.wg.Go(func() {
-			clusterkb.Heartbeat(hctx, c, clusterkb.RegisterRequest{Name: name, URL: h.srv.URL, Neighbors: o.neighbors}, o.period, nil)
-		})
+		mo.KBURLs = []string{o.kb}
 	}
-	return h
+	for _, n := range o.neighbors {
+		// Only the names are registered; a holder fetches nothing.
+		mo.Neighbors = append(mo.Neighbors, resolver.Neighbor{Name: n, URL: "http://" + n + ".invalid"})
+	}
+	return newNode(ctx, t, name, o.root, mo)
 }
 
 func startBroker(t *testing.T) string {
@@ -120,8 +127,8 @@ func startBroker(t *testing.T) string {
 	return ns.ClientURL()
 }
 
-func peerClient() *peers.Client {
-	return &peers.Client{Node: "dest", HTTP: &http.Client{Timeout: 2 * time.Second}}
+func peerClient(node string) *peers.Client {
+	return &peers.Client{Node: node, HTTP: &http.Client{Timeout: 2 * time.Second}}
 }
 
 // cluster is one mode's destination plus its holders.
@@ -129,6 +136,7 @@ type cluster struct {
 	ctx       context.Context
 	mode      string
 	res       resolver.Resolver
+	idx       *resolver.Index // what the answers come from: the destination's or ClusterKB's
 	neighbors *resolver.DynamicNeighbors
 	hopts     holderOptions
 	bound     time.Duration
@@ -144,44 +152,26 @@ func (c *cluster) Resolver() resolver.Resolver { return c.res }
 func (c *cluster) Bound() time.Duration        { return c.bound }
 func (c *cluster) Dead() time.Duration         { return c.dead }
 
+// newCluster starts a destination in mode (kb-pull and kb-push: the kb
+// mode, with ClusterKB fed by polling or by the broker). In online,
+// periodic and push modes its neighbours are the holders started since.
 func newCluster(t *testing.T, mode string) *cluster {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	c := &cluster{ctx: ctx, mode: mode, neighbors: &resolver.DynamicNeighbors{}}
+	dest := modes.Options{Mode: mode, Period: period, NeighborSource: c.neighbors}
 	switch mode {
-	case "online":
-		res, err := resolver.NewOnline(resolver.OnlineOptions{Neighbors: c.neighbors, Client: peerClient()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.res, c.bound, c.dead = res, time.Second, time.Second
-	case "periodic":
-		idx := resolver.NewIndex()
-		p, err := resolver.NewPoller(resolver.PollerOptions{Index: idx, Reader: peerClient(), Nodes: c.neighbors, Period: period})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Go(func() { _ = p.Run(ctx) })
-		c.res = &resolver.Local{Index: idx, Neighbors: c.neighbors}
+	case modes.Online:
+		c.bound, c.dead = time.Second, time.Second
+	case modes.Periodic:
 		c.bound, c.dead = 2*period+time.Second, 2*period+3*time.Second
-	case "push":
+	case modes.Push:
 		c.hopts.broker = startBroker(t)
-		nc, err := resolver.ConnectBroker(ctx, c.hopts.broker, "dest")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nc.Close)
-		idx := resolver.NewIndex()
-		sub, err := resolver.NewSubscriber(resolver.SubscriberOptions{Index: idx, Conn: nc, Members: resolver.Neighborhood{Source: c.neighbors}, Reader: peerClient(), Period: period})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Go(func() { _ = sub.Run(ctx) })
-		c.res = &resolver.Local{Index: idx, Neighbors: c.neighbors}
+		dest.NATSURL = c.hopts.broker
 		c.bound, c.dead = time.Second+period, 5*period+time.Second
 	case "kb-pull", "kb-push":
-		opts := clusterkb.Options{Feed: clusterkb.FeedPull, Period: period, Reader: peerClient()}
+		opts := clusterkb.Options{Feed: clusterkb.FeedPull, Period: period, Reader: peerClient("kb")}
 		if mode == "kb-push" {
 			c.hopts.broker = startBroker(t)
 			nc, err := resolver.ConnectBroker(ctx, c.hopts.broker, "kb")
@@ -198,21 +188,23 @@ func newCluster(t *testing.T, mode string) *cluster {
 		wg.Go(func() { _ = kb.Run(ctx) })
 		srv := httptest.NewServer(kb)
 		t.Cleanup(srv.Close)
-		c.hopts.kb = srv.URL
-		client, err := clusterkb.NewClient(clusterkb.ClientOptions{URLs: []string{srv.URL}, Node: "dest"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.res = client
+		c.hopts.kb, c.idx = srv.URL, kb.Index()
+		// The destination registers too, its neighbours every other member.
+		dest = modes.Options{Mode: modes.KB, Period: period, KBURLs: []string{srv.URL}, NeighborsFromKB: true, NATSURL: c.hopts.broker}
 		c.bound, c.dead = 2*period+time.Second, 5*period+time.Second
 	default:
 		t.Fatalf("unknown mode %s", mode)
+	}
+	d := newNode(ctx, t, "dest", "", dest)
+	c.res = d.index.Resolver()
+	if ix := d.index.LocalIndex(); ix != nil {
+		c.idx = ix
 	}
 	return c
 }
 
 func TestConformance(t *testing.T) {
-	for _, mode := range []string{"online", "periodic", "push", "kb-pull", "kb-push"} {
+	for _, mode := range []string{modes.Online, modes.Periodic, modes.Push, "kb-pull", "kb-push"} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
 			resolvertest.Run(t, func(t *testing.T) resolvertest.Cluster { return newCluster(t, mode) })

@@ -13,8 +13,9 @@ import (
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/coopnet/coop/resolver/modes"
 	digest "github.com/opencontainers/go-digest"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // exact fails unless the resolver names h for every digest in have and for
@@ -66,25 +67,37 @@ func waitFor(t *testing.T, idx *resolver.Index, bound time.Duration, what string
 	}
 }
 
-// pushDestination follows a holder through the broker.
-func pushDestination(ctx context.Context, t *testing.T, broker string, nb *resolver.DynamicNeighbors, p time.Duration) (*resolver.Local, *resolver.Metrics) {
+// pushDestination is a push-mode node following nb through the broker; it
+// returns its resolver and its metrics.
+func pushDestination(ctx context.Context, t *testing.T, broker string, nb resolver.NeighborSource, p time.Duration) (*resolver.Local, *prometheus.Registry) {
 	t.Helper()
-	nc, err := resolver.ConnectBroker(ctx, broker, "dest")
+	reg := prometheus.NewRegistry()
+	d := newNode(ctx, t, "dest", "", modes.Options{Mode: modes.Push, NATSURL: broker, Period: p, NeighborSource: nb, Registerer: reg})
+	return d.index.Resolver().(*resolver.Local), reg
+}
+
+// counter returns the value of the counter name with labels in reg.
+func counter(t *testing.T, reg prometheus.Gatherer, name string, labels map[string]string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(nc.Close)
-	m, _ := resolver.NewMetrics(nil)
-	idx := resolver.NewIndex()
-	sub, err := resolver.NewSubscriber(resolver.SubscriberOptions{Index: idx, Conn: nc, Members: resolver.Neighborhood{Source: nb}, Reader: peerClient(), Period: p, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if v, ok := labels[l.GetName()]; ok && v != l.GetValue() {
+					continue metrics
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
 	}
-	var wg sync.WaitGroup
-	sctx, cancel := context.WithCancel(ctx)
-	wg.Go(func() { _ = sub.Run(sctx) })
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	return &resolver.Local{Index: idx, Neighbors: nb}, m
+	return 0
 }
 
 // TestDroppedEventsRepaired: a quarter of the holder's change events are
@@ -96,7 +109,7 @@ func TestDroppedEventsRepaired(t *testing.T) {
 	nb := &resolver.DynamicNeighbors{}
 	h := newHolder(ctx, t, "x", holderOptions{broker: broker, dropRate: 0.25, period: time.Minute})
 	nb.Set([]resolver.Neighbor{{Name: "x", URL: h.URL()}})
-	res, m := pushDestination(ctx, t, broker, nb, time.Minute)
+	res, reg := pushDestination(ctx, t, broker, nb, time.Minute)
 	var have, gone []digest.Digest
 	for i := range 100 {
 		d, err := h.Commit(ctx, int64(100+i))
@@ -133,7 +146,7 @@ func TestDroppedEventsRepaired(t *testing.T) {
 		}
 	}
 	waitFor(t, res.Index, time.Second, "exact after one repair", func() bool { return exactNow(ctx, res, "x", have, gone) })
-	if n := testutil.ToFloat64(m.Updates.WithLabelValues("repair", "ok")); n == 0 {
+	if n := counter(t, reg, "coop_index_updates_total", map[string]string{"source": "repair", "result": "ok"}); n == 0 {
 		t.Fatal("exact without any repair: were events dropped at all?")
 	}
 }
@@ -155,7 +168,7 @@ func TestKBRestarted(t *testing.T) {
 			}
 			addr := l.Addr().String()
 			start := func(l net.Listener) (kb *clusterkb.KB, stop func()) {
-				opts := clusterkb.Options{Feed: feed, Period: period, Reader: peerClient()}
+				opts := clusterkb.Options{Feed: feed, Period: period, Reader: peerClient("kb")}
 				kctx, cancel := context.WithCancel(ctx)
 				var nc interface{ Close() }
 				if broker != "" {
@@ -293,8 +306,7 @@ func TestNodeRestartedNewEpoch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			idx := c.res.(*resolver.Local).Index
-			waitFor(t, idx, c.bound, "both show", func() bool { return exactNow(ctx, c.res, "x", []digest.Digest{keep, drop}, nil) })
+			waitFor(t, c.idx, c.bound, "both show", func() bool { return exactNow(ctx, c.res, "x", []digest.Digest{keep, drop}, nil) })
 			_ = x.Kill(ctx)
 			x2 := newHolder(c.ctx, t, "x", holderOptions{broker: c.hopts.broker, root: root})
 			c.neighbors.Set([]resolver.Neighbor{{Name: "x", URL: x2.URL()}})
@@ -305,7 +317,7 @@ func TestNodeRestartedNewEpoch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, idx, c.dead+c.bound, "the new epoch's state", func() bool {
+			waitFor(t, c.idx, c.dead+c.bound, "the new epoch's state", func() bool {
 				return exactNow(ctx, c.res, "x", []digest.Digest{keep, added}, []digest.Digest{drop})
 			})
 		})
@@ -315,7 +327,7 @@ func TestNodeRestartedNewEpoch(t *testing.T) {
 // TestAsymmetricNeighbours: a lists b, b lists only c; b never gets a.
 func TestAsymmetricNeighbours(t *testing.T) {
 	ctx := t.Context()
-	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Period: period, Reader: peerClient()})
+	kb, err := clusterkb.New(clusterkb.Options{Feed: clusterkb.FeedPull, Period: period, Reader: peerClient("kb")})
 	if err != nil {
 		t.Fatal(err)
 	}
