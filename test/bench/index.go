@@ -30,16 +30,18 @@ import (
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/coopnet/coop/resolver/modes"
 	"github.com/nats-io/nats.go"
 	digest "github.com/opencontainers/go-digest"
 )
 
 // Index modes as the table names them; kb-pull and kb-push are the kb mode
-// with ClusterKB fed by polling or by the broker.
+// with ClusterKB fed by polling or by the broker. Every node and the
+// destination build their index with modes.New, as coop node does.
 const (
-	modeOnline   = "online"
-	modePeriodic = "periodic"
-	modePush     = "push"
+	modeOnline   = modes.Online
+	modePeriodic = modes.Periodic
+	modePush     = modes.Push
 	modeKBPull   = "kb-pull"
 	modeKBPush   = "kb-push"
 )
@@ -380,22 +382,26 @@ func (c *indexCluster) peerClient(node string) *peers.Client {
 	return &peers.Client{Node: node, HTTP: &http.Client{Transport: tr}}
 }
 
-// connect connects to the broker with resolver.ConnectBroker's options and
-// a dialer that counts the connection's bytes into cnt.
-func (c *indexCluster) connect(url, name string, cnt *counted) (*nats.Conn, error) {
-	nc, err := nats.Connect(url,
-		nats.Name("coop "+name),
-		nats.RetryOnFailedConnect(true),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(500*time.Millisecond),
-		nats.Timeout(2*time.Second),
-		nats.SetCustomDialer(cnt),
-	)
+// connect connects to the broker as coop does, through a dialer that
+// counts the connection's bytes into cnt.
+func (c *indexCluster) connect(ctx context.Context, url, name string, cnt *counted) (*nats.Conn, error) {
+	nc, err := resolver.ConnectBroker(ctx, url, name, nats.SetCustomDialer(cnt))
 	if err != nil {
 		return nil, err
 	}
 	c.closers = append(c.closers, nc.Close)
 	return nc, nil
+}
+
+// index builds a node's index as coop node does, and closes it with the
+// cluster.
+func (c *indexCluster) index(ctx context.Context, o modes.Options) (*modes.Index, error) {
+	ix, err := modes.New(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	c.closers = append(c.closers, func() { _ = ix.Close() })
+	return ix, nil
 }
 
 // startCluster starts mode's destination and n nodes and waits until the
@@ -432,7 +438,7 @@ func startCluster(ctx context.Context, mode string, n int, p indexParams, pool [
 	if mode == modeKBPull || mode == modeKBPush {
 		opts := clusterkb.Options{Feed: clusterkb.FeedPull, Period: c.feed, Reader: c.peerClient("kb")}
 		if mode == modeKBPush {
-			if opts.Conn, err = c.connect(brokerURL, "kb", &c.indexNATS); err != nil {
+			if opts.Conn, err = c.connect(cctx, brokerURL, "kb", &c.indexNATS); err != nil {
 				return nil, err
 			}
 			opts.Feed = clusterkb.FeedPush
@@ -481,45 +487,29 @@ func startCluster(ctx context.Context, mode string, n int, p indexParams, pool [
 		neighbors = append(neighbors, resolver.Neighbor{Name: nd.name, URL: nd.url})
 	}
 
-	// The destination.
+	// The destination: it locates, and announces nothing (it serves
+	// nothing, and its traffic would count as the nodes').
+	dest := modes.Options{Mode: mode, Node: "dest", Period: c.feed, Neighbors: neighbors, Client: c.peerClient("dest"), NoAnnounce: true}
 	switch mode {
-	case modeOnline:
-		if c.res, err = resolver.NewOnline(resolver.OnlineOptions{Neighbors: neighbors, Client: c.peerClient("dest")}); err != nil {
-			return nil, err
-		}
-	case modePeriodic:
-		c.idx = resolver.NewIndex()
-		poller, err := resolver.NewPoller(resolver.PollerOptions{Index: c.idx, Reader: c.peerClient("dest"), Nodes: neighbors, Period: c.feed})
-		if err != nil {
-			return nil, err
-		}
-		c.runners.Go(func() { _ = poller.Run(cctx) })
-		c.res = &resolver.Local{Index: c.idx, Neighbors: neighbors}
 	case modePush:
-		nc, err := c.connect(brokerURL, "dest", &c.indexNATS)
-		if err != nil {
-			return nil, err
-		}
-		c.idx = resolver.NewIndex()
-		sub, err := resolver.NewSubscriber(resolver.SubscriberOptions{
-			Index: c.idx, Conn: nc, Members: resolver.Neighborhood{Source: neighbors}, Reader: c.peerClient("dest"), Period: c.feed,
-		})
-		if err != nil {
-			return nil, err
-		}
-		c.runners.Go(func() { _ = sub.Run(cctx) })
-		c.res = &resolver.Local{Index: c.idx, Neighbors: neighbors}
+		dest.NATSURL, dest.NATSOptions = brokerURL, []nats.Option{nats.SetCustomDialer(&c.indexNATS)}
 	case modeKBPull, modeKBPush:
-		if c.res, err = clusterkb.NewClient(clusterkb.ClientOptions{URLs: []string{kbLocateURL}, Node: "dest"}); err != nil {
-			return nil, err
-		}
-	default:
-		return nil, fmt.Errorf("unknown mode %q", mode)
+		dest = modes.Options{Mode: modes.KB, Node: "dest", KBURLs: []string{kbLocateURL}, NoAnnounce: true}
 	}
+	ix, err := c.index(cctx, dest)
+	if err != nil {
+		return nil, err
+	}
+	c.res = ix.Resolver()
+	if ix.Local() {
+		c.idx = ix.LocalIndex()
+	}
+	c.runners.Go(func() { _ = ix.Run(cctx) })
 
-	// The nodes' own loops: publishing and registering. Real nodes do not
-	// start in step: beyond a handful, starts spread over one period so
-	// that periodic work does not come in one burst.
+	// The nodes: they locate nothing (mode none) and announce themselves,
+	// publishing and registering. Real nodes do not start in step: beyond
+	// a handful, starts spread over one period so that periodic work does
+	// not come in one burst.
 	var ramp time.Duration
 	for i, nd := range c.nodes {
 		var offset time.Duration
@@ -527,36 +517,25 @@ func startCluster(ctx context.Context, mode string, n int, p indexParams, pool [
 			offset = c.feed * time.Duration(i) / time.Duration(n)
 			ramp = offset
 		}
-		var loops []func(context.Context)
+		o := modes.Options{Mode: modes.None, Node: nd.name, URL: nd.url, Period: c.feed, Inventory: nd.inv, Load: nd.ps.Load}
 		if pushFed {
-			nc, err := c.connect(brokerURL, nd.name, &c.nodeNATS)
-			if err != nil {
-				return nil, err
-			}
-			pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: nd.name, URL: nd.url, Inventory: nd.inv, Conn: nc, Period: c.feed, Load: nd.ps.Load})
-			if err != nil {
-				return nil, err
-			}
-			loops = append(loops, func(ctx context.Context) { _ = pub.Run(ctx) })
+			o.NATSURL, o.NATSOptions = brokerURL, []nats.Option{nats.SetCustomDialer(&c.nodeNATS)}
 		}
 		if kbURL != "" {
-			kc, err := clusterkb.NewClient(clusterkb.ClientOptions{URLs: []string{kbURL}, Node: nd.name})
-			if err != nil {
-				return nil, err
+			o.KBURLs = []string{kbURL}
+		}
+		ix, err := c.index(cctx, o)
+		if err != nil {
+			return nil, err
+		}
+		c.runners.Go(func() {
+			select {
+			case <-cctx.Done():
+				return
+			case <-time.After(offset):
 			}
-			req := clusterkb.RegisterRequest{Name: nd.name, URL: nd.url}
-			loops = append(loops, func(ctx context.Context) { clusterkb.Heartbeat(ctx, kc, req, c.feed, nil) })
-		}
-		for _, loop := range loops {
-			c.runners.Go(func() {
-				select {
-				case <-cctx.Done():
-					return
-				case <-time.After(offset):
-				}
-				loop(cctx)
-			})
-		}
+			_ = ix.Run(cctx)
+		})
 	}
 	// Every node's loops must have started: an index can be complete
 	// before (a subscriber repairs from the nodes themselves) and a commit
