@@ -26,21 +26,34 @@ import (
 type Observer struct {
 	client *containerd.Client
 	rec    content.Recorder
+	onHeld func(context.Context, digest.Digest)
 
 	mu  sync.RWMutex
 	nss map[digest.Digest]map[string]int64 // digest → namespace → size
 }
 
-// NewObserver returns an observer of the containerd at address, feeding rec.
-func NewObserver(address string, rec content.Recorder) (*Observer, error) {
-	if rec == nil {
-		return nil, fmt.Errorf("observer needs a recorder: %w", errdefs.ErrInvalidArgument)
+// ObserverOptions configure an Observer.
+type ObserverOptions struct {
+	// Address is containerd's socket. Required.
+	Address string
+	// Recorder receives the blobs containerd holds. Required.
+	Recorder content.Recorder
+	// OnHeld, when set, is called for each blob containerd commits (and for
+	// each it holds when the observer lists its store): the node then
+	// drops its own copy of it, so that every blob is on disk once.
+	OnHeld func(ctx context.Context, d digest.Digest)
+}
+
+// NewObserver returns an observer of the containerd at o.Address.
+func NewObserver(o ObserverOptions) (*Observer, error) {
+	if o.Recorder == nil || o.Address == "" {
+		return nil, fmt.Errorf("observer needs containerd's address and a recorder: %w", errdefs.ErrInvalidArgument)
 	}
-	c, err := containerd.New(address)
+	c, err := containerd.New(o.Address)
 	if err != nil {
-		return nil, fmt.Errorf("containerd at %s: %w", address, err)
+		return nil, fmt.Errorf("containerd at %s: %w", o.Address, err)
 	}
-	return &Observer{client: c, rec: rec, nss: map[digest.Digest]map[string]int64{}}, nil
+	return &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, nss: map[digest.Digest]map[string]int64{}}, nil
 }
 
 // Close closes the containerd connection.
@@ -89,7 +102,7 @@ func (o *Observer) follow(ctx context.Context) error {
 			switch e := v.(type) {
 			case *eventsapi.ContentCreate:
 				if d, err := digest.Parse(e.Digest); err == nil {
-					o.add(d, env.Namespace, e.Size)
+					o.add(ctx, d, env.Namespace, e.Size)
 				}
 			case *eventsapi.ContentDelete:
 				if d, err := digest.Parse(e.Digest); err == nil {
@@ -136,11 +149,12 @@ func (o *Observer) relist(ctx context.Context) error {
 			o.rec.Add(d, size)
 			break
 		}
+		o.held(ctx, d)
 	}
 	return nil
 }
 
-func (o *Observer) add(d digest.Digest, ns string, size int64) {
+func (o *Observer) add(ctx context.Context, d digest.Digest, ns string, size int64) {
 	o.mu.Lock()
 	if o.nss[d] == nil {
 		o.nss[d] = map[string]int64{}
@@ -148,6 +162,13 @@ func (o *Observer) add(d digest.Digest, ns string, size int64) {
 	o.nss[d][ns] = size
 	o.mu.Unlock()
 	o.rec.Add(d, size)
+	o.held(ctx, d)
+}
+
+func (o *Observer) held(ctx context.Context, d digest.Digest) {
+	if o.onHeld != nil {
+		o.onHeld(ctx, d)
+	}
 }
 
 func (o *Observer) remove(d digest.Digest, ns string) {

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/node"
 )
 
 type listFlag []string
@@ -33,7 +34,7 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		hostsDir    = fs.String("hosts-dir", "/etc/containerd/certs.d", "registry hosts directory (CRI config_path; pass it to `ctr pull --hosts-dir`)")
 		base        = fs.String("base", "", "an existing containerd config.toml (version 3) to merge coop's settings into; without it only coop's part is printed")
 		output      = fs.String("output", "", "write the config here (atomically) instead of stdout")
-		mode        = fs.String("content-mode", contentModeObserver, "coop node's --content-mode: observer (containerd keeps its store; only the mirror and CRI's config_path are set) or proxy (coop is containerd's content store and differ)")
+		mode        = fs.String("content-mode", node.ContentObserver, "coop node's --content-mode: observer (containerd keeps its store; only the mirror and CRI's config_path are set) or proxy (coop is containerd's content store and differ)")
 		write       = fs.Bool("write", false, "also write HOSTS_DIR/<registry>/hosts.toml for each --registry, merging existing files")
 		snaps, plat listFlag
 		registries  listFlag
@@ -47,7 +48,7 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
-	if *mode != contentModeObserver && *mode != contentModeProxy {
+	if *mode != node.ContentObserver && *mode != node.ContentProxy {
 		return fmt.Errorf("--content-mode %q: want observer or proxy: %w", *mode, errUsage)
 	}
 	if len(snaps) == 0 {
@@ -74,7 +75,7 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		HostsDir:      *hostsDir,
 		Snapshotters:  snaps,
 		Platforms:     plat,
-		Observer:      *mode == contentModeObserver,
+		Observer:      *mode == node.ContentObserver,
 	})
 	if err != nil {
 		return err

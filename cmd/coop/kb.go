@@ -112,3 +112,14 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	return err
 }
+
+// shutdownGrace is how long ClusterKB's server may drain its requests at
+// stop.
+const shutdownGrace = 5 * time.Second
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}

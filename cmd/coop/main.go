@@ -1,6 +1,8 @@
 // Command coop is coop's one binary: `coop node` runs beside containerd on
-// every node; `coop containerd-config` prints or writes containerd's side of
-// the setup.
+// every node, `coop kb` runs ClusterKB and its broker, `coop migrate` moves a
+// container here from another node, `coop locate` asks who holds a blob, and
+// `coop containerd-config` prints or writes containerd's side of the setup.
+// Each subcommand is a file here that turns flags into a package's options.
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 )
 
@@ -54,7 +57,10 @@ func main() {
 	case err == nil:
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(0)
-	case errors.Is(err, errUsage):
+	case errors.Is(err, errUsage) || errdefs.IsInvalidArgument(err):
+		if err != errUsage { //nolint:errorlint // the bare sentinel: usage was printed
+			fmt.Fprintln(os.Stderr, "coop:", err)
+		}
 		os.Exit(2)
 	default:
 		fmt.Fprintln(os.Stderr, "coop:", err)

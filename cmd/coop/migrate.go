@@ -15,17 +15,19 @@ import (
 	"time"
 
 	"github.com/coopnet/coop/peers"
-	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/migrate"
+	"github.com/coopnet/coop/plugin/mirror"
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	o := plugin.MigrateOptions{}
+	o := migrate.Options{}
+	mirrorURL := "http://" + defaultMirrorListen
 	fs.StringVar(&o.From, "from", "", "the source node's coop peer URL, e.g. http://node-a:5050 (required)")
 	fs.StringVar(&o.Namespace, "namespace", "default", "containerd namespace of the container (k8s.io for CRI)")
 	fs.StringVar(&o.Containerd, "containerd-address", "/run/containerd/containerd.sock", "this node's containerd socket")
-	fs.StringVar(&o.Mirror, "mirror", "http://"+defaultMirrorListen, "this node's coop mirror URL")
+	fs.StringVar(&mirrorURL, "mirror", mirrorURL, "this node's coop mirror URL")
 	fs.StringVar(&o.HostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml directory (the one coop containerd-config --write wrote)")
 	fs.StringVar(&o.Snapshotter, "snapshotter", "", "snapshotter to use here (default: the source's)")
 	fs.StringVar(&o.CgroupsPath, "cgroups-path", "", "cgroups path for the container here (default: the source's)")
@@ -54,12 +56,16 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 30 * time.Second, // a stop waits for the source's task
 	}}}
+	o.Mirror = &mirror.Client{URL: mirrorURL, HTTP: &http.Client{Transport: &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 30 * time.Second,
+	}}}
 	if !*jsonOut {
-		o.Progress = stderr
+		o.Progress = layerProgress{w: stderr, mirror: o.Mirror}.start
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	res, err := plugin.Migrate(ctx, o)
+	res, err := migrate.Run(ctx, o)
 	if err != nil {
 		return fmt.Errorf("migrate %s: %w", o.ID, err)
 	}
@@ -82,7 +88,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 }
 
 // printProvenance prints the per-layer table and the summary.
-func printProvenance(w io.Writer, res *plugin.MigrateResult) {
+func printProvenance(w io.Writer, res *migrate.Result) {
 	nodes := map[string]bool{}
 	for _, l := range res.Layers {
 		for n := range l.BytesByNode {
@@ -97,7 +103,7 @@ func printProvenance(w io.Writer, res *plugin.MigrateResult) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "LAYER\tMIB\t%s\tSECONDS\t\n", strings.Join(upper(cols), "\t"))
 	for _, l := range res.Layers {
-		fmt.Fprintf(tw, "%s\t%.1f\t", l.Digest.String()[:19], mib(l.Size))
+		fmt.Fprintf(tw, "%s\t%.1f\t", shortDigest(l.Digest), mib(l.Size))
 		for _, n := range cols {
 			fmt.Fprintf(tw, "%.1f\t", mib(l.BytesByNode[n]))
 		}
@@ -109,9 +115,9 @@ func printProvenance(w io.Writer, res *plugin.MigrateResult) {
 		switch n {
 		case res.Source:
 			fromSource += b
-		case plugin.FromRegistry:
+		case migrate.FromRegistry:
 			fromRegistry += b
-		case plugin.FromLocal:
+		case migrate.FromLocal:
 			local += b
 		default:
 			fromNeighbours += b

@@ -2,37 +2,22 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
-	ctdcontent "github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/log"
-	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
-	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/node"
 	"github.com/coopnet/coop/resolver"
-	digest "github.com/opencontainers/go-digest"
+	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/coopnet/coop/resolver/modes"
 	"github.com/pelletier/go-toml/v2"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"golang.org/x/sync/errgroup"
-	"google.golang.org/grpc"
 )
-
-// claimRecent is how long, in online and kb modes, a locate's answer may
-// decide a claim.
-const claimRecent = time.Minute
 
 const (
 	defaultContentSocket = "/run/coop/content.sock"
@@ -86,7 +71,7 @@ func defaultNodeConfig() nodeConfig {
 		MaxUploads:    16,
 		ClaimParallel: 3,
 		Policy:        peers.PolicyStripe,
-		ContentMode:   contentModeObserver,
+		ContentMode:   node.ContentObserver,
 		Containerd:    defaultContainerdAddress,
 		DownloadBuf:   "64MiB",
 		PeerTimeout:   "500ms",
@@ -184,211 +169,49 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err := setLogLevel(cfg.LogLevel); err != nil {
 		return err
 	}
-	if cfg.Name == "" {
-		return errors.New("--name is required (no hostname)")
-	}
-	peerTimeout, err := time.ParseDuration(cfg.PeerTimeout)
-	if err != nil || peerTimeout <= 0 {
-		return fmt.Errorf("--peer-timeout %q: want a positive duration", cfg.PeerTimeout)
-	}
-	stallTimeout, err := time.ParseDuration(cfg.StallTimeout)
-	if err != nil || stallTimeout <= 0 {
-		return fmt.Errorf("--stall-timeout %q: want a positive duration", cfg.StallTimeout)
-	}
-	if _, err := plugin.MirrorURL(cfg.MirrorListen); err != nil {
-		return fmt.Errorf("--mirror-listen: %w", err)
-	}
-	if cfg.DebugListen != "" {
-		if _, err := plugin.MirrorURL(cfg.DebugListen); err != nil {
-			return fmt.Errorf("--debug-listen: %w", err)
-		}
-	}
-	if !slices.Contains(peers.Policies, cfg.Policy) {
-		return fmt.Errorf("--policy %q: want one of %v", cfg.Policy, peers.Policies)
-	}
-	if cfg.MaxUploads < 0 {
-		return fmt.Errorf("--max-uploads %d: want 0 or more", cfg.MaxUploads)
-	}
-	downloadBuf, err := parseBytes(cfg.DownloadBuf)
-	if err != nil || downloadBuf < 1<<20 {
-		return fmt.Errorf("--download-buffer %q: want a size of at least 1MiB (e.g. 64MiB)", cfg.DownloadBuf)
-	}
-	if cfg.UploadLimit < 0 {
-		return fmt.Errorf("--upload-limit %d: want 0 or more bytes per second", cfg.UploadLimit)
-	}
-	neighbors, err := resolver.ParseNeighbors(cfg.Neighbors)
-	if err != nil {
-		return fmt.Errorf("--neighbors: %w", err)
-	}
-	setup, err := checkIndexSetup(cfg, neighbors, peerTimeout)
+	o, err := cfg.options()
 	if err != nil {
 		return err
 	}
-	ctx = log.WithLogger(ctx, log.G(ctx).WithField("node", cfg.Name))
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	inv := content.NewInventory()
-	var (
-		store    *content.Store
-		observer *plugin.Observer
-		served   peers.BlobStore
-	)
-	switch cfg.ContentMode {
-	case contentModeProxy:
-		if store, err = content.NewStore(ctx, cfg.Root, inv); err != nil {
-			return err
-		}
-		served = store
-	case contentModeObserver:
-		if cfg.Containerd == "" {
-			return fmt.Errorf("--content-mode observer needs --containerd-address: %w", errUsage)
-		}
-		// coop's own store only holds what the mirror lands for
-		// containerd; the inventory is containerd's, from its events.
-		if store, err = content.NewStore(ctx, cfg.Root, discard{}); err != nil {
-			return err
-		}
-		if observer, err = plugin.NewObserver(cfg.Containerd, inv); err != nil {
-			return fmt.Errorf("--containerd-address: %w", err)
-		}
-		defer observer.Close()
-		served = plugin.NewUnionStore(store, observer)
-	default:
-		return fmt.Errorf("--content-mode %q: want proxy or observer: %w", cfg.ContentMode, errUsage)
-	}
-	invGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "coop_inventory_blobs", Help: "Blobs in this node's inventory.",
-	}, func() float64 { return float64(inv.Len()) })
-	reg.MustRegister(invGauge)
-
-	if cfg.Claim && cfg.ContentMode != contentModeProxy {
-		return fmt.Errorf("--claim needs --content-mode proxy: %w", errUsage)
-	}
-	if cfg.ClaimParallel < 1 {
-		return fmt.Errorf("--claim-parallel %d: want 1 or more: %w", cfg.ClaimParallel, errUsage)
-	}
-	if cfg.Claim && cfg.Containerd == "" {
-		return fmt.Errorf("--claim needs --containerd-address (a failed claim must be removed from containerd's records): %w", errUsage)
-	}
-	var containers peers.ContainerRecords
-	var records content.RecordCleaner
-	if cfg.Containerd != "" {
-		cs, err := plugin.NewContainers(cfg.Containerd)
-		if err != nil {
-			return fmt.Errorf("--containerd-address: %w", err)
-		}
-		defer cs.Close()
-		containers, records = cs, cs
-	} else if cfg.AllowStop {
-		return fmt.Errorf("--allow-remote-stop needs --containerd-address: %w", errUsage)
-	}
-	peerSrv, err := peers.NewServer(peers.ServerOptions{
-		Containers: containers, AllowStop: cfg.AllowStop,
-		Node: cfg.Name, Store: served, Inventory: inv, Registerer: reg, Gatherer: reg, MaxUploads: cfg.MaxUploads,
-	})
+	n, err := node.New(ctx, o)
 	if err != nil {
 		return err
 	}
-	client := &peers.Client{Node: cfg.Name, HTTP: &http.Client{Transport: &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		ResponseHeaderTimeout: 5 * time.Second,
-		MaxIdleConnsPerHost:   16,
-		IdleConnTimeout:       90 * time.Second,
-		DisableCompression:    true,
-	}}}
-	// Everything below stops when ctx ends or any server fails.
-	g, gctx := errgroup.WithContext(ctx)
-	index, err := buildIndex(gctx, setup, inv, client, peerSrv.Load, reg)
-	if err != nil {
-		return err
-	}
-	defer index.close()
-	res := index.resolver
-	if cfg.Claim && !index.local {
-		// Claims are decided without a round trip: in online and kb
-		// modes, from what a recent locate found.
-		res = resolver.Remember(res, claimRecent)
-	}
-	mirror, err := plugin.NewMirror(gctx, plugin.MirrorOptions{Resolver: res, Peers: client, Store: store, StallTimeout: stallTimeout, Registerer: reg,
-		Policy: cfg.Policy, DownloadBuffer: downloadBuf, Sources: resolver.NewSources()})
-	if err != nil {
-		return err
-	}
+	defer n.Close()
+	return n.Run(ctx)
+}
 
-	var sock net.Listener
-	var grpcSrv *grpc.Server
-	if observer == nil {
-		if sock, err = content.ListenUnix(ctx, cfg.ContentSocket); err != nil {
-			return err
-		}
-		defer os.Remove(cfg.ContentSocket)
-		var cstore ctdcontent.Store = store
-		if cfg.Claim {
-			if cstore, err = content.NewClaimStore(gctx, store, content.ClaimOptions{Source: mirror, Cleaner: records, Registerer: reg, Active: cfg.ClaimParallel}); err != nil {
-				sock.Close()
-				return err
-			}
-		}
-		grpcSrv = content.NewGRPCServer(cstore)
+// options turns the flags' strings into the node's options; node.New checks
+// the rest.
+func (c nodeConfig) options() (node.Options, error) {
+	o := node.Options{
+		Name: c.Name, Root: c.Root, ContentMode: c.ContentMode, ContentSocket: c.ContentSocket,
+		Containerd: c.Containerd, PeerListen: c.PeerListen, Advertise: c.Advertise,
+		MirrorListen: c.MirrorListen, DebugListen: c.DebugListen,
+		UploadLimit: c.UploadLimit, MaxUploads: c.MaxUploads, Policy: c.Policy,
+		Claim: c.Claim, ClaimParallel: c.ClaimParallel, AllowRemoteStop: c.AllowStop,
+		Index: modes.Options{
+			Mode: c.Index, NeighborsFromKB: c.NeighborsKB, NATSURL: c.NATSURL,
+			KBURLs: clusterkb.ParseURLs(c.KB), DropEvents: c.DropEvents,
+		},
 	}
-	closeSock := func() {
-		if sock != nil {
-			sock.Close()
-		}
+	var err error
+	if o.Index.PeerTimeout, err = time.ParseDuration(c.PeerTimeout); err != nil || o.Index.PeerTimeout <= 0 {
+		return o, fmt.Errorf("--peer-timeout %q: want a positive duration: %w", c.PeerTimeout, errUsage)
 	}
-	peerL, err := net.Listen("tcp", cfg.PeerListen)
-	if err != nil {
-		closeSock()
-		return fmt.Errorf("--peer-listen: %w", err)
+	if o.Index.Period, err = time.ParseDuration(c.Period); err != nil || o.Index.Period <= 0 {
+		return o, fmt.Errorf("--period %q: want a positive duration: %w", c.Period, errUsage)
 	}
-	mirrorL, err := net.Listen("tcp", cfg.MirrorListen)
-	if err != nil {
-		closeSock()
-		peerL.Close()
-		return fmt.Errorf("--mirror-listen: %w", err)
+	if o.StallTimeout, err = time.ParseDuration(c.StallTimeout); err != nil || o.StallTimeout <= 0 {
+		return o, fmt.Errorf("--stall-timeout %q: want a positive duration: %w", c.StallTimeout, errUsage)
 	}
-
-	peerHTTP := &http.Server{Handler: peers.LimitUpload(peerSrv, cfg.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
-	mirrorHTTP := &http.Server{Handler: mirror, ReadHeaderTimeout: 10 * time.Second}
-
-	if cfg.DebugListen != "" {
-		mux := http.NewServeMux()
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		debugHTTP := &http.Server{Addr: cfg.DebugListen, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		g.Go(func() error { return ignoreClosed(debugHTTP.ListenAndServe()) })
-		g.Go(func() error { <-gctx.Done(); return debugHTTP.Close() })
+	if o.DownloadBuffer, err = parseBytes(c.DownloadBuf); err != nil {
+		return o, fmt.Errorf("--download-buffer %q: want a size such as 64MiB: %w", c.DownloadBuf, errUsage)
 	}
-	for _, run := range index.runners {
-		g.Go(func() error { run(gctx); return nil })
+	if o.Index.Neighbors, err = resolver.ParseNeighbors(c.Neighbors); err != nil {
+		return o, fmt.Errorf("--neighbors: %w", err)
 	}
-	if grpcSrv != nil {
-		g.Go(func() error { return grpcSrv.Serve(sock) })
-	}
-	if observer != nil {
-		g.Go(func() error { return observer.Run(gctx) })
-	}
-	g.Go(func() error { return ignoreClosed(peerHTTP.Serve(peerL)) })
-	g.Go(func() error { return ignoreClosed(mirrorHTTP.Serve(mirrorL)) })
-	g.Go(func() error {
-		<-gctx.Done()
-		shutdown(context.WithoutCancel(ctx), grpcSrv, peerHTTP, mirrorHTTP)
-		return nil
-	})
-	log.G(ctx).WithFields(log.Fields{
-		"root": cfg.Root, "socket": cfg.ContentSocket, "content_mode": cfg.ContentMode, "peer": peerL.Addr().String(),
-		"advertise": cfg.Advertise, "mirror": mirrorL.Addr().String(), "index": cfg.Index, "claim": cfg.Claim,
-		"neighbors": len(neighbors), "blobs": inv.Len(), "epoch": inv.Epoch(),
-	}).Info("coop node ready")
-	err = g.Wait()
-	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
-		log.G(ctx).Info("coop node stopped")
-		return nil
-	}
-	return err
+	return o, nil
 }
 
 // parseBytes parses a size such as 64MiB, 512KiB, 1GiB or a plain number
@@ -410,57 +233,4 @@ func parseBytes(s string) (int64, error) {
 		return 0, fmt.Errorf("size %q: want a number with an optional KiB, MiB or GiB", s)
 	}
 	return n * mult, nil
-}
-
-// Content modes (--content-mode).
-const (
-	contentModeProxy    = "proxy"
-	contentModeObserver = "observer"
-)
-
-// discard is a recorder that records nothing.
-type discard struct{}
-
-func (discard) Add(digest.Digest, int64) {}
-func (discard) Remove(digest.Digest)     {}
-
-// shutdownGrace is how long each server may drain its requests at stop.
-const shutdownGrace = 5 * time.Second
-
-// shutdown stops the servers in parallel, each with its own grace period,
-// after which its remaining connections are closed.
-func shutdown(ctx context.Context, grpcSrv *grpc.Server, https ...*http.Server) {
-	var wg sync.WaitGroup
-	for _, s := range https {
-		wg.Go(func() {
-			sctx, cancel := context.WithTimeout(ctx, shutdownGrace)
-			defer cancel()
-			if err := s.Shutdown(sctx); err != nil {
-				log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
-				_ = s.Close()
-			}
-		})
-	}
-	if grpcSrv == nil {
-		wg.Wait()
-		return
-	}
-	wg.Go(func() {
-		stopped := make(chan struct{})
-		go func() { grpcSrv.GracefulStop(); close(stopped) }()
-		select {
-		case <-stopped:
-		case <-time.After(shutdownGrace):
-			log.G(ctx).Warn("content service did not drain in time; closing its streams")
-			grpcSrv.Stop()
-		}
-	})
-	wg.Wait()
-}
-
-func ignoreClosed(err error) error {
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
-	}
-	return err
 }

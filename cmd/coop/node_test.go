@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -124,5 +125,30 @@ func TestRunLocateRejectsBadInput(t *testing.T) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestSampleConfigComplete: contrib/config/node.toml parses and names every
+// key coop node takes, so the sample cannot fall behind the flags.
+func TestSampleConfigComplete(t *testing.T) {
+	const sample = "../../contrib/config/node.toml"
+	if _, err := parseNodeFlags([]string{"--config", sample}, io.Discard); err != nil {
+		t.Fatalf("%s: %v", sample, err)
+	}
+	b, err := os.ReadFile(sample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, _, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(strings.TrimSpace(line), "#") {
+			keys[strings.TrimSpace(k)] = true
+		}
+	}
+	typ := reflect.TypeOf(nodeConfig{})
+	for i := range typ.NumField() {
+		if k := typ.Field(i).Tag.Get("toml"); !keys[k] {
+			t.Errorf("%s lacks the key %q", sample, k)
+		}
 	}
 }

@@ -30,7 +30,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
-	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/migrate"
 	"github.com/coopnet/coop/test/cluster"
 	"github.com/coopnet/coop/test/harness"
 )
@@ -256,7 +256,7 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	type run struct {
 		label string
 		index string
-		res   *plugin.MigrateResult
+		res   *migrate.Result
 	}
 	runs := []*run{{label: "traditional (source only)", index: "none"}, {label: "cooperative (source + neighbours, through ClusterKB)", index: "kb"}}
 	answered := true
@@ -266,7 +266,7 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 			return err
 		}
 		fmt.Fprintf(out, "\n=== migration %s\n", r.label)
-		if r.res, err = migrate(ctx, dst, src, filepath.Join(dir, r.index+".json"), out); err != nil {
+		if r.res, err = runMigration(ctx, dst, src, filepath.Join(dir, r.index+".json"), out); err != nil {
 			return err
 		}
 		got := answers(ctx, dst)
@@ -298,9 +298,9 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	return nil
 }
 
-// migrate runs coop migrate at dst from src, its live display and table on
+// runMigration runs coop migrate at dst from src, its live display and table on
 // out, and returns its JSON result.
-func migrate(ctx context.Context, dst, src *harness.Node, jsonPath string, out io.Writer) (*plugin.MigrateResult, error) {
+func runMigration(ctx context.Context, dst, src *harness.Node, jsonPath string, out io.Writer) (*migrate.Result, error) {
 	mctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	bin, args := inNS(dst.Name, dst.Tools().Coop, "migrate", "--from", src.PeerURL(), "--containerd-address", dst.Address,
@@ -315,7 +315,7 @@ func migrate(ctx context.Context, dst, src *harness.Node, jsonPath string, out i
 	if err != nil {
 		return nil, err
 	}
-	var res plugin.MigrateResult
+	var res migrate.Result
 	if err := json.Unmarshal(b, &res); err != nil {
 		return nil, err
 	}

@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/migrate"
 	"github.com/coopnet/coop/test/harness"
 )
 
@@ -114,12 +114,12 @@ func TestMigrateEveryIndexMode(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var res plugin.MigrateResult
+			var res migrate.Result
 			if err := json.Unmarshal([]byte(out), &res); err != nil {
 				t.Fatal(err)
 			}
 			t.Logf("%s: %.2f s, %v", mode, res.Seconds, res.BytesByNode)
-			if res.BytesByNode["a"] == 0 || res.BytesByNode[plugin.FromRegistry] != 0 {
+			if res.BytesByNode["a"] == 0 || res.BytesByNode[migrate.FromRegistry] != 0 {
 				t.Fatalf("bytes by node %v: want bytes from the source and none from a registry", res.BytesByNode)
 			}
 			if got := res.BytesByNode["c"]; (got > 0) != (mode != "none") {

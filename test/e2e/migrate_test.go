@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/migrate"
 	"github.com/coopnet/coop/test/harness"
 )
 
@@ -97,7 +97,7 @@ func TestMigrateImageInNoRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var res plugin.MigrateResult
+	var res migrate.Result
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("migrate --json: %v\n%s", err, out)
 	}
@@ -109,7 +109,7 @@ func TestMigrateImageInNoRegistry(t *testing.T) {
 	for _, bl := range img.Blobs() {
 		want += bl.Size
 	}
-	if res.BytesByNode["a"] != want || res.BytesByNode[plugin.FromRegistry] != 0 {
+	if res.BytesByNode["a"] != want || res.BytesByNode[migrate.FromRegistry] != 0 {
 		t.Fatalf("bytes by node %v: want all %d bytes from the source a", res.BytesByNode, want)
 	}
 	for _, l := range res.Layers {
@@ -243,7 +243,7 @@ func TestMigrateSourceDies(t *testing.T) {
 				if r.err != nil {
 					t.Fatalf("migration with a neighbour holding every layer: %v", r.err)
 				}
-				var res plugin.MigrateResult
+				var res migrate.Result
 				if err := json.Unmarshal([]byte(r.out), &res); err != nil {
 					t.Fatal(err)
 				}

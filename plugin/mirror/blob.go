@@ -1,4 +1,4 @@
-package plugin
+package mirror
 
 import (
 	"context"
@@ -97,7 +97,7 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 		return
 	}
 
-	done := m.fetches.start(ctx, dgst, func(fctx context.Context) error {
+	call := m.fetches.start(ctx, dgst, func(fctx context.Context) error {
 		return m.fetch(fctx, dgst, size, cs)
 	})
 	headersSent := false
@@ -107,7 +107,8 @@ func (m *Mirror) serveBlob(ctx context.Context, w http.ResponseWriter, r *http.R
 wait:
 	for {
 		select {
-		case err = <-done:
+		case <-call.done:
+			err = call.err
 			break wait
 		case <-timer.C:
 			// Keep containerd from giving up on us: headers now, body once

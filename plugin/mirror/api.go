@@ -1,11 +1,15 @@
-package plugin
+package mirror
+
+// The mirror's own API, on loopback beside the OCI endpoint: which peers hold
+// a blob now (LocatePath, for coop locate), what the mirror downloaded
+// (DownloadsPath) and the sources of a migration (SourcesPath), both for
+// coop migrate.
 
 import (
 	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -13,6 +17,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -166,8 +171,13 @@ func (m *Mirror) serveSources(ctx context.Context, w http.ResponseWriter, r *htt
 			peers.WriteError(ctx, w, fmt.Errorf("bad source request: %v: %w", err, errdefs.ErrInvalidArgument))
 			return
 		}
-		if req.Node == "" || !validPeerURL(req.URL) || len(req.Blobs) == 0 || req.TTLSeconds < 0 {
-			peers.WriteError(ctx, w, fmt.Errorf("a source needs a node, an http(s) URL and blobs: %w", errdefs.ErrInvalidArgument))
+		srcURL, err := peers.ParseBaseURL(req.URL)
+		if err != nil {
+			peers.WriteError(ctx, w, fmt.Errorf("source URL: %w", err))
+			return
+		}
+		if req.Node == "" || len(req.Blobs) == 0 || req.TTLSeconds < 0 {
+			peers.WriteError(ctx, w, fmt.Errorf("a source needs a node, a URL and blobs: %w", errdefs.ErrInvalidArgument))
 			return
 		}
 		for d, size := range req.Blobs {
@@ -180,12 +190,17 @@ func (m *Mirror) serveSources(ctx context.Context, w http.ResponseWriter, r *htt
 		if req.TTLSeconds > 0 {
 			ttl = time.Duration(req.TTLSeconds * float64(time.Second))
 		}
-		cancel := m.sources.Add(peers.Candidate{Node: req.Node, URL: strings.TrimRight(req.URL, "/")}, req.Blobs)
+		cancel := m.sources.Add(peers.Candidate{Node: req.Node, URL: srcURL}, req.Blobs)
 		id := digest.FromString(fmt.Sprintf("%s %s %d", req.Node, req.URL, time.Now().UnixNano())).Encoded()[:16]
 		m.srcMu.Lock()
-		m.srcCancel[id] = cancel
+		if m.srcClosed {
+			m.srcMu.Unlock()
+			cancel()
+			peers.WriteError(ctx, w, errClosed)
+			return
+		}
+		m.srcs[id] = migrationSource{cancel: cancel, ttl: time.AfterFunc(ttl, func() { m.dropSource(id) })}
 		m.srcMu.Unlock()
-		time.AfterFunc(ttl, func() { m.dropSource(id) })
 		log.G(ctx).WithFields(log.Fields{"source": req.Node, "url": req.URL, "blobs": len(req.Blobs), "id": id}).Info("migration source added")
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(SourceResponse{ID: id})
@@ -201,18 +216,65 @@ func (m *Mirror) serveSources(ctx context.Context, w http.ResponseWriter, r *htt
 	}
 }
 
+// migrationSource is a source added through SourcesPath: cancel removes it
+// from the candidates, ttl drops it if nobody does.
+type migrationSource struct {
+	cancel func()
+	ttl    *time.Timer
+}
+
 func (m *Mirror) dropSource(id string) bool {
 	m.srcMu.Lock()
-	cancel, ok := m.srcCancel[id]
-	delete(m.srcCancel, id)
+	s, ok := m.srcs[id]
+	delete(m.srcs, id)
 	m.srcMu.Unlock()
 	if ok {
-		cancel()
+		s.ttl.Stop()
+		s.cancel()
 	}
 	return ok
 }
 
-func validPeerURL(s string) bool {
-	u, err := url.Parse(s)
-	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != ""
+// maxLocateBody bounds a locate question's body.
+const maxLocateBody = 2 << 20
+
+// serveLocate answers which candidates the node's resolver returns now, for
+// operators (coop locate): POST a resolver.LocateRequest, or GET with
+// ?digest=D&digest=D.
+func (m *Mirror) serveLocate(ctx context.Context, w http.ResponseWriter, r *http.Request) {
+	var req resolver.LocateRequest
+	switch r.Method {
+	case http.MethodGet:
+		for _, d := range r.URL.Query()["digest"] {
+			req.Digests = append(req.Digests, digest.Digest(d))
+		}
+	case http.MethodPost:
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLocateBody)).Decode(&req); err != nil {
+			peers.WriteError(ctx, w, fmt.Errorf("bad locate request: %v: %w", err, errdefs.ErrInvalidArgument))
+			return
+		}
+	default:
+		w.Header().Set("Allow", "GET, POST")
+		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "use GET or POST")
+		return
+	}
+	if len(req.Digests) > resolver.MaxLocateDigests {
+		peers.WriteError(ctx, w, fmt.Errorf("%d digests, at most %d: %w", len(req.Digests), resolver.MaxLocateDigests, errdefs.ErrInvalidArgument))
+		return
+	}
+	got, err := m.resolver.Locate(ctx, req.Digests)
+	if err != nil {
+		if !errdefs.IsInvalidArgument(err) {
+			// The operator wants to see why (a dead ClusterKB, say).
+			err = &peers.Error{Status: http.StatusServiceUnavailable, Code: peers.CodeUnknown, Err: err}
+		}
+		peers.WriteError(ctx, w, err)
+		return
+	}
+	if got == nil {
+		got = map[digest.Digest][]peers.Candidate{}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	_ = json.NewEncoder(w).Encode(resolver.LocateResponse{Candidates: got})
 }

@@ -1,8 +1,13 @@
-package plugin
+// Package mirror is the loopback OCI endpoint containerd tries before each
+// registry (hosts.toml): it serves blobs and manifests by digest from the
+// peers the neighbour index names, landing each blob verified in coop's
+// store before containerd sees a byte, and answers 404 at once when no peer
+// holds it. It is also the source of claimed blobs (content.ClaimSource) and
+// serves its own API on loopback (api.go), which Client calls.
+package mirror
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,8 +36,8 @@ type PeerFetcher interface {
 	FetchManifest(ctx context.Context, baseURL string, dgst digest.Digest) ([]byte, string, error)
 }
 
-// MirrorOptions configure a Mirror.
-type MirrorOptions struct {
+// Options configure a Mirror.
+type Options struct {
 	// Resolver finds the peers holding a blob. Required.
 	Resolver resolver.Resolver
 	// Peers fetches from them. Required.
@@ -88,7 +93,8 @@ type Mirror struct {
 	downloads   *downloads
 	sources     *resolver.Sources
 	srcMu       sync.Mutex
-	srcCancel   map[string]func()
+	srcs        map[string]migrationSource
+	srcClosed   bool
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
@@ -102,8 +108,8 @@ type Mirror struct {
 
 var _ http.Handler = (*Mirror)(nil)
 
-// NewMirror returns a Mirror. Fetches it starts end when ctx ends.
-func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
+// New returns a Mirror. Close ends the fetches it starts.
+func New(opts Options) (*Mirror, error) {
 	m := &Mirror{
 		resolver:    opts.Resolver,
 		peers:       opts.Peers,
@@ -112,10 +118,10 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 		minRate:     64 << 10,
 		ttl:         2 * time.Minute,
 		headerDelay: 5 * time.Second,
-		fetches:     newFetchGroup(ctx),
+		fetches:     newFetchGroup(),
 		downloads:   newDownloads(),
 		sources:     opts.Sources,
-		srcCancel:   map[string]func(){},
+		srcs:        map[string]migrationSource{},
 		failed:      map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
@@ -182,6 +188,22 @@ func NewMirror(ctx context.Context, opts MirrorOptions) (*Mirror, error) {
 	return m, nil
 }
 
+// Close cancels the mirror's fetches and waits for them to end, and drops
+// the migration sources it holds. Requests served after Close answer as if
+// no peer held anything.
+func (m *Mirror) Close() error {
+	m.fetches.close()
+	m.srcMu.Lock()
+	srcs := m.srcs
+	m.srcs, m.srcClosed = map[string]migrationSource{}, true
+	m.srcMu.Unlock()
+	for _, s := range srcs {
+		s.ttl.Stop()
+		s.cancel()
+	}
+	return nil
+}
+
 // ServeHTTP routes /v2/ requests.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))
@@ -213,26 +235,28 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.WriteString(w, "{}")
 		return
 	}
-	kind, name, ref, ok := splitPath(p)
-	if !ok {
+	dp, err := peers.ParseDistributionPath(p)
+	kind := string(dp.Kind)
+	switch {
+	case errdefs.IsNotFound(err):
 		m.requests.WithLabelValues("other", "bad_request").Inc()
 		writeOCIError(ctx, w, http.StatusNotFound, peers.CodeNotFound, "no such endpoint")
 		return
-	}
-	if r.Header.Get(peers.ForwardedHeader) != "" {
-		// Another coop node: never forward, or requests could loop.
-		m.requests.WithLabelValues(kind, "loop").Inc()
-		writeOCIError(ctx, w, http.StatusNotFound, unknownCode(kind), "coop mirrors do not forward")
-		return
-	}
-	if !peers.ValidName(name) {
+	case err != nil:
 		m.requests.WithLabelValues(kind, "bad_request").Inc()
 		writeOCIError(ctx, w, http.StatusBadRequest, peers.CodeNameInvalid, "invalid repository name")
 		return
 	}
+	ref := dp.Ref
+	if r.Header.Get(peers.ForwardedHeader) != "" {
+		// Another coop node: never forward, or requests could loop.
+		m.requests.WithLabelValues(kind, "loop").Inc()
+		writeOCIError(ctx, w, http.StatusNotFound, unknownCode(dp.Kind), "coop mirrors do not forward")
+		return
+	}
 	dgst, err := digest.Parse(ref)
 	if err != nil {
-		if kind == "manifest" {
+		if dp.Kind == peers.KindManifest {
 			// A tag: peers never resolve tags; the registry does.
 			m.requests.WithLabelValues(kind, "miss").Inc()
 			writeOCIError(ctx, w, http.StatusNotFound, peers.CodeManifestUnknown, "tags are not resolved through peers")
@@ -242,33 +266,15 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeOCIError(ctx, w, http.StatusBadRequest, peers.CodeDigestInvalid, err.Error())
 		return
 	}
-	if kind == "manifest" {
+	if dp.Kind == peers.KindManifest {
 		m.serveManifest(ctx, w, r, dgst)
 		return
 	}
 	m.serveBlob(ctx, w, r, dgst)
 }
 
-// splitPath splits /v2/<name>/(blobs|manifests)/<ref>.
-func splitPath(p string) (kind, name, ref string, ok bool) {
-	rest, found := strings.CutPrefix(p, "/v2/")
-	if !found {
-		return "", "", "", false
-	}
-	for _, k := range []struct{ sep, kind string }{{"/blobs/", "blob"}, {"/manifests/", "manifest"}} {
-		if i := strings.LastIndex(rest, k.sep); i > 0 {
-			ref = rest[i+len(k.sep):]
-			if ref == "" || strings.Contains(ref, "/") {
-				return "", "", "", false
-			}
-			return k.kind, rest[:i], ref, true
-		}
-	}
-	return "", "", "", false
-}
-
-func unknownCode(kind string) string {
-	if kind == "manifest" {
+func unknownCode(kind peers.DistributionKind) string {
+	if kind == peers.KindManifest {
 		return peers.CodeManifestUnknown
 	}
 	return peers.CodeBlobUnknown
@@ -366,48 +372,4 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 func writeOCIError(ctx context.Context, w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Cache-Control", "no-store")
 	peers.WriteError(ctx, w, &peers.Error{Status: status, Code: code, Err: errors.New(msg)})
-}
-
-// maxLocateBody bounds a locate question's body.
-const maxLocateBody = 2 << 20
-
-// serveLocate answers which candidates the node's resolver returns now, for
-// operators (coop locate): POST a resolver.LocateRequest, or GET with
-// ?digest=D&digest=D.
-func (m *Mirror) serveLocate(ctx context.Context, w http.ResponseWriter, r *http.Request) {
-	var req resolver.LocateRequest
-	switch r.Method {
-	case http.MethodGet:
-		for _, d := range r.URL.Query()["digest"] {
-			req.Digests = append(req.Digests, digest.Digest(d))
-		}
-	case http.MethodPost:
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLocateBody)).Decode(&req); err != nil {
-			peers.WriteError(ctx, w, fmt.Errorf("bad locate request: %v: %w", err, errdefs.ErrInvalidArgument))
-			return
-		}
-	default:
-		w.Header().Set("Allow", "GET, POST")
-		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "use GET or POST")
-		return
-	}
-	if len(req.Digests) > resolver.MaxLocateDigests {
-		peers.WriteError(ctx, w, fmt.Errorf("%d digests, at most %d: %w", len(req.Digests), resolver.MaxLocateDigests, errdefs.ErrInvalidArgument))
-		return
-	}
-	got, err := m.resolver.Locate(ctx, req.Digests)
-	if err != nil {
-		if !errdefs.IsInvalidArgument(err) {
-			// The operator wants to see why (a dead ClusterKB, say).
-			err = &peers.Error{Status: http.StatusServiceUnavailable, Code: peers.CodeUnknown, Err: err}
-		}
-		peers.WriteError(ctx, w, err)
-		return
-	}
-	if got == nil {
-		got = map[digest.Digest][]peers.Candidate{}
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	_ = json.NewEncoder(w).Encode(resolver.LocateResponse{Candidates: got})
 }

@@ -1,15 +1,13 @@
-package plugin
+// Package migrate recreates a container of another coop node here: it reads
+// the source's container record, pulls the image by digest through the local
+// mirror with the source as a candidate besides the neighbours, and creates
+// (and starts) the same container.
+package migrate
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
-	"os"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/containerd/containerd/api/types/runc/options"
@@ -24,21 +22,22 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/plugin/mirror"
 	"github.com/distribution/reference"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
-// MigrateOptions configure a migration, run at the destination.
-type MigrateOptions struct {
+// Options configure a migration, run at the destination.
+type Options struct {
 	// From is the source node's peer URL. Required.
 	From string
 	// Namespace and ID name the container. Required.
 	Namespace, ID string
 	// Containerd is the destination's containerd socket. Required.
 	Containerd string
-	// Mirror is the destination coop node's mirror URL. Required.
-	Mirror string
+	// Mirror calls the destination coop node's mirror API. Required.
+	Mirror *mirror.Client
 	// HostsDir is containerd's hosts.toml directory (the mirror first).
 	// Required.
 	HostsDir string
@@ -53,8 +52,9 @@ type MigrateOptions struct {
 	Start, StopSource bool
 	// Peers reads from the source. Required.
 	Peers *peers.Client
-	// Progress, when set, receives a live per-layer progress display.
-	Progress io.Writer
+	// Progress, when set, is called as the pull starts with the image's
+	// layers and those already here; the pull calls stop when it ends.
+	Progress func(ctx context.Context, layers []ocispec.Descriptor, local map[digest.Digest]bool) (stop func())
 }
 
 // LayerProvenance says where one blob came from.
@@ -65,8 +65,8 @@ type LayerProvenance struct {
 	Seconds     float64          `json:"seconds"`
 }
 
-// MigrateResult is the outcome of a migration.
-type MigrateResult struct {
+// Result is the outcome of a migration.
+type Result struct {
 	Container   string            `json:"container"`
 	Source      string            `json:"source"`
 	Seconds     float64           `json:"seconds"`
@@ -82,14 +82,14 @@ const (
 	FromLocal    = "local"
 )
 
-// Migrate recreates container ID of the source at this node: it reads the
+// Run recreates container ID of the source at this node: it reads the
 // source's record, pulls the image by digest through the local mirror with
 // the source as a candidate besides the neighbours, creates the container
 // with the same spec, labels and image, and starts it when asked. On error
 // nothing it created is left behind.
-func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr error) {
+func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 	start := time.Now()
-	if o.From == "" || o.ID == "" || o.Namespace == "" || o.Containerd == "" || o.Mirror == "" || o.Peers == nil {
+	if o.From == "" || o.ID == "" || o.Namespace == "" || o.Containerd == "" || o.Mirror == nil || o.Peers == nil {
 		return nil, fmt.Errorf("migrate needs a source, a container, containerd and the mirror: %w", errdefs.ErrInvalidArgument)
 	}
 	rec, err := o.Peers.Container(ctx, o.From, o.Namespace, o.ID)
@@ -119,11 +119,15 @@ func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr er
 			local[d] = true
 		}
 	}
-	srcID, err := addSource(ctx, o.Mirror, SourceRequest{Node: rec.Node, URL: o.From, Blobs: blobs})
+	srcID, err := o.Mirror.AddSource(ctx, mirror.SourceRequest{Node: rec.Node, URL: o.From, Blobs: blobs})
 	if err != nil {
 		return nil, err
 	}
-	defer dropSourceAt(context.WithoutCancel(ctx), o.Mirror, srcID)
+	defer func() {
+		if err := o.Mirror.DropSource(context.WithoutCancel(ctx), srcID); err != nil {
+			log.G(ctx).WithError(err).Warn("could not drop the migration's source from the mirror; its TTL will")
+		}
+	}()
 
 	_, imgErr := client.GetImage(ctx, rec.Image)
 	imageExisted := imgErr == nil
@@ -153,7 +157,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr er
 	pullStart := time.Now()
 	stopProgress := func() {}
 	if o.Progress != nil {
-		stopProgress = showProgress(ctx, o.Progress, o.Mirror, layers, local)
+		stopProgress = o.Progress(ctx, layers, local)
 	}
 	img, err := pullByDigest(ctx, client, rec, snapshotter, o.HostsDir)
 	stopProgress()
@@ -184,7 +188,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (_ *MigrateResult, retErr er
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
-	res := &MigrateResult{Container: o.Namespace + "/" + o.ID, Source: rec.Node, PullSeconds: pullSeconds}
+	res := &Result{Container: o.Namespace + "/" + o.ID, Source: rec.Node, PullSeconds: pullSeconds}
 	if o.Start {
 		task, err := created.NewTask(ctx, cio.NullIO)
 		if err != nil {
@@ -289,80 +293,15 @@ func pullByDigest(ctx context.Context, client *containerd.Client, rec *peers.Con
 	return named2, nil
 }
 
-func addSource(ctx context.Context, mirror string, req SourceRequest) (string, error) {
-	b, err := json.Marshal(req)
-	if err != nil {
-		return "", err
-	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimRight(mirror, "/")+SourcesPath, bytes.NewReader(b))
-	if err != nil {
-		return "", err
-	}
-	hreq.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(hreq)
-	if err != nil {
-		return "", fmt.Errorf("local coop node at %s: %v: %w", mirror, err, errdefs.ErrUnavailable)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-		return "", fmt.Errorf("local coop node at %s: add source: %s: %s", mirror, resp.Status, bytes.TrimSpace(body))
-	}
-	var sr SourceResponse
-	if err := json.NewDecoder(resp.Body).Decode(&sr); err != nil {
-		return "", fmt.Errorf("local coop node at %s: add source: %w", mirror, err)
-	}
-	return sr.ID, nil
-}
-
-func dropSourceAt(ctx context.Context, mirror, id string) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodDelete, strings.TrimRight(mirror, "/")+SourcesPath+"/"+id, nil)
-	if err != nil {
-		return
-	}
-	if resp, err := http.DefaultClient.Do(req); err == nil {
-		resp.Body.Close()
-	}
-}
-
-// mirrorDownloads reads the mirror's report for dgsts.
-func mirrorDownloads(ctx context.Context, mirror string, dgsts []digest.Digest) (map[digest.Digest]Download, error) {
-	q := make([]string, len(dgsts))
-	for i, d := range dgsts {
-		q[i] = "digest=" + d.String()
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(mirror, "/")+DownloadsPath+"?"+strings.Join(q, "&"), nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("downloads: %s", resp.Status)
-	}
-	var dls []Download
-	if err := json.NewDecoder(resp.Body).Decode(&dls); err != nil {
-		return nil, err
-	}
-	out := make(map[digest.Digest]Download, len(dls))
-	for _, d := range dls {
-		out[d.Digest] = d
-	}
-	return out, nil
-}
-
 // provenance builds the per-layer table and the totals: bytes the mirror
 // took from each peer, the rest of a blob from the registry, and blobs held
 // before the migration as local.
-func provenance(ctx context.Context, mirror string, blobs map[digest.Digest]int64, layers []ocispec.Descriptor, local map[digest.Digest]bool) ([]LayerProvenance, map[string]int64) {
+func provenance(ctx context.Context, mc *mirror.Client, blobs map[digest.Digest]int64, layers []ocispec.Descriptor, local map[digest.Digest]bool) ([]LayerProvenance, map[string]int64) {
 	var all []digest.Digest
 	for d := range blobs {
 		all = append(all, d)
 	}
-	dls, err := mirrorDownloads(ctx, mirror, all)
+	dls, err := mc.Downloads(ctx, all)
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("no provenance from the mirror")
 	}
@@ -396,84 +335,4 @@ func provenance(ctx context.Context, mirror string, blobs map[digest.Digest]int6
 		rows = append(rows, row(l.Digest, l.Size))
 	}
 	return rows, totals
-}
-
-// showProgress prints, until stopped, one line per layer: bytes, rate and
-// the peers it comes from.
-func showProgress(ctx context.Context, w io.Writer, mirror string, layers []ocispec.Descriptor, local map[digest.Digest]bool) (stop func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	dgsts := make([]digest.Digest, len(layers))
-	for i, l := range layers {
-		dgsts[i] = l.Digest
-	}
-	lines := 0
-	draw := func() {
-		dls, err := mirrorDownloads(context.WithoutCancel(ctx), mirror, dgsts)
-		if err != nil {
-			return
-		}
-		var b strings.Builder
-		if lines > 0 {
-			fmt.Fprintf(&b, "\033[%dA", lines) // back over the last drawing
-		}
-		for _, l := range layers {
-			status, got, rate, from := "waiting", int64(0), 0.0, ""
-			switch dl, ok := dls[l.Digest]; {
-			case local[l.Digest]:
-				status, got = "exists", l.Size
-			case ok:
-				var names []string
-				for n, v := range dl.BytesByNode {
-					got += v
-					names = append(names, n)
-				}
-				got = min(got, l.Size)
-				if dl.Seconds > 0 {
-					rate = float64(got) / dl.Seconds
-				}
-				status = "fetching"
-				if dl.Done {
-					status = "done"
-				}
-				from = strings.Join(names, ",")
-			}
-			fmt.Fprintf(&b, "\033[2K%-19s %-8s %8.1f/%-8.1f MiB %7.1f MiB/s  %s\n", shortDigest(l.Digest), status,
-				float64(got)/(1<<20), float64(l.Size)/(1<<20), rate/(1<<20), from)
-		}
-		lines = len(layers)
-		_, _ = io.WriteString(w, b.String())
-	}
-	if f, ok := w.(*os.File); !ok || !isTerminal(f) {
-		// Not a terminal: no redrawing, one final picture.
-		return func() { cancel(); draw() }
-	}
-	wg.Go(func() {
-		t := time.NewTicker(500 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				draw()
-				return
-			case <-t.C:
-				draw()
-			}
-		}
-	})
-	return func() { cancel(); wg.Wait() }
-}
-
-// isTerminal reports whether f is a character device (a terminal).
-func isTerminal(f *os.File) bool {
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
-}
-
-func shortDigest(d digest.Digest) string {
-	s := d.String()
-	if len(s) > 19 {
-		return s[:19]
-	}
-	return s
 }

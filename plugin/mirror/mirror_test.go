@@ -1,15 +1,17 @@
-package plugin
+package mirror
 
 import (
 	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -111,7 +113,7 @@ func newTestMirror(t *testing.T, res resolver.Resolver) (*Mirror, *content.Store
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := NewMirror(ctx, MirrorOptions{
+	m, err := New(Options{
 		Resolver:     res,
 		Peers:        &peers.Client{HTTP: &http.Client{}, Node: "test"},
 		Store:        store,
@@ -121,6 +123,7 @@ func newTestMirror(t *testing.T, res resolver.Resolver) (*Mirror, *content.Store
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = m.Close() })
 	return m, store
 }
 
@@ -320,10 +323,38 @@ func TestMirrorCorruptThenCommittedElsewhere(t *testing.T) {
 }
 
 func TestFetchGroupRecovers(t *testing.T) {
-	g := newFetchGroup(context.Background())
-	err := <-g.start(context.Background(), digest.FromString("x"), func(context.Context) error { panic("boom") })
-	if !errdefs.IsInternal(err) {
-		t.Fatalf("err %v, want an internal error", err)
+	g := newFetchGroup()
+	defer g.close()
+	c := g.start(context.Background(), digest.FromString("x"), func(context.Context) error { panic("boom") })
+	<-c.done
+	if !errdefs.IsInternal(c.err) {
+		t.Fatalf("err %v, want an internal error", c.err)
+	}
+}
+
+func TestFetchGroupCloseCancelsAndWaits(t *testing.T) {
+	g := newFetchGroup()
+	started := make(chan struct{})
+	var ended atomic.Bool
+	c := g.start(context.Background(), digest.FromString("x"), func(ctx context.Context) error {
+		close(started)
+		<-ctx.Done()
+		ended.Store(true)
+		return ctx.Err()
+	})
+	<-started
+	g.close()
+	if !ended.Load() {
+		t.Fatal("close returned before the fetch ended")
+	}
+	<-c.done
+	if !errors.Is(c.err, context.Canceled) {
+		t.Fatalf("err %v, want context.Canceled", c.err)
+	}
+	after := g.start(context.Background(), digest.FromString("y"), func(context.Context) error { return nil })
+	<-after.done
+	if !errdefs.IsUnavailable(after.err) {
+		t.Fatalf("a fetch after close: err %v, want unavailable", after.err)
 	}
 }
 
@@ -385,11 +416,12 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := NewMirror(ctx, MirrorOptions{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"},
+	m, err := New(Options{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"},
 		Store: store, Sources: resolver.NewSources(), HeaderDelay: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer m.Close()
 	srv := httptest.NewServer(m)
 	defer srv.Close()
 	get := func() int {

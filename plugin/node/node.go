@@ -1,0 +1,476 @@
+// Package node assembles a coop node from its parts: the content store (as
+// containerd's proxy store, or beside containerd's own in observer mode), the
+// peer server, the neighbour index, the mirror and the claim store. It is
+// what `coop node` runs, and what the tests and benchmarks start: Options →
+// New → Run → Close.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coopnet/coop/content"
+	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/plugin"
+	"github.com/coopnet/coop/plugin/mirror"
+	"github.com/coopnet/coop/resolver"
+	"github.com/coopnet/coop/resolver/modes"
+	digest "github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+)
+
+// Content modes: how the node sits beside containerd's content store.
+const (
+	// ContentObserver leaves containerd's built-in store alone and learns
+	// its blobs from its events.
+	ContentObserver = "observer"
+	// ContentProxy makes coop containerd's content store (content and diff
+	// proxy plugins); claims need it.
+	ContentProxy = "proxy"
+)
+
+// ContentModes lists the content modes.
+var ContentModes = []string{ContentObserver, ContentProxy}
+
+// claimRecent is how long, in online and kb modes, a locate's answer may
+// decide a claim.
+const claimRecent = time.Minute
+
+// shutdownGrace is how long each server may drain its requests at stop.
+const shutdownGrace = 5 * time.Second
+
+// Options configure a Node. Index.Node, Index.URL, Index.Inventory,
+// Index.Client, Index.Load and Index.Registerer are set by New.
+type Options struct {
+	// Name is the node's name, reported to peers. Required.
+	Name string
+	// Root is coop's content store directory. Required.
+	Root string
+	// ContentMode is ContentObserver or ContentProxy. Required.
+	ContentMode string
+	// ContentSocket is the unix socket of containerd's content and diff
+	// proxy plugins (proxy mode). Required in proxy mode.
+	ContentSocket string
+	// Containerd is containerd's socket: observer mode follows it, claims
+	// need it, container records come from it. Empty: none.
+	Containerd string
+	// PeerListen is the peer server's address. Required.
+	PeerListen string
+	// Advertise is the URL other nodes reach the peer server at. Required.
+	Advertise string
+	// MirrorListen is the mirror's address; loopback only. Required.
+	MirrorListen string
+	// DebugListen serves Go's /debug/pprof; loopback only; empty: off.
+	DebugListen string
+	// Index configures the neighbour index.
+	Index modes.Options
+	// UploadLimit caps the peer server's upload, bytes/s; 0: none.
+	UploadLimit int64
+	// MaxUploads bounds the blob uploads served at once; 0: no bound.
+	MaxUploads int
+	// Policy selects the peers of a blob (peers.Policies).
+	Policy string
+	// DownloadBuffer bounds one blob's bytes fetched ahead of the local
+	// write; at least 1 MiB.
+	DownloadBuffer int64
+	// StallTimeout cuts a peer that sends nothing this long. Required.
+	StallTimeout time.Duration
+	// Claim answers containerd's Info for blobs known peers hold as found
+	// and fetches them at once (proxy mode, needs Containerd).
+	Claim bool
+	// ClaimParallel is how many claimed blobs download at once.
+	ClaimParallel int
+	// AllowRemoteStop lets a migration destination stop a container here.
+	AllowRemoteStop bool
+}
+
+// Validate checks o before anything is started: every contradiction and
+// missing value is an errdefs.ErrInvalidArgument naming its flag.
+func (o Options) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf(format+": %w", append(args, errdefs.ErrInvalidArgument)...))
+	}
+	if o.Name == "" {
+		bad("--name is required")
+	}
+	if o.Root == "" {
+		bad("--root is required")
+	}
+	switch o.ContentMode {
+	case ContentObserver:
+		if o.Containerd == "" {
+			bad("--content-mode observer needs --containerd-address")
+		}
+	case ContentProxy:
+		if o.ContentSocket == "" {
+			bad("--content-mode proxy needs --content-socket")
+		}
+	default:
+		bad("--content-mode %q: want %v", o.ContentMode, ContentModes)
+	}
+	if o.Claim && o.ContentMode != ContentProxy {
+		bad("--claim needs --content-mode proxy")
+	}
+	if o.Claim && o.Containerd == "" {
+		bad("--claim needs --containerd-address (a failed claim must be removed from containerd's records)")
+	}
+	if o.ClaimParallel < 1 {
+		bad("--claim-parallel %d: want 1 or more", o.ClaimParallel)
+	}
+	if o.AllowRemoteStop && o.Containerd == "" {
+		bad("--allow-remote-stop needs --containerd-address")
+	}
+	if o.PeerListen == "" || o.Advertise == "" {
+		bad("--peer-listen and --advertise are required")
+	}
+	if _, err := plugin.MirrorURL(o.MirrorListen); err != nil {
+		errs = append(errs, fmt.Errorf("--mirror-listen: %w", err))
+	}
+	if o.DebugListen != "" {
+		if _, err := plugin.MirrorURL(o.DebugListen); err != nil {
+			errs = append(errs, fmt.Errorf("--debug-listen: %w", err))
+		}
+	}
+	if !slices.Contains(peers.Policies, o.Policy) {
+		bad("--policy %q: want one of %v", o.Policy, peers.Policies)
+	}
+	if o.MaxUploads < 0 {
+		bad("--max-uploads %d: want 0 or more", o.MaxUploads)
+	}
+	if o.UploadLimit < 0 {
+		bad("--upload-limit %d: want 0 or more bytes per second", o.UploadLimit)
+	}
+	if o.DownloadBuffer < 1<<20 {
+		bad("--download-buffer %d: want at least 1MiB", o.DownloadBuffer)
+	}
+	if o.StallTimeout <= 0 {
+		bad("--stall-timeout %v: want a positive duration", o.StallTimeout)
+	}
+	ix := o.indexOptions(nil, nil, nil, nil)
+	if err := ix.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// indexOptions completes o.Index with what the node provides.
+func (o Options) indexOptions(inv *content.Inventory, client *peers.Client, load func() peers.Load, reg prometheus.Registerer) modes.Options {
+	ix := o.Index
+	ix.Node, ix.URL = o.Name, o.Advertise
+	ix.Inventory, ix.Client, ix.Load, ix.Registerer = inv, client, load, reg
+	return ix
+}
+
+// Node is one coop node. New builds it and opens its listeners, Run serves
+// until its context ends, Close releases what New took.
+type Node struct {
+	opts Options
+	reg  *prometheus.Registry
+	inv  *content.Inventory
+
+	store      *content.Store
+	observer   *plugin.Observer
+	containers *plugin.Containers
+	index      *modes.Index
+	mirror     *mirror.Mirror
+	claims     *content.ClaimStore
+	peerSrv    *peers.Server
+
+	sock             net.Listener // proxy mode only
+	peerL, mirrorL   net.Listener
+	debugL           net.Listener
+	grpcSrv          *grpc.Server
+	peerHTTP         *http.Server
+	mirrorHTTP       *http.Server
+	debugHTTP        *http.Server
+	closeOnce        sync.Once
+	closeErr         error
+	removeSocketPath string
+}
+
+// New validates o, builds the node's parts and opens its listeners. Nothing
+// is served until Run. On error everything it took is released.
+func New(ctx context.Context, o Options) (_ *Node, retErr error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	n := &Node{opts: o, reg: prometheus.NewRegistry(), inv: content.NewInventory()}
+	defer func() {
+		if retErr != nil {
+			_ = n.Close()
+		}
+	}()
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("node", o.Name))
+	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "coop_inventory_blobs", Help: "Blobs in this node's inventory.",
+	}, func() float64 { return float64(n.inv.Len()) }))
+
+	served, err := n.openStores(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var records peers.ContainerRecords
+	if o.Containerd != "" {
+		if n.containers, err = plugin.NewContainers(o.Containerd); err != nil {
+			return nil, fmt.Errorf("--containerd-address: %w", err)
+		}
+		records = n.containers
+	}
+	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
+		Containers: records, AllowStop: o.AllowRemoteStop,
+		Node: o.Name, Store: served, Inventory: n.inv, Registerer: n.reg, Gatherer: n.reg, MaxUploads: o.MaxUploads,
+	}); err != nil {
+		return nil, err
+	}
+	client := &peers.Client{Node: o.Name, HTTP: &http.Client{Transport: &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 5 * time.Second,
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+	}}}
+	if n.index, err = modes.New(ctx, o.indexOptions(n.inv, client, n.peerSrv.Load, n.reg)); err != nil {
+		return nil, err
+	}
+	res := n.index.Resolver()
+	if o.Claim && !n.index.Local() {
+		// Claims are decided without a round trip: in online and kb
+		// modes, from what a recent locate found.
+		res = resolver.Remember(res, claimRecent)
+	}
+	if n.mirror, err = mirror.New(mirror.Options{
+		Resolver: res, Peers: client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
+		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(),
+	}); err != nil {
+		return nil, err
+	}
+	if err := n.listen(ctx); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// openStores opens coop's content store and, in observer mode, the
+// observer of containerd's; it returns the store the peer server reads.
+func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
+	o := n.opts
+	var err error
+	if o.ContentMode == ContentProxy {
+		if n.store, err = content.NewStore(ctx, o.Root, n.inv); err != nil {
+			return nil, err
+		}
+		return n.store, nil
+	}
+	// Observer: coop's own store only holds what the mirror lands for
+	// containerd, until containerd has committed it; the inventory is
+	// containerd's, from its events.
+	if n.store, err = content.NewStore(ctx, o.Root, discard{}); err != nil {
+		return nil, err
+	}
+	if n.observer, err = plugin.NewObserver(plugin.ObserverOptions{
+		Address: o.Containerd, Recorder: n.inv, OnHeld: n.dropLanded,
+	}); err != nil {
+		return nil, fmt.Errorf("--containerd-address: %w", err)
+	}
+	return plugin.NewUnionStore(n.store, n.observer), nil
+}
+
+// dropLanded removes coop's own copy of a blob containerd now holds (observer
+// mode): peers are served from containerd's store from then on.
+func (n *Node) dropLanded(ctx context.Context, d digest.Digest) {
+	if _, err := n.store.Info(ctx, d); err != nil {
+		return
+	}
+	if err := n.store.Delete(ctx, d); err != nil && !errdefs.IsNotFound(err) {
+		log.G(ctx).WithError(err).WithField("digest", d).Warn("could not drop coop's copy of a blob containerd holds")
+		return
+	}
+	log.G(ctx).WithField("digest", d).Debug("containerd holds the blob; coop's copy dropped")
+}
+
+// listen opens the content socket (proxy mode) and the TCP listeners.
+func (n *Node) listen(ctx context.Context) error {
+	o := n.opts
+	var err error
+	if o.ContentMode == ContentProxy {
+		var cstore ctdcontent.Store = n.store
+		if o.Claim {
+			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
+				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
+			}); err != nil {
+				return err
+			}
+			cstore = n.claims
+		}
+		if n.sock, err = content.ListenUnix(ctx, o.ContentSocket); err != nil {
+			return err
+		}
+		n.removeSocketPath = o.ContentSocket
+		n.grpcSrv = content.NewGRPCServer(cstore)
+	}
+	if n.peerL, err = net.Listen("tcp", o.PeerListen); err != nil {
+		return fmt.Errorf("--peer-listen: %w", err)
+	}
+	if n.mirrorL, err = net.Listen("tcp", o.MirrorListen); err != nil {
+		return fmt.Errorf("--mirror-listen: %w", err)
+	}
+	n.peerHTTP = &http.Server{Handler: peers.LimitUpload(n.peerSrv, o.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
+	n.mirrorHTTP = &http.Server{Handler: n.mirror, ReadHeaderTimeout: 10 * time.Second}
+	if o.DebugListen != "" {
+		if n.debugL, err = net.Listen("tcp", o.DebugListen); err != nil {
+			return fmt.Errorf("--debug-listen: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		n.debugHTTP = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	}
+	return nil
+}
+
+// PeerAddr is the peer server's listening address.
+func (n *Node) PeerAddr() net.Addr { return n.peerL.Addr() }
+
+// MirrorAddr is the mirror's listening address.
+func (n *Node) MirrorAddr() net.Addr { return n.mirrorL.Addr() }
+
+// Inventory is the node's inventory: the blobs it serves peers.
+func (n *Node) Inventory() *content.Inventory { return n.inv }
+
+// Run serves until ctx ends or a server fails, then stops the servers
+// (each drains for up to 5 s) and waits for every loop. It returns nil when
+// ctx ended. Close still has to be called.
+func (n *Node) Run(ctx context.Context) error {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("node", n.opts.Name))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return n.index.Run(gctx) })
+	if n.observer != nil {
+		g.Go(func() error { return n.observer.Run(gctx) })
+	}
+	if n.grpcSrv != nil {
+		g.Go(func() error { return n.grpcSrv.Serve(n.sock) })
+	}
+	g.Go(func() error { return ignoreClosed(n.peerHTTP.Serve(n.peerL)) })
+	g.Go(func() error { return ignoreClosed(n.mirrorHTTP.Serve(n.mirrorL)) })
+	https := []*http.Server{n.peerHTTP, n.mirrorHTTP}
+	if n.debugHTTP != nil {
+		g.Go(func() error { return ignoreClosed(n.debugHTTP.Serve(n.debugL)) })
+		https = append(https, n.debugHTTP)
+	}
+	g.Go(func() error {
+		<-gctx.Done()
+		shutdown(context.WithoutCancel(ctx), n.grpcSrv, https...)
+		return nil
+	})
+	o := n.opts
+	log.G(ctx).WithFields(log.Fields{
+		"root": o.Root, "socket": o.ContentSocket, "content_mode": o.ContentMode, "peer": n.peerL.Addr().String(),
+		"advertise": o.Advertise, "mirror": n.mirrorL.Addr().String(), "index": o.Index.Mode, "claim": o.Claim,
+		"neighbors": len(o.Index.Neighbors), "blobs": n.inv.Len(), "epoch": n.inv.Epoch(),
+	}).Info("coop node ready")
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
+		log.G(ctx).Info("coop node stopped")
+		return nil
+	}
+	return err
+}
+
+// Close releases everything New took: listeners, the claim store, the
+// mirror's fetches, the index's connections, containerd's clients and the
+// content socket. It is safe to call more than once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		var errs []error
+		for _, l := range []net.Listener{n.sock, n.peerL, n.mirrorL, n.debugL} {
+			if l != nil {
+				if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+					errs = append(errs, err)
+				}
+			}
+		}
+		if n.claims != nil {
+			errs = append(errs, n.claims.Close())
+		}
+		if n.mirror != nil {
+			errs = append(errs, n.mirror.Close())
+		}
+		if n.index != nil {
+			errs = append(errs, n.index.Close())
+		}
+		if n.containers != nil {
+			errs = append(errs, n.containers.Close())
+		}
+		if n.observer != nil {
+			errs = append(errs, n.observer.Close())
+		}
+		if n.removeSocketPath != "" {
+			if err := os.Remove(n.removeSocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+// discard is a recorder that records nothing.
+type discard struct{}
+
+func (discard) Add(digest.Digest, int64) {}
+func (discard) Remove(digest.Digest)     {}
+
+// shutdown stops the servers in parallel, each with its own grace period,
+// after which its remaining connections are closed.
+func shutdown(ctx context.Context, grpcSrv *grpc.Server, https ...*http.Server) {
+	var wg sync.WaitGroup
+	for _, s := range https {
+		wg.Go(func() {
+			sctx, cancel := context.WithTimeout(ctx, shutdownGrace)
+			defer cancel()
+			if err := s.Shutdown(sctx); err != nil {
+				log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
+				_ = s.Close()
+			}
+		})
+	}
+	if grpcSrv != nil {
+		wg.Go(func() {
+			stopped := make(chan struct{})
+			go func() { grpcSrv.GracefulStop(); close(stopped) }()
+			select {
+			case <-stopped:
+			case <-time.After(shutdownGrace):
+				log.G(ctx).Warn("content service did not drain in time; closing its streams")
+				grpcSrv.Stop()
+				<-stopped
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
