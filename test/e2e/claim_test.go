@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"testing"
-	"time"
 
 	"github.com/coopnet/coop/test/harness"
 	digest "github.com/opencontainers/go-digest"
@@ -46,6 +45,15 @@ func (e *env) claims(n *harness.Node, result string) float64 {
 	}
 	v, _ := m.Sum(harness.MetricClaims, "result", result)
 	return v
+}
+
+// intoClaim waits until n has received 4 MiB more than before from its peers
+// (a claim is under way, well short of its end at 16 MiB/s for 48 MiB).
+func (e *env) intoClaim(n *harness.Node, before float64) {
+	e.t.Helper()
+	e.eventually("4 MiB of the claimed layer received", func() bool {
+		return e.metric(n, harness.MetricMirrorPeerBytes) >= before+4<<20
+	})
 }
 
 // TestClaimedPulls: B claims every blob A holds at containerd's Info and
@@ -148,7 +156,7 @@ func TestClaimSurvivesGC(t *testing.T) {
 		pulled <- b.PullCtr(ctx, big.Ref)
 	}()
 	e.eventually("the layer claimed", func() bool { return e.claims(b, "made") >= 1 })
-	time.Sleep(300 * time.Millisecond) // into the layer (3 s at 16 MiB/s)
+	e.intoClaim(b, 0) // the GC runs while the layer streams in (3 s at 16 MiB/s)
 	if _, err := b.Ctr(e.ctx, "image", "rm", "--sync", other.Ref); err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +201,7 @@ func TestClaimFailsThenRetrySucceeds(t *testing.T) {
 		pulled <- b.PullCtr(ctx, img.Ref)
 	}()
 	e.eventually("the layer claimed", func() bool { return e.claims(b, "made") >= 1 })
-	time.Sleep(500 * time.Millisecond)
+	e.intoClaim(b, 0)
 	if err := a.KillCoop(); err != nil {
 		t.Fatal(err)
 	}
@@ -215,13 +223,14 @@ func TestClaimFailsThenRetrySucceeds(t *testing.T) {
 	}
 	e.waitKnown(b, img2.Digests())
 	made := e.claims(b, "made")
+	got := e.metric(b, harness.MetricMirrorPeerBytes)
 	go func() {
 		ctx, cancel := context.WithTimeout(e.ctx, pullTimeout)
 		defer cancel()
 		pulled <- b.PullCtr(ctx, img2.Ref)
 	}()
 	e.eventually("the second layer claimed", func() bool { return e.claims(b, "made") > made })
-	time.Sleep(500 * time.Millisecond)
+	e.intoClaim(b, got)
 	if err := b.KillCoop(); err != nil {
 		t.Fatal(err)
 	}

@@ -306,6 +306,9 @@ const (
 	MetricPeerServedBytes = "coop_peer_served_bytes_total"
 	MetricMirrorRequests  = "coop_mirror_requests_total"
 	MetricActiveUploads   = "coop_peer_active_uploads"
+	// MetricMirrorPeerBytes counts the bytes the mirror and the claims
+	// received from each peer.
+	MetricMirrorPeerBytes = "coop_mirror_peer_bytes_total"
 )
 
 // Locate asks n's mirror which peers hold dgsts (/coop/v1/locate, through
