@@ -6,7 +6,6 @@ package resolver
 import (
 	"context"
 	"fmt"
-	"net/url"
 	"sort"
 	"strings"
 
@@ -47,12 +46,12 @@ func ParseNeighbors(s string) ([]Neighbor, error) {
 		if seen[name] {
 			return nil, fmt.Errorf("neighbor %q listed twice: %w", name, errdefs.ErrInvalidArgument)
 		}
-		u, err := url.Parse(raw)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return nil, fmt.Errorf("neighbor %q: %q is not an http(s) URL: %w", name, raw, errdefs.ErrInvalidArgument)
+		base, err := peers.ParseBaseURL(raw)
+		if err != nil {
+			return nil, fmt.Errorf("neighbor %q: %w", name, err)
 		}
 		seen[name] = true
-		out = append(out, Neighbor{Name: name, URL: strings.TrimRight(raw, "/")})
+		out = append(out, Neighbor{Name: name, URL: base})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"sort"
 	"sync"
 	"time"
@@ -495,7 +494,10 @@ func validName(name string) error {
 	return nil
 }
 
+// validURL reports whether s is a base URL a node may be reached at
+// (peers.ParseBaseURL: http or https, a host, no user info, query or
+// fragment).
 func validURL(s string) bool {
-	u, err := url.Parse(s)
-	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != ""
+	_, err := peers.ParseBaseURL(s)
+	return err == nil
 }

@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -135,8 +134,8 @@ func (o Options) Validate() error {
 		bad("--peer-timeout %v: want a positive duration", o.PeerTimeout)
 	}
 	for _, u := range o.KBURLs {
-		if p, err := url.Parse(u); err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-			bad("--kb %q: want an http(s) URL", u)
+		if _, err := peers.ParseBaseURL(u); err != nil {
+			errs = append(errs, fmt.Errorf("--kb: %w", err))
 		}
 	}
 	if o.NeighborsFromKB && len(o.KBURLs) == 0 {
