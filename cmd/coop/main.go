@@ -33,6 +33,7 @@ func commands() []command {
 		{"kb", "run ClusterKB: the central neighbour index, with an embedded NATS broker", runKB},
 		{"migrate", "recreate a container of another node here, its image fetched cooperatively", runMigrate},
 		{"locate", "ask a node (or ClusterKB) which peers hold blobs now", runLocate},
+		{"ca", "set up the cluster CA (init) and a process's certificate (issue) for mutual TLS", runCA},
 		{"containerd-config", "print containerd's config for coop; --write also writes hosts.toml", runContainerdConfig},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "coop", Version)
