@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -62,7 +63,15 @@ type DownloadOptions struct {
 	// OnBytes, if set, is called with every n bytes of dgst received from node
 	// (hedged duplicates included).
 	OnBytes func(dgst digest.Digest, node string, n int)
+	// MaxSize bounds the size of a blob downloaded: a larger size, which
+	// only a broken or hostile peer would report, fails with
+	// ErrInvalidArgument before anything is planned. Default
+	// DefaultMaxBlobSize.
+	MaxSize int64
 }
+
+// DefaultMaxBlobSize is the default DownloadOptions.MaxSize.
+const DefaultMaxBlobSize = 64 << 30
 
 // DownloadStats tell how a download went.
 type DownloadStats struct {
@@ -97,6 +106,9 @@ func NewDownloader(f RangeFetcher, opts DownloadOptions) (*Downloader, error) {
 	if opts.Policy != "" && !slices.Contains(Policies, opts.Policy) {
 		return nil, fmt.Errorf("policy %q: want one of %v: %w", opts.Policy, Policies, errdefs.ErrInvalidArgument)
 	}
+	if opts.MaxSize < 0 {
+		return nil, fmt.Errorf("download max size %d: %w", opts.MaxSize, errdefs.ErrInvalidArgument)
+	}
 	if opts.Estimates == nil {
 		opts.Estimates = NewEstimates()
 	}
@@ -114,6 +126,10 @@ func (dl *Downloader) Estimates() *Estimates { return dl.opts.Estimates }
 // for the writer. A peer that errors, stalls, answers 429 or sends a short
 // body is dropped for this blob and its chunk goes back to the queue. The
 // caller verifies the digest (the content store does on commit).
+//
+// Chunks are planned as the window moves, so memory does not grow with size.
+// A size of 0 or less, or above MaxSize, fails with ErrInvalidArgument; no
+// candidate of that size, with ErrNotFound.
 func (dl *Downloader) Download(ctx context.Context, dgst digest.Digest, size int64, cands []Candidate, w io.Writer) (DownloadStats, error) {
 	d, err := newDownload(dl, dgst, size, cands, dl.opts)
 	if err != nil {
@@ -134,9 +150,11 @@ type download struct {
 
 	mu      sync.Mutex
 	cond    *sync.Cond
-	chunks  []*chunk
-	pending []int // chunk indexes waiting for a peer, ascending
-	written int64 // bytes handed to the writer
+	next    int64    // offset of the first byte not yet in a chunk
+	planned int      // chunks planned so far
+	live    []*chunk // planned chunks not yet written, by offset
+	retry   []*chunk // live chunks whose peer failed, waiting for another, by offset
+	written int64    // bytes handed to the writer
 	active  int   // workers running
 	nextC   int   // next candidate in order to start
 	stats   DownloadStats
@@ -161,6 +179,12 @@ type attempt struct {
 func newDownload(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate, opts DownloadOptions) (*download, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("download of a %d-byte blob: %w", size, errdefs.ErrInvalidArgument)
+	}
+	if opts.MaxSize <= 0 {
+		opts.MaxSize = DefaultMaxBlobSize
+	}
+	if size > opts.MaxSize {
+		return nil, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, opts.MaxSize, errdefs.ErrInvalidArgument)
 	}
 	if opts.Policy == "" {
 		opts.Policy = PolicyStripe
@@ -220,19 +244,29 @@ func newDownload(dl *Downloader, dgst digest.Digest, size int64, cands []Candida
 	default:
 		return nil, fmt.Errorf("policy %q: want one of %v: %w", opts.Policy, Policies, errdefs.ErrInvalidArgument)
 	}
-	// Chunks: the first few small, to measure every peer early.
-	var off int64
-	for i := 0; off < size; i++ {
-		n := opts.ChunkSize
-		if i < d.par && d.par > 1 {
-			n = max(opts.ChunkSize/4, 64<<10)
-		}
-		n = min(n, size-off)
-		d.chunks = append(d.chunks, &chunk{off: off, n: n, attempts: map[*attempt]struct{}{}})
-		d.pending = append(d.pending, i)
-		off += n
-	}
 	return d, nil
+}
+
+// planLocked returns the next chunk of the blob, or nil when the blob is
+// all planned or the chunk would end beyond end. The first few chunks are
+// small, to measure every peer early.
+func (d *download) planLocked(end int64) *chunk {
+	if d.next >= d.size {
+		return nil
+	}
+	n := d.opts.ChunkSize
+	if d.planned < d.par && d.par > 1 {
+		n = max(d.opts.ChunkSize/4, 64<<10)
+	}
+	n = min(n, d.size-d.next)
+	if d.next+n > end {
+		return nil
+	}
+	ch := &chunk{off: d.next, n: n, attempts: map[*attempt]struct{}{}}
+	d.next += n
+	d.planned++
+	d.live = append(d.live, ch)
+	return ch
 }
 
 // unknownRate is the rate assumed for an unmeasured peer: the best known,
@@ -276,7 +310,7 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 	defer func() {
 		d.mu.Lock()
 		d.done = true
-		for _, c := range d.chunks {
+		for _, c := range d.live {
 			for a := range c.attempts {
 				a.cancel()
 			}
@@ -286,12 +320,18 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 		cancel()
 		wg.Wait()
 	}()
-	for i, c := range d.chunks {
+	for {
+		// The chunk at the writer's offset is the first live one, once a
+		// peer has taken it.
 		d.mu.Lock()
-		for !c.ok && d.active > 0 && ctx.Err() == nil {
+		if d.written >= d.size {
+			d.mu.Unlock()
+			break
+		}
+		for (len(d.live) == 0 || !d.live[0].ok) && d.active > 0 && ctx.Err() == nil {
 			d.cond.Wait()
 		}
-		if !c.ok {
+		if len(d.live) == 0 || !d.live[0].ok {
 			err := ctx.Err()
 			if err == nil {
 				err = d.failureLocked()
@@ -300,6 +340,9 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 			d.mu.Unlock()
 			return stats, err
 		}
+		c := d.live[0]
+		d.live[0] = nil
+		d.live = d.live[1:]
 		data, from := c.data, c.from
 		c.data = nil
 		d.mu.Unlock()
@@ -317,7 +360,6 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 		d.stats.BytesByNode[from] += c.n
 		d.cond.Broadcast()
 		d.mu.Unlock()
-		_ = i
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -428,26 +470,31 @@ func (d *download) unfinishedLocked() bool {
 	return d.written < d.size
 }
 
+// requeueLocked puts ch, whose peer failed, back for another peer.
 func (d *download) requeueLocked(ch *chunk) {
-	idx := slices.Index(d.chunks, ch)
-	i, _ := slices.BinarySearch(d.pending, idx)
-	d.pending = slices.Insert(d.pending, i, idx)
+	i, _ := slices.BinarySearchFunc(d.retry, ch.off, func(c *chunk, off int64) int { return cmp.Compare(c.off, off) })
+	d.retry = slices.Insert(d.retry, i, ch)
 }
 
-// pickLocked returns the next chunk for peer: the lowest pending chunk
-// within the buffer window, or else a straggling chunk worth hedging.
+// pickLocked returns the next chunk for peer: the lowest chunk waiting for
+// a peer within the buffer window (a requeued one, or else the next one
+// planned), or else a straggling chunk worth hedging.
 func (d *download) pickLocked(peer string) (*chunk, bool) {
 	if d.done {
 		return nil, false
 	}
-	if len(d.pending) > 0 {
-		ch := d.chunks[d.pending[0]]
-		if ch.off+ch.n <= d.written+d.opts.Buffer {
-			d.pending = d.pending[1:]
+	end := d.written + d.opts.Buffer
+	if len(d.retry) > 0 {
+		// Requeued chunks lie before every chunk not yet planned.
+		if ch := d.retry[0]; ch.off+ch.n <= end {
+			d.retry[0] = nil
+			d.retry = d.retry[1:]
 			return ch, false
 		}
-		// The buffer is full: the writer waits, perhaps on a straggler.
+	} else if ch := d.planLocked(end); ch != nil {
+		return ch, false
 	}
+	// The buffer is full: the writer waits, perhaps on a straggler.
 	if d.par < 2 {
 		return nil, false
 	}
@@ -455,7 +502,7 @@ func (d *download) pickLocked(peer string) (*chunk, bool) {
 	// would finish later than this peer could do it all.
 	me := d.est.Get(peer)
 	unknown := d.unknownRate()
-	for _, ch := range d.chunks {
+	for _, ch := range d.live {
 		if ch.ok || len(ch.attempts) != 1 {
 			continue
 		}

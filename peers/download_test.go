@@ -6,6 +6,9 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log/logtest"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -311,4 +315,109 @@ func TestDownloadWriteFailureStats(t *testing.T) {
 			t.Fatalf("stats %+v: no hedge while the writer waited", st)
 		}
 	})
+}
+
+// TestDownloadSizeBounds: a size above MaxSize, which only a broken or
+// hostile peer reports, is refused before anything is planned; one at the
+// bound is downloaded.
+func TestDownloadSizeBounds(t *testing.T) {
+	data := []byte("a blob of thirty-one bytes, ok.")
+	d := digest.FromBytes(data)
+	f := &fakeFetcher{data: data, peers: map[string]*fakePeer{"a": {}}}
+	cand := func(size int64) []Candidate { return []Candidate{{Node: "a", URL: "a", Size: size}} }
+	for _, tc := range []struct {
+		name    string
+		maxSize int64
+		size    int64
+		ok      bool
+	}{
+		{"2^62 with the default bound", 0, 1 << 62, false},
+		{"max int64", 0, 1<<63 - 1, false},
+		{"one byte above the default bound", 0, DefaultMaxBlobSize + 1, false},
+		{"above a configured bound", int64(len(data)) - 1, int64(len(data)), false},
+		{"at a configured bound", int64(len(data)), int64(len(data)), true},
+		{"below the default bound", 0, int64(len(data)), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dl, err := NewDownloader(f, DownloadOptions{MaxSize: tc.maxSize})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			_, err = dl.Download(t.Context(), d, tc.size, cand(tc.size), &out)
+			if tc.ok {
+				if err != nil || !bytes.Equal(out.Bytes(), data) {
+					t.Fatalf("Download: %v, %d bytes", err, out.Len())
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), strconv.FormatInt(tc.size, 10)) {
+				t.Fatalf("Download of %d bytes: %v, want invalid argument naming the size", tc.size, err)
+			}
+			// Refused before any planning: a few allocations for the
+			// error, none that grow with the size.
+			allocs := testing.AllocsPerRun(10, func() {
+				_, _ = dl.Download(t.Context(), d, tc.size, cand(tc.size), io.Discard)
+			})
+			if allocs > 16 {
+				t.Fatalf("a refused size made %v allocations", allocs)
+			}
+		})
+	}
+	if _, err := NewDownloader(f, DownloadOptions{MaxSize: -1}); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("negative max size: %v", err)
+	}
+}
+
+// zeroFetcher serves zeros for the first limit bytes of any blob and fails
+// every range beyond.
+type zeroFetcher struct{ limit int64 }
+
+func (f zeroFetcher) FetchRange(_ context.Context, _ string, _ digest.Digest, off, n, _ int64) (io.ReadCloser, error) {
+	if off+n > f.limit {
+		return nil, errdefs.ErrUnavailable
+	}
+	return io.NopCloser(io.LimitReader(zeroReader{}, n)), nil
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// TestDownloadPlansLazily: chunks are planned as the writer moves, so a
+// blob of 2^50 bytes (2^30 chunks) costs the buffer's memory, not the
+// size's: its peers serve 16 MiB and fail after.
+func TestDownloadPlansLazily(t *testing.T) {
+	const size, served = 1 << 50, 16 << 20
+	dl, err := NewDownloader(zeroFetcher{limit: served}, DownloadOptions{MaxSize: size, ChunkSize: 1 << 20, Buffer: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cands := []Candidate{{Node: "a", URL: "a", Size: size}, {Node: "b", URL: "b", Size: size}}
+	var cw countWriter
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err = dl.Download(logtest.WithT(t.Context(), t), digest.FromString("x"), size, cands, &cw)
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, ErrAllPeersFailed) {
+		t.Fatalf("err %v, want every candidate failed", err)
+	}
+	// The first chunks are small: the last whole chunk served ends within
+	// a chunk of the limit.
+	if cw.n > served || cw.n < served-(1<<20) {
+		t.Fatalf("%d bytes written, want about the %d served", cw.n, served)
+	}
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 64<<20 {
+		t.Fatalf("%d bytes allocated for a download buffered in 4 MiB", grew)
+	}
+}
+
+type countWriter struct{ n int64 }
+
+func (w *countWriter) Write(p []byte) (int, error) {
+	w.n += int64(len(p))
+	return len(p), nil
 }
