@@ -4,9 +4,23 @@ package mirror
 // a blob now (LocatePath, for coop locate), what the mirror downloaded
 // (DownloadsPath) and the sources of a migration (SourcesPath), both for
 // coop migrate.
+//
+// Who may call what: the read-only endpoints (LocatePath, DownloadsPath,
+// and the OCI endpoint itself) answer every local user, as the blobs they
+// name are served to peers anyway. The write endpoints (POST and DELETE
+// SourcesPath) make a URL a candidate for blobs the node then fetches and
+// serves to containerd, so they need the node's API token
+// (Options.APIToken, "Authorization: Bearer <token>"), compared in constant
+// time; without it they answer 401. A request adds one source of at most
+// MaxSourceBlobs blobs, for at most MaxSourceTTL, and the mirror holds at
+// most MaxSources at once (429 beyond).
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -131,6 +145,25 @@ type SourceRequest struct {
 	TTLSeconds float64 `json:"ttl_seconds,omitempty"`
 }
 
+// Limits of SourcesPath.
+const (
+	// MaxSourceBlobs is the most blobs one SourceRequest may name (400
+	// beyond).
+	MaxSourceBlobs = 4096
+	// MaxSources is the most sources the mirror holds at once: a request
+	// beyond answers 429 until one is deleted or expires.
+	MaxSources = 64
+	// MaxSourceTTL is the longest SourceRequest.TTLSeconds (400 beyond).
+	MaxSourceTTL = 24 * time.Hour
+	// maxSourceNode bounds SourceRequest.Node.
+	maxSourceNode = 253
+)
+
+// codeUnauthorized answers a request to a write endpoint without the
+// mirror's API token (401), as the OCI distribution spec names it (the
+// value of peers.CodeUnauthorized, which the peer server's TLS work adds).
+const codeUnauthorized = "UNAUTHORIZED"
+
 // SourceResponse names an added source.
 type SourceResponse struct {
 	ID string `json:"id"`
@@ -160,60 +193,106 @@ func (m *Mirror) serveDownloads(ctx context.Context, w http.ResponseWriter, r *h
 }
 
 func (m *Mirror) serveSources(ctx context.Context, w http.ResponseWriter, r *http.Request) {
+	post := r.Method == http.MethodPost && r.URL.Path == SourcesPath
+	del := r.Method == http.MethodDelete && strings.HasPrefix(r.URL.Path, SourcesPath+"/")
+	if !post && !del {
+		w.Header().Set("Allow", "POST, DELETE")
+		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "POST "+SourcesPath+" or DELETE "+SourcesPath+"/ID")
+		return
+	}
+	if err := m.authorize(r); err != nil {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="coop mirror"`)
+		peers.WriteError(ctx, w, &peers.Error{Status: http.StatusUnauthorized, Code: codeUnauthorized, Err: err})
+		return
+	}
 	if m.sources == nil {
 		peers.WriteError(ctx, w, fmt.Errorf("this mirror takes no migration sources: %w", errdefs.ErrNotFound))
 		return
 	}
-	switch {
-	case r.Method == http.MethodPost && r.URL.Path == SourcesPath:
-		var req SourceRequest
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLocateBody)).Decode(&req); err != nil {
-			peers.WriteError(ctx, w, fmt.Errorf("bad source request: %v: %w", err, errdefs.ErrInvalidArgument))
-			return
-		}
-		srcURL, err := peers.ParseBaseURL(req.URL)
-		if err != nil {
-			peers.WriteError(ctx, w, fmt.Errorf("source URL: %w", err))
-			return
-		}
-		if req.Node == "" || len(req.Blobs) == 0 || req.TTLSeconds < 0 {
-			peers.WriteError(ctx, w, fmt.Errorf("a source needs a node, a URL and blobs: %w", errdefs.ErrInvalidArgument))
-			return
-		}
-		for d, size := range req.Blobs {
-			if d.Validate() != nil || size < 0 {
-				peers.WriteError(ctx, w, fmt.Errorf("blob %q size %d: %w", d, size, errdefs.ErrInvalidArgument))
-				return
-			}
-		}
-		ttl := time.Hour
-		if req.TTLSeconds > 0 {
-			ttl = time.Duration(req.TTLSeconds * float64(time.Second))
-		}
-		cancel := m.sources.Add(peers.Candidate{Node: req.Node, URL: srcURL}, req.Blobs)
-		id := digest.FromString(fmt.Sprintf("%s %s %d", req.Node, req.URL, time.Now().UnixNano())).Encoded()[:16]
-		m.srcMu.Lock()
-		if m.srcClosed {
-			m.srcMu.Unlock()
-			cancel()
-			peers.WriteError(ctx, w, errClosed)
-			return
-		}
-		m.srcs[id] = migrationSource{cancel: cancel, ttl: time.AfterFunc(ttl, func() { m.dropSource(id) })}
-		m.srcMu.Unlock()
-		log.G(ctx).WithFields(log.Fields{"source": req.Node, "url": req.URL, "blobs": len(req.Blobs), "id": id}).Info("migration source added")
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(SourceResponse{ID: id})
-	case r.Method == http.MethodDelete && strings.HasPrefix(r.URL.Path, SourcesPath+"/"):
+	if del {
 		if !m.dropSource(strings.TrimPrefix(r.URL.Path, SourcesPath+"/")) {
 			peers.WriteError(ctx, w, fmt.Errorf("no such source: %w", errdefs.ErrNotFound))
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
-	default:
-		w.Header().Set("Allow", "POST, DELETE")
-		writeOCIError(ctx, w, http.StatusMethodNotAllowed, peers.CodeUnsupported, "POST "+SourcesPath+" or DELETE "+SourcesPath+"/ID")
+		return
 	}
+	var req SourceRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLocateBody)).Decode(&req); err != nil {
+		peers.WriteError(ctx, w, fmt.Errorf("bad source request: %v: %w", err, errdefs.ErrInvalidArgument))
+		return
+	}
+	srcURL, err := peers.ParseBaseURL(req.URL)
+	if err != nil {
+		peers.WriteError(ctx, w, fmt.Errorf("source URL: %w", err))
+		return
+	}
+	if req.Node == "" || len(req.Blobs) == 0 || req.TTLSeconds < 0 {
+		peers.WriteError(ctx, w, fmt.Errorf("a source needs a node, a URL and blobs: %w", errdefs.ErrInvalidArgument))
+		return
+	}
+	if len(req.Node) > maxSourceNode {
+		peers.WriteError(ctx, w, fmt.Errorf("a node name of %d bytes, at most %d: %w", len(req.Node), maxSourceNode, errdefs.ErrInvalidArgument))
+		return
+	}
+	if len(req.Blobs) > MaxSourceBlobs {
+		peers.WriteError(ctx, w, fmt.Errorf("a source of %d blobs, at most %d a request: %w", len(req.Blobs), MaxSourceBlobs, errdefs.ErrInvalidArgument))
+		return
+	}
+	if req.TTLSeconds > MaxSourceTTL.Seconds() {
+		peers.WriteError(ctx, w, fmt.Errorf("a TTL of %g s, at most %g: %w", req.TTLSeconds, MaxSourceTTL.Seconds(), errdefs.ErrInvalidArgument))
+		return
+	}
+	for d, size := range req.Blobs {
+		if d.Validate() != nil || size < 0 {
+			peers.WriteError(ctx, w, fmt.Errorf("blob %q size %d: %w", d, size, errdefs.ErrInvalidArgument))
+			return
+		}
+	}
+	ttl := time.Hour
+	if req.TTLSeconds > 0 {
+		ttl = time.Duration(req.TTLSeconds * float64(time.Second))
+	}
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	id := hex.EncodeToString(b[:])
+	m.srcMu.Lock()
+	switch {
+	case m.srcClosed:
+		m.srcMu.Unlock()
+		peers.WriteError(ctx, w, errClosed)
+		return
+	case len(m.srcs) >= MaxSources:
+		m.srcMu.Unlock()
+		peers.WriteError(ctx, w, &peers.Error{Status: http.StatusTooManyRequests, Code: peers.CodeTooManyRequests,
+			Err: fmt.Errorf("the mirror holds %d migration sources, at most %d: delete one or wait for one to expire: %w", MaxSources, MaxSources, errdefs.ErrResourceExhausted)})
+		return
+	}
+	cancel := m.sources.Add(peers.Candidate{Node: req.Node, URL: srcURL}, req.Blobs)
+	m.srcs[id] = migrationSource{cancel: cancel, ttl: time.AfterFunc(ttl, func() { m.dropSource(id) })}
+	m.srcMu.Unlock()
+	log.G(ctx).WithFields(log.Fields{"source": req.Node, "url": srcURL, "blobs": len(req.Blobs), "id": id}).Info("migration source added")
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(SourceResponse{ID: id})
+}
+
+// authorize returns nil when r carries the mirror's API token, else an
+// error of class errdefs.ErrUnauthenticated saying what is missing. The
+// comparison takes the same time whatever the token sent.
+func (m *Mirror) authorize(r *http.Request) error {
+	if m.apiToken == "" {
+		return fmt.Errorf("this mirror has no API token: its write endpoints are closed: %w", errdefs.ErrUnauthenticated)
+	}
+	h := r.Header.Get("Authorization")
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return fmt.Errorf("want Authorization: Bearer and the node's mirror token: %w", errdefs.ErrUnauthenticated)
+	}
+	got, want := sha256.Sum256([]byte(tok)), sha256.Sum256([]byte(m.apiToken))
+	if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+		return fmt.Errorf("wrong mirror token: %w", errdefs.ErrUnauthenticated)
+	}
+	return nil
 }
 
 // migrationSource is a source added through SourcesPath: cancel removes it

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"github.com/coopnet/coop/peers"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -23,10 +24,14 @@ type Client struct {
 	URL string
 	// HTTP makes the requests. Required.
 	HTTP *http.Client
+	// Token is the node's mirror API token (ReadToken), sent as
+	// "Authorization: Bearer <Token>"; AddSource and DropSource need it.
+	Token string
 }
 
 // AddSource makes req's node a candidate for its blobs and returns the ID
-// that DropSource takes.
+// that DropSource takes. Without the right Token the error is of class
+// errdefs.ErrUnauthenticated; beyond MaxSources, errdefs.ErrResourceExhausted.
 func (c *Client) AddSource(ctx context.Context, req SourceRequest) (string, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
@@ -76,14 +81,16 @@ func (c *Client) do(ctx context.Context, method, path string, body io.Reader, ou
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
 		return fmt.Errorf("local coop node at %s: %v: %w", c.URL, err, errdefs.ErrUnavailable)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-		return fmt.Errorf("local coop node at %s: %s: %s", c.URL, resp.Status, bytes.TrimSpace(msg))
+		return fmt.Errorf("local coop node at %s: %s: %s: %w", c.URL, resp.Status, errorMessage(resp.Body), statusClass(resp.StatusCode))
 	}
 	if out == nil {
 		return nil
@@ -92,4 +99,38 @@ func (c *Client) do(ctx context.Context, method, path string, body io.Reader, ou
 		return fmt.Errorf("local coop node at %s: %v: %w", c.URL, err, errdefs.ErrDataLoss)
 	}
 	return nil
+}
+
+// errorMessage returns the messages of an OCI error body, or the start of
+// any other body.
+func errorMessage(body io.Reader) string {
+	b, _ := io.ReadAll(io.LimitReader(body, 4096))
+	var er peers.ErrorResponse
+	if json.Unmarshal(b, &er) == nil && len(er.Errors) > 0 {
+		var msgs []string
+		for _, e := range er.Errors {
+			msgs = append(msgs, e.Message)
+		}
+		return strings.Join(msgs, "; ")
+	}
+	return string(bytes.TrimSpace(b[:min(len(b), 1024)]))
+}
+
+// statusClass maps an error status of the mirror to its errdefs class.
+func statusClass(status int) error {
+	switch status {
+	case http.StatusBadRequest:
+		return errdefs.ErrInvalidArgument
+	case http.StatusUnauthorized:
+		return errdefs.ErrUnauthenticated
+	case http.StatusForbidden:
+		return errdefs.ErrPermissionDenied
+	case http.StatusNotFound:
+		return errdefs.ErrNotFound
+	case http.StatusTooManyRequests:
+		return errdefs.ErrResourceExhausted
+	case http.StatusServiceUnavailable:
+		return errdefs.ErrUnavailable
+	}
+	return errdefs.ErrUnknown
 }

@@ -74,6 +74,11 @@ type Options struct {
 	// Sources, when set, are candidates whatever the resolver says (the
 	// source of a migration), managed through SourcesPath.
 	Sources *resolver.Sources
+	// APIToken guards the write endpoints (POST and DELETE SourcesPath):
+	// they need "Authorization: Bearer <APIToken>". Empty closes them (401
+	// to everyone). At least MinTokenLen characters; LoadOrCreateToken
+	// makes one. The read-only endpoints stay open to local users.
+	APIToken string
 }
 
 // Mirror is the loopback OCI endpoint containerd tries before each registry
@@ -92,6 +97,7 @@ type Mirror struct {
 	downloader  *peers.Downloader
 	downloads   *downloads
 	sources     *resolver.Sources
+	apiToken    string
 	srcMu       sync.Mutex
 	srcs        map[string]migrationSource
 	srcClosed   bool
@@ -121,6 +127,7 @@ func New(opts Options) (*Mirror, error) {
 		fetches:     newFetchGroup(),
 		downloads:   newDownloads(),
 		sources:     opts.Sources,
+		apiToken:    opts.APIToken,
 		srcs:        map[string]migrationSource{},
 		failed:      map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -158,6 +165,11 @@ func New(opts Options) (*Mirror, error) {
 	}
 	if m.resolver == nil || m.peers == nil || m.store == nil {
 		return nil, fmt.Errorf("mirror needs a resolver, a peer fetcher and a store: %w", errdefs.ErrInvalidArgument)
+	}
+	if m.apiToken != "" {
+		if err := validToken(m.apiToken); err != nil {
+			return nil, fmt.Errorf("mirror API token: %w", err)
+		}
 	}
 	if m.stall < 0 || m.ttl < 0 || m.headerDelay < 0 {
 		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -417,7 +420,7 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 		t.Fatal(err)
 	}
 	m, err := New(Options{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"},
-		Store: store, Sources: resolver.NewSources(), HeaderDelay: time.Minute})
+		Store: store, Sources: resolver.NewSources(), HeaderDelay: time.Minute, APIToken: testToken})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -433,11 +436,18 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 		_, _ = io.Copy(io.Discard, resp.Body)
 		return resp.StatusCode
 	}
-	for _, bad := range []string{`{`, `{"node":"s","url":"ftp://x","blobs":{"` + d.String() + `":1}}`, `{"node":"s","url":"http://127.0.0.1:1","blobs":{}}`} {
-		resp, err := http.Post(srv.URL+SourcesPath, "application/json", strings.NewReader(bad))
+	post := func(body string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, srv.URL+SourcesPath, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+testToken)
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
+		return resp
+	}
+	for _, bad := range []string{`{`, `{"node":"s","url":"ftp://x","blobs":{"` + d.String() + `":1}}`, `{"node":"s","url":"http://127.0.0.1:1","blobs":{}}`} {
+		resp := post(bad)
 		resp.Body.Close()
 		if resp.StatusCode != 400 {
 			t.Fatalf("source %s: status %d, want 400", bad, resp.StatusCode)
@@ -445,10 +455,7 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 	}
 	src := blobPeer(t, data, "good")
 	body := `{"node":"src","url":"` + src.URL + `","blobs":{"` + d.String() + `":` + strconv.Itoa(len(data)) + `}}`
-	resp, err := http.Post(srv.URL+SourcesPath, "application/json", strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := post(body)
 	var sr SourceResponse
 	if err := json.NewDecoder(resp.Body).Decode(&sr); err != nil || sr.ID == "" {
 		t.Fatalf("add source: %v %+v", err, sr)
@@ -470,6 +477,7 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 		t.Fatalf("downloads %+v", dls)
 	}
 	req, _ := http.NewRequest(http.MethodDelete, srv.URL+SourcesPath+"/"+sr.ID, nil)
+	req.Header.Set("Authorization", "Bearer "+testToken)
 	resp, err = http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -490,4 +498,320 @@ func TestMirrorSourcesAndDownloads(t *testing.T) {
 	if len(got[d]) != 0 {
 		t.Fatalf("source still a candidate after delete: %v", got)
 	}
+}
+
+// testToken is the API token of the test mirrors that take sources.
+const testToken = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+// newSourcesMirror returns a mirror taking sources with token as its API
+// token, served by an httptest server.
+func newSourcesMirror(t *testing.T, token string) (*Mirror, *httptest.Server) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	store, err := content.NewStore(ctx, t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"},
+		Store: store, Sources: resolver.NewSources(), APIToken: token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Close() })
+	srv := httptest.NewServer(m)
+	t.Cleanup(srv.Close)
+	return m, srv
+}
+
+// sourceBody is a valid SourceRequest naming n blobs.
+func sourceBody(n int) string {
+	blobs := map[digest.Digest]int64{}
+	for i := range n {
+		blobs[digest.FromString(strconv.Itoa(i))] = 1
+	}
+	b, _ := json.Marshal(SourceRequest{Node: "src", URL: "http://127.0.0.1:1", Blobs: blobs})
+	return string(b)
+}
+
+// TestMirrorSourcesAuth: the write endpoints need the API token, the
+// read-only ones do not; a mirror without a token takes no writes at all.
+func TestMirrorSourcesAuth(t *testing.T) {
+	_, srv := newSourcesMirror(t, testToken)
+	_, closed := newSourcesMirror(t, "")
+	for _, tc := range []struct {
+		name, base, method, path, auth string
+		status                         int
+	}{
+		{"post with the token", srv.URL, "POST", SourcesPath, "Bearer " + testToken, 200},
+		{"post, scheme in lower case", srv.URL, "POST", SourcesPath, "bearer " + testToken, 200},
+		{"post without a token", srv.URL, "POST", SourcesPath, "", 401},
+		{"post with a wrong token", srv.URL, "POST", SourcesPath, "Bearer " + strings.Repeat("f", 64), 401},
+		{"post with a prefix of the token", srv.URL, "POST", SourcesPath, "Bearer " + testToken[:32], 401},
+		{"post with basic auth", srv.URL, "POST", SourcesPath, "Basic " + testToken, 401},
+		{"post with the bare token", srv.URL, "POST", SourcesPath, testToken, 401},
+		{"delete without a token", srv.URL, "DELETE", SourcesPath + "/x", "", 401},
+		{"delete unknown with the token", srv.URL, "DELETE", SourcesPath + "/x", "Bearer " + testToken, 404},
+		{"get sources", srv.URL, "GET", SourcesPath, "", 405},
+		{"downloads stay open", srv.URL, "GET", DownloadsPath, "", 200},
+		{"locate stays open", srv.URL, "GET", "/coop/v1/locate?digest=" + digest.FromString("x").String(), "", 200},
+		{"no token configured, post", closed.URL, "POST", SourcesPath, "Bearer " + testToken, 401},
+		{"no token configured, empty bearer", closed.URL, "POST", SourcesPath, "Bearer ", 401},
+		{"no token configured, delete", closed.URL, "DELETE", SourcesPath + "/x", "Bearer ", 401},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var body io.Reader
+			if tc.method == "POST" {
+				body = strings.NewReader(sourceBody(1))
+			}
+			req, _ := http.NewRequest(tc.method, tc.base+tc.path, body)
+			if tc.auth != "" {
+				req.Header.Set("Authorization", tc.auth)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, b)
+			}
+			if tc.status == 401 {
+				var er peers.ErrorResponse
+				if err := json.Unmarshal(b, &er); err != nil || len(er.Errors) != 1 || er.Errors[0].Code != codeUnauthorized {
+					t.Fatalf("401 body %s: want one %s error", b, codeUnauthorized)
+				}
+				if resp.Header.Get("WWW-Authenticate") == "" {
+					t.Fatal("401 without WWW-Authenticate")
+				}
+			}
+		})
+	}
+}
+
+// TestMirrorSourcesLimits: one request adds at most MaxSourceBlobs blobs
+// for at most MaxSourceTTL; the mirror holds at most MaxSources sources.
+func TestMirrorSourcesLimits(t *testing.T) {
+	m, srv := newSourcesMirror(t, testToken)
+	c := &Client{URL: srv.URL, HTTP: srv.Client(), Token: testToken}
+	ctx := context.Background()
+	blobs := func(n int) map[digest.Digest]int64 {
+		out := map[digest.Digest]int64{}
+		for i := range n {
+			out[digest.FromString(strconv.Itoa(i))] = 1
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		req  SourceRequest
+		ok   bool
+	}{
+		{"most blobs", SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(MaxSourceBlobs)}, true},
+		{"one blob too many", SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(MaxSourceBlobs + 1)}, false},
+		{"longest TTL", SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(1), TTLSeconds: MaxSourceTTL.Seconds()}, true},
+		{"TTL too long", SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(1), TTLSeconds: MaxSourceTTL.Seconds() + 1}, false},
+		{"node name too long", SourceRequest{Node: strings.Repeat("n", 254), URL: "http://127.0.0.1:1", Blobs: blobs(1)}, false},
+		{"URL with a path", SourceRequest{Node: "s", URL: "http://127.0.0.1:1/x#", Blobs: blobs(1)}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id, err := c.AddSource(ctx, tc.req)
+			if tc.ok {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := c.DropSource(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) {
+				t.Fatalf("err %v, want invalid argument", err)
+			}
+		})
+	}
+	t.Run("most sources", func(t *testing.T) {
+		var ids []string
+		for range MaxSources {
+			id, err := c.AddSource(ctx, SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, id)
+		}
+		_, err := c.AddSource(ctx, SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(1)})
+		if !errdefs.IsResourceExhausted(err) || !strings.Contains(err.Error(), "429") {
+			t.Fatalf("source %d: err %v, want 429 resource exhausted", MaxSources+1, err)
+		}
+		if err := c.DropSource(ctx, ids[0]); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.AddSource(ctx, SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: blobs(1)}); err != nil {
+			t.Fatalf("after a delete: %v", err)
+		}
+		m.srcMu.Lock()
+		n := len(m.srcs)
+		m.srcMu.Unlock()
+		if n != MaxSources {
+			t.Fatalf("%d sources held, want %d", n, MaxSources)
+		}
+	})
+}
+
+// TestClientToken: the Client's Token reaches the mirror; without it, or
+// with another, AddSource fails as unauthenticated and adds nothing.
+func TestClientToken(t *testing.T) {
+	m, srv := newSourcesMirror(t, testToken)
+	ctx := context.Background()
+	req := SourceRequest{Node: "s", URL: "http://127.0.0.1:1", Blobs: map[digest.Digest]int64{digest.FromString("x"): 1}}
+	for _, tc := range []struct {
+		name, token string
+		ok          bool
+	}{
+		{"right token", testToken, true},
+		{"no token", "", false},
+		{"another token", strings.Repeat("a", 64), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &Client{URL: srv.URL, HTTP: srv.Client(), Token: tc.token}
+			id, err := c.AddSource(ctx, req)
+			if tc.ok {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := c.DropSource(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsUnauthorized(err) || !strings.Contains(err.Error(), "mirror token") {
+				t.Fatalf("err %v, want unauthenticated naming the mirror token", err)
+			}
+			got, _ := m.resolver.Locate(ctx, []digest.Digest{digest.FromString("x")})
+			if len(got) != 0 {
+				t.Fatalf("refused source is a candidate: %v", got)
+			}
+		})
+	}
+}
+
+// TestNewAPIToken: the token option reaches the mirror, and a short one is
+// refused.
+func TestNewAPIToken(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	store, err := content.NewStore(ctx, t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, token string
+		ok          bool
+	}{
+		{"none", "", true},
+		{"long enough", testToken, true},
+		{"too short", "secret", false},
+		{"with a space", strings.Repeat("a", 20) + " " + strings.Repeat("b", 20), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := New(Options{Resolver: staticResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"}, Store: store, APIToken: tc.token})
+			if !tc.ok {
+				if !errdefs.IsInvalidArgument(err) {
+					t.Fatalf("err %v, want invalid argument", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			if m.apiToken != tc.token {
+				t.Fatalf("token %q, want %q", m.apiToken, tc.token)
+			}
+		})
+	}
+}
+
+func TestLoadOrCreateToken(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "mirror.token")
+	tok, err := LoadOrCreateToken(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := hex.DecodeString(tok); err != nil || len(b) != 32 {
+		t.Fatalf("token %q: want 32 bytes in hex", tok)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, want 0600", fi.Mode())
+	}
+	again, err := LoadOrCreateToken(path)
+	if err != nil || again != tok {
+		t.Fatalf("second load: %q %v, want the same token", again, err)
+	}
+	if read, err := ReadToken(path); err != nil || read != tok {
+		t.Fatalf("ReadToken: %q %v", read, err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".mirror-token-*")); len(left) != 0 {
+		t.Fatalf("temporary files left: %v", left)
+	}
+
+	write := func(name, body string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(path, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		path  string
+		class func(error) bool
+	}{
+		{"missing", filepath.Join(dir, "none"), errdefs.IsNotFound},
+		{"readable by others", write("world", testToken, 0o644), errdefs.IsPermissionDenied},
+		{"writable by the group", write("group", testToken, 0o620), errdefs.IsPermissionDenied},
+		{"symbolic link", link, errdefs.IsPermissionDenied},
+		{"directory", dir, errdefs.IsPermissionDenied},
+		{"short", write("short", "secret\n", 0o600), errdefs.IsInvalidArgument},
+		{"empty", write("empty", "", 0o600), errdefs.IsInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ReadToken(tc.path)
+			if !tc.class(err) {
+				t.Fatalf("ReadToken: err %v", err)
+			}
+			if tc.name == "missing" {
+				return
+			}
+			// LoadOrCreateToken never replaces a file it refuses.
+			if _, err := LoadOrCreateToken(tc.path); !tc.class(err) {
+				t.Fatalf("LoadOrCreateToken: err %v", err)
+			}
+		})
+	}
+	t.Run("another owner", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to give a file away")
+		}
+		p := write("theirs", testToken, 0o600)
+		if err := os.Chown(p, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ReadToken(p); !errdefs.IsPermissionDenied(err) {
+			t.Fatalf("err %v, want permission denied", err)
+		}
+	})
 }
