@@ -155,8 +155,8 @@ type download struct {
 	live    []*chunk // planned chunks not yet written, by offset
 	retry   []*chunk // live chunks whose peer failed, waiting for another, by offset
 	written int64    // bytes handed to the writer
-	active  int   // workers running
-	nextC   int   // next candidate in order to start
+	active  int      // workers running
+	nextC   int      // next candidate in order to start
 	stats   DownloadStats
 	done    bool // the writer finished or gave up
 }

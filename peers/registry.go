@@ -99,13 +99,11 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 
 	var ra ctdcontent.ReaderAt
 	if r.Method == http.MethodGet {
-		if n := s.active.Add(1); s.maxUploads > 0 && n > int64(s.maxUploads) {
-			s.active.Add(-1)
-			s.metrics.busy.Inc()
-			w.Header().Set("Retry-After", "1")
-			return newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running, at most %d", n-1, s.maxUploads)
+		release, err := s.acquireUpload(w, r)
+		if err != nil {
+			return err
 		}
-		defer s.active.Add(-1)
+		defer release()
 		ra, err = s.store.ReaderAt(ctx, ocispec.Descriptor{Digest: dgst, Size: size})
 		if err != nil {
 			if errdefs.IsNotFound(err) {
@@ -136,8 +134,10 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 	defer s.metrics.activeUploads.Dec()
 	buf := s.bufs.Get().(*[]byte)
 	defer s.bufs.Put(buf)
-	// Counted as it goes, so the metric shows a transfer in progress.
-	n, err := io.CopyBuffer(&servedCounter{w: w, c: s.metrics.servedBytes, n: &s.sent}, io.NewSectionReader(ra, start, length), *buf)
+	// Counted as it goes, so the metric shows a transfer in progress; cut
+	// when the client takes nothing for writeStall.
+	out := &servedCounter{w: NewStallWriter(w, s.writeStall), c: s.metrics.servedBytes, n: &s.sent}
+	n, err := io.CopyBuffer(out, io.NewSectionReader(ra, start, length), *buf)
 	if err != nil {
 		return fmt.Errorf("send blob %s after %d bytes: %w", dgst, n, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -39,6 +40,36 @@ type ServerOptions struct {
 	// MaxUploads bounds the blob bodies sent at once; beyond it a blob GET
 	// is answered 429 with Retry-After. 0: no bound.
 	MaxUploads int
+	// MaxUploadsPerClient bounds the blob bodies sent at once to one client
+	// (as ClientKey names it), so that a few slow readers cannot hold every
+	// upload; beyond it a blob GET is answered 429 with Retry-After.
+	// 0: DefaultMaxUploadsPerClient; negative: no bound.
+	MaxUploadsPerClient int
+	// ClientKey names the client of a request for MaxUploadsPerClient.
+	// Default ClientIP.
+	ClientKey func(*http.Request) string
+	// WriteStall cuts a blob answer whose client has taken nothing for this
+	// long, which frees its upload slot: the write deadline moves on while
+	// bytes flow (see NewStallWriter). Default DefaultWriteStall.
+	WriteStall time.Duration
+}
+
+const (
+	// DefaultMaxUploadsPerClient is the default
+	// ServerOptions.MaxUploadsPerClient.
+	DefaultMaxUploadsPerClient = 4
+	// DefaultWriteStall is the default ServerOptions.WriteStall.
+	DefaultWriteStall = 15 * time.Second
+)
+
+// ClientIP returns the IP address a request came from (the host of its
+// RemoteAddr), the default ServerOptions.ClientKey.
+func ClientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
 
 // Request kinds, the "kind" label of coop_peer_requests_total.
@@ -62,15 +93,20 @@ type Server struct {
 	promh   http.Handler // nil without a Gatherer
 	bufs    sync.Pool    // *[]byte of copyBufferSize
 
-	containers ContainerRecords
-	allowStop  bool
-	maxUploads int
-	active     atomic.Int64 // blob bodies being sent
-	sent       atomic.Int64 // blob bytes sent, for the upload rate
-	rateMu     sync.Mutex
-	rateAt     time.Time
-	rateSent   int64
-	rate       float64
+	containers   ContainerRecords
+	allowStop    bool
+	maxUploads   int
+	maxPerClient int // 0: no bound
+	clientKey    func(*http.Request) string
+	writeStall   time.Duration
+	slotsMu      sync.Mutex     // taking and giving back an upload slot
+	byClient     map[string]int // upload slots held, by client key
+	active       atomic.Int64   // blob bodies being sent
+	sent         atomic.Int64   // blob bytes sent, for the upload rate
+	rateMu       sync.Mutex
+	rateAt       time.Time
+	rateSent     int64
+	rate         float64
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -90,6 +126,24 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	if opts.MaxUploads < 0 {
 		return nil, fmt.Errorf("peer server max uploads %d: %w", opts.MaxUploads, errdefs.ErrInvalidArgument)
 	}
+	if opts.WriteStall < 0 {
+		return nil, fmt.Errorf("peer server write stall %v: %w", opts.WriteStall, errdefs.ErrInvalidArgument)
+	}
+	perClient := opts.MaxUploadsPerClient
+	switch {
+	case perClient == 0:
+		perClient = DefaultMaxUploadsPerClient
+	case perClient < 0:
+		perClient = 0
+	}
+	clientKey := opts.ClientKey
+	if clientKey == nil {
+		clientKey = ClientIP
+	}
+	writeStall := opts.WriteStall
+	if writeStall == 0 {
+		writeStall = DefaultWriteStall
+	}
 	m := newServerMetrics()
 	if opts.Registerer != nil {
 		if err := m.register(opts.Registerer); err != nil {
@@ -97,14 +151,18 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		}
 	}
 	s := &Server{
-		maxUploads: opts.MaxUploads,
-		containers: opts.Containers,
-		allowStop:  opts.AllowStop,
-		rateAt:     time.Now(),
-		node:       opts.Node,
-		store:      opts.Store,
-		inv:        opts.Inventory,
-		metrics:    m,
+		maxUploads:   opts.MaxUploads,
+		maxPerClient: perClient,
+		clientKey:    clientKey,
+		writeStall:   writeStall,
+		byClient:     map[string]int{},
+		containers:   opts.Containers,
+		allowStop:    opts.AllowStop,
+		rateAt:       time.Now(),
+		node:         opts.Node,
+		store:        opts.Store,
+		inv:          opts.Inventory,
+		metrics:      m,
 		bufs: sync.Pool{New: func() any {
 			b := make([]byte, copyBufferSize)
 			return &b
@@ -197,6 +255,36 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 	return kind, s.serveManifest(w, r, dp.Ref)
 }
 
+// acquireUpload takes an upload slot for r and returns the function that
+// gives it back. When MaxUploads are running, or MaxUploadsPerClient for r's
+// client, it answers 429 with Retry-After instead.
+func (s *Server) acquireUpload(w http.ResponseWriter, r *http.Request) (release func(), err error) {
+	key := s.clientKey(r)
+	s.slotsMu.Lock()
+	defer s.slotsMu.Unlock()
+	n, mine := s.active.Load(), s.byClient[key]
+	switch {
+	case s.maxUploads > 0 && n >= int64(s.maxUploads):
+		s.metrics.busy.Inc()
+		w.Header().Set("Retry-After", "1")
+		return nil, newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running, at most %d", n, s.maxUploads)
+	case s.maxPerClient > 0 && mine >= s.maxPerClient:
+		s.metrics.busyClient.Inc()
+		w.Header().Set("Retry-After", "1")
+		return nil, newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running for client %q, at most %d a client", mine, key, s.maxPerClient)
+	}
+	s.active.Add(1)
+	s.byClient[key]++
+	return func() {
+		s.slotsMu.Lock()
+		defer s.slotsMu.Unlock()
+		s.active.Add(-1)
+		if s.byClient[key]--; s.byClient[key] <= 0 {
+			delete(s.byClient, key)
+		}
+	}, nil
+}
+
 // allow calls h when r's method is one of methods, and answers 405 otherwise.
 func allow(w http.ResponseWriter, r *http.Request, h func(http.ResponseWriter, *http.Request) error, methods ...string) error {
 	for _, m := range methods {
@@ -282,6 +370,7 @@ type serverMetrics struct {
 	servedBytes   prometheus.Counter
 	activeUploads prometheus.Gauge
 	busy          prometheus.Counter
+	busyClient    prometheus.Counter
 }
 
 func newServerMetrics() *serverMetrics {
@@ -302,11 +391,15 @@ func newServerMetrics() *serverMetrics {
 			Name: "coop_peer_busy_total",
 			Help: "Blob requests refused with 429 because --max-uploads were running.",
 		}),
+		busyClient: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coop_peer_client_busy_total",
+			Help: "Blob requests refused with 429 because their client had as many uploads running as one client may.",
+		}),
 	}
 }
 
 func (m *serverMetrics) register(reg prometheus.Registerer) error {
-	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.busy}
+	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.busy, m.busyClient}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			for _, done := range cs[:i] {
