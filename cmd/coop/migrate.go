@@ -9,12 +9,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/plugin/migrate"
 	"github.com/coopnet/coop/plugin/mirror"
 )
@@ -24,21 +26,24 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.SetOutput(stderr)
 	o := migrate.Options{}
 	mirrorURL := "http://" + defaultMirrorListen
-	fs.StringVar(&o.From, "from", "", "the source node's coop peer URL, e.g. http://node-a:5050 (required)")
+	fs.StringVar(&o.From, "from", "", "the source node's coop peer URL, e.g. https://node-a:5050 (required)")
+	tlsDir := fs.String("tls-dir", "", "credentials (ca.crt, tls.crt, tls.key; this node's coop node --tls-dir will do) for mutual TLS with the source; empty: plain HTTP")
 	fs.StringVar(&o.Namespace, "namespace", "default", "containerd namespace of the container (k8s.io for CRI)")
 	fs.StringVar(&o.Containerd, "containerd-address", "/run/containerd/containerd.sock", "this node's containerd socket")
 	fs.StringVar(&mirrorURL, "mirror", mirrorURL, "this node's coop mirror URL")
+	tokenFile := fs.String("mirror-token-file", filepath.Join("/var/lib/coop", mirror.TokenFile), "the mirror's API token, which this node's coop node creates in its --root (readable by its user only)")
 	fs.StringVar(&o.HostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml directory (the one coop containerd-config --write wrote)")
 	fs.StringVar(&o.Snapshotter, "snapshotter", "", "snapshotter to use here (default: the source's)")
 	fs.StringVar(&o.CgroupsPath, "cgroups-path", "", "cgroups path for the container here (default: the source's)")
 	fs.StringVar(&o.RuncRoot, "runc-root", "", "runc state directory (default: runc's)")
 	fs.BoolVar(&o.Start, "start", false, "start the container here")
 	fs.BoolVar(&o.StopSource, "stop-source", false, "with --start: stop the source's task once this one runs")
+	fs.BoolVar(&o.AllowPrivileged, "allow-privileged", false, "recreate a container that asks for more than a new container gets here (capabilities, host mounts, host namespaces, devices, hooks)")
 	jsonOut := fs.Bool("json", false, "print the result as one JSON object")
 	jsonFile := fs.String("json-file", "", "also write the JSON result to this file")
 	timeout := fs.Duration("timeout", 30*time.Minute, "give up after this long")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: coop migrate --from URL [--namespace NS] [--start] [--stop-source] [--json] CONTAINER\n\nRecreates a container of the source node here, its image fetched from the source and the neighbours.")
+		fmt.Fprintln(stderr, "usage: coop migrate --from URL [--namespace NS] [--start] [--stop-source] [--allow-privileged] [--json] CONTAINER\n\nRecreates a container of the source node here, its image fetched from the source and the neighbours.")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -52,11 +57,24 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("--stop-source needs --start: %w", errUsage)
 	}
 	o.ID = fs.Arg(0)
-	o.Peers = &peers.Client{Node: "coop-migrate", HTTP: &http.Client{Transport: &http.Transport{
+	token, err := mirror.ReadToken(*tokenFile)
+	if err != nil {
+		return fmt.Errorf("--mirror-token-file: %w (coop node creates it in its --root; run as the node's user)", err)
+	}
+	peerTransport := &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 30 * time.Second, // a stop waits for the source's task
-	}}}
-	o.Mirror = &mirror.Client{URL: mirrorURL, HTTP: &http.Client{Transport: &http.Transport{
+	}
+	self := "coop-migrate"
+	if *tlsDir != "" {
+		creds, err := trust.Load(*tlsDir)
+		if err != nil {
+			return fmt.Errorf("--tls-dir: %w", err)
+		}
+		peerTransport.TLSClientConfig, self = creds.ClientConfig(), creds.Name()
+	}
+	o.Peers = &peers.Client{Node: self, HTTP: &http.Client{Transport: peerTransport}}
+	o.Mirror = &mirror.Client{URL: mirrorURL, Token: token, HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 30 * time.Second,
 	}}}

@@ -1,12 +1,15 @@
 // Package migrate recreates a container of another coop node here: it reads
-// the source's container record, pulls the image by digest through the local
-// mirror with the source as a candidate besides the neighbours, and creates
-// (and starts) the same container.
+// the source's container record, refuses a spec that asks for more than a
+// new container gets here (policy.go), pulls the image by digest through the
+// local mirror with the source as a candidate besides the neighbours, and
+// creates (and starts) the same container. It never re-points an image
+// name that exists here.
 package migrate
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -50,6 +53,10 @@ type Options struct {
 	RuncRoot string
 	// Start starts the container; StopSource then stops the source's.
 	Start, StopSource bool
+	// AllowPrivileged recreates a spec CheckSpec refuses (capabilities,
+	// host mounts, host namespaces, devices, hooks beyond the defaults) and
+	// a runtime named by a path.
+	AllowPrivileged bool
 	// Peers reads from the source. Required.
 	Peers *peers.Client
 	// Progress, when set, is called as the pull starts with the image's
@@ -83,10 +90,13 @@ const (
 )
 
 // Run recreates container ID of the source at this node: it reads the
-// source's record, pulls the image by digest through the local mirror with
-// the source as a candidate besides the neighbours, creates the container
-// with the same spec, labels and image, and starts it when asked. On error
-// nothing it created is left behind.
+// source's record, checks its spec (CheckSpec, CheckRuntime: an error of
+// class errdefs.ErrPermissionDenied unless o.AllowPrivileged) and that no
+// image of the same name with another target exists here
+// (errdefs.ErrAlreadyExists), pulls the image by digest through the local
+// mirror with the source as a candidate besides the neighbours, creates the
+// container with the same spec, labels and image, and starts it when asked.
+// On error nothing it created is left behind.
 func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 	start := time.Now()
 	if o.From == "" || o.ID == "" || o.Namespace == "" || o.Containerd == "" || o.Mirror == nil || o.Peers == nil {
@@ -96,17 +106,32 @@ func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 	if err != nil {
 		return nil, err
 	}
+	ctx = namespaces.WithNamespace(ctx, o.Namespace)
+	spec, err := checkRecord(ctx, rec, o.ID, o.AllowPrivileged)
+	if err != nil {
+		return nil, fmt.Errorf("container %s/%s of %s: %w", o.Namespace, o.ID, rec.Node, err)
+	}
 	client, err := containerd.New(o.Containerd)
 	if err != nil {
 		return nil, fmt.Errorf("containerd at %s: %w", o.Containerd, err)
 	}
 	defer client.Close()
-	ctx = namespaces.WithNamespace(ctx, o.Namespace)
 	if _, err := client.LoadContainer(ctx, o.ID); err == nil {
 		return nil, fmt.Errorf("container %s/%s already exists here: %w", o.Namespace, o.ID, errdefs.ErrAlreadyExists)
 	} else if !errdefs.IsNotFound(err) {
 		return nil, fmt.Errorf("containerd at %s: %w", o.Containerd, err)
 	}
+	// An image name here is never re-pointed: the same target is reused,
+	// another is an error, before anything is fetched.
+	if err := sameImage(ctx, client.ImageService(), rec.Image, rec.Target); err != nil {
+		return nil, err
+	}
+	byDigest, err := digestRef(rec.Image, rec.Target.Digest)
+	if err != nil {
+		return nil, err
+	}
+	_, err = client.ImageService().Get(ctx, byDigest)
+	byDigestExisted := !errdefs.IsNotFound(err) // the pull creates it
 
 	blobs, layers, err := imageBlobs(ctx, o.Peers, o.From, rec.Target)
 	if err != nil {
@@ -129,9 +154,10 @@ func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 		}
 	}()
 
-	_, imgErr := client.GetImage(ctx, rec.Image)
-	imageExisted := imgErr == nil
-	var created containerd.Container
+	var (
+		created containerd.Container
+		named   bool // rec.Image named by this migration
+	)
 	defer func() {
 		if retErr == nil {
 			return
@@ -145,8 +171,11 @@ func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 				log.G(ctx).WithError(err).Warn("could not remove the half-created container")
 			}
 		}
-		if !imageExisted {
+		if named {
 			_ = client.ImageService().Delete(cctx, rec.Image)
+		}
+		if !byDigestExisted {
+			_ = client.ImageService().Delete(cctx, byDigest)
 		}
 	}()
 
@@ -159,17 +188,13 @@ func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 	if o.Progress != nil {
 		stopProgress = o.Progress(ctx, layers, local)
 	}
-	img, err := pullByDigest(ctx, client, rec, snapshotter, o.HostsDir)
+	img, err := pullByDigest(ctx, client, rec, byDigest, snapshotter, o.HostsDir, &named)
 	stopProgress()
 	if err != nil {
 		return nil, err
 	}
 	pullSeconds := time.Since(pullStart).Seconds()
 
-	var spec oci.Spec
-	if err := json.Unmarshal(rec.Spec, &spec); err != nil {
-		return nil, fmt.Errorf("container spec from the source: %v: %w", err, errdefs.ErrDataLoss)
-	}
 	if o.CgroupsPath != "" && spec.Linux != nil {
 		spec.Linux.CgroupsPath = o.CgroupsPath
 	}
@@ -181,7 +206,7 @@ func Run(ctx context.Context, o Options) (_ *Result, retErr error) {
 		containerd.WithImage(img),
 		containerd.WithSnapshotter(snapshotter),
 		containerd.WithNewSnapshot(o.ID, img),
-		containerd.WithSpec(&spec),
+		containerd.WithSpec(spec),
 		containerd.WithContainerLabels(rec.Labels),
 		containerd.WithRuntime(rec.Runtime, runtimeOpts),
 	)
@@ -256,14 +281,60 @@ func imageBlobs(ctx context.Context, pc *peers.Client, from string, target ocisp
 	return nil, nil, fmt.Errorf("nested index at %s: %w", target.Digest, errdefs.ErrNotImplemented)
 }
 
-// pullByDigest pulls rec's image by digest through the hosts.toml tree (the
-// mirror first), unpacks it, and names it as on the source.
-func pullByDigest(ctx context.Context, client *containerd.Client, rec *peers.ContainerRecord, snapshotter, hostsDir string) (containerd.Image, error) {
-	named, err := reference.ParseNormalizedNamed(rec.Image)
-	if err != nil {
-		return nil, fmt.Errorf("image name %q: %v: %w", rec.Image, err, errdefs.ErrInvalidArgument)
+// checkRecord decodes rec's spec and refuses, unless allowPrivileged, a
+// spec that asks for more than a new container id gets here and a runtime
+// named by a path.
+func checkRecord(ctx context.Context, rec *peers.ContainerRecord, id string, allowPrivileged bool) (*oci.Spec, error) {
+	var spec oci.Spec
+	if err := json.Unmarshal(rec.Spec, &spec); err != nil {
+		return nil, fmt.Errorf("container spec from the source: %v: %w", err, errdefs.ErrDataLoss)
 	}
-	byDigest := reference.TrimNamed(named).String() + "@" + rec.Target.Digest.String()
+	def, err := DefaultSpec(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	errs := errors.Join(CheckRuntime(rec.Runtime), CheckSpec(&spec, def))
+	if errs == nil {
+		return &spec, nil
+	}
+	if !allowPrivileged {
+		return nil, errs
+	}
+	log.G(ctx).WithError(errs).Warn("recreating a privileged container (--allow-privileged)")
+	return &spec, nil
+}
+
+// sameImage returns nil when no image named name exists here or it has
+// target; one with another target is an error of class
+// errdefs.ErrAlreadyExists naming both digests.
+func sameImage(ctx context.Context, is images.Store, name string, target ocispec.Descriptor) error {
+	img, err := is.Get(ctx, name)
+	switch {
+	case errdefs.IsNotFound(err):
+		return nil
+	case err != nil:
+		return fmt.Errorf("image %s here: %w", name, err)
+	case img.Target.Digest != target.Digest:
+		return fmt.Errorf("image %s exists here with target %s, the source's is %s: not re-pointed (remove or rename it here first): %w",
+			name, img.Target.Digest, target.Digest, errdefs.ErrAlreadyExists)
+	}
+	return nil
+}
+
+// digestRef returns name's repository at dgst (registry.example/repo@sha256:...).
+func digestRef(name string, dgst digest.Digest) (string, error) {
+	named, err := reference.ParseNormalizedNamed(name)
+	if err != nil {
+		return "", fmt.Errorf("image name %q: %v: %w", name, err, errdefs.ErrInvalidArgument)
+	}
+	return reference.TrimNamed(named).String() + "@" + dgst.String(), nil
+}
+
+// pullByDigest pulls rec's image by digest (byDigest) through the hosts.toml
+// tree (the mirror first), unpacks it, and names it as on the source, unless
+// an image of that name exists with another target (errdefs.ErrAlreadyExists).
+// It sets *named when it created the name.
+func pullByDigest(ctx context.Context, client *containerd.Client, rec *peers.ContainerRecord, byDigest, snapshotter, hostsDir string, named *bool) (containerd.Image, error) {
 	resolver := docker.NewResolver(docker.ResolverOptions{
 		Hosts: config.ConfigureHosts(ctx, config.HostOptions{HostDir: config.HostDirFromRoot(hostsDir)}),
 	})
@@ -277,20 +348,20 @@ func pullByDigest(ctx context.Context, client *containerd.Client, rec *peers.Con
 		return nil, fmt.Errorf("pull %s: %w", byDigest, err)
 	}
 	is := client.ImageService()
-	want := images.Image{Name: rec.Image, Target: rec.Target, Labels: img.Labels()}
-	if _, err := is.Create(ctx, want); errdefs.IsAlreadyExists(err) {
-		_, err = is.Update(ctx, want, "target")
-		if err != nil {
-			return nil, fmt.Errorf("name image %s: %w", rec.Image, err)
+	_, err = is.Create(ctx, images.Image{Name: rec.Image, Target: rec.Target, Labels: img.Labels()})
+	switch {
+	case err == nil:
+		*named = true
+	case errdefs.IsAlreadyExists(err):
+		// There before (checked) or named meanwhile: only the same target
+		// will do.
+		if err := sameImage(ctx, is, rec.Image, rec.Target); err != nil {
+			return nil, err
 		}
-	} else if err != nil {
+	default:
 		return nil, fmt.Errorf("name image %s: %w", rec.Image, err)
 	}
-	named2, err := client.GetImage(ctx, rec.Image)
-	if err != nil {
-		return nil, err
-	}
-	return named2, nil
+	return client.GetImage(ctx, rec.Image)
 }
 
 // provenance builds the per-layer table and the totals: bytes the mirror

@@ -19,6 +19,10 @@ import (
 	"github.com/containerd/errdefs"
 )
 
+// TokenFile is the name of the token file in the node's root directory
+// (coop node --root): <root>/mirror.token.
+const TokenFile = "mirror.token"
+
 // MinTokenLen is the shortest API token the mirror accepts; LoadOrCreateToken
 // makes tokens of 64 hex digits (32 random bytes).
 const MinTokenLen = 32
