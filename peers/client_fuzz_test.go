@@ -1,0 +1,91 @@
+package peers
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"reflect"
+	"testing"
+
+	"github.com/containerd/errdefs"
+)
+
+// answerTransport answers every request 200 with body.
+type answerTransport []byte
+
+func (b answerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	return &http.Response{
+		StatusCode: http.StatusOK,
+		Header:     http.Header{"Content-Type": {"application/json"}},
+		Body:       io.NopCloser(bytes.NewReader(b)),
+		Request:    r,
+	}, nil
+}
+
+// FuzzClientInventory checks the client's reading of an inventory answer
+// (full or since): whatever a peer sends, an answer the client accepts has
+// a valid epoch, digests and sizes and survives encoding again unchanged;
+// one it refuses is ErrDataLoss. Seeds: testdata/fuzz/FuzzClientInventory.
+func FuzzClientInventory(f *testing.F) {
+	ctx := context.Background()
+	f.Fuzz(func(t *testing.T, body []byte, since bool) {
+		c := &Client{HTTP: &http.Client{Transport: answerTransport(body)}, Node: "t"}
+		epoch := ""
+		if since {
+			epoch = "e"
+		}
+		ir, err := c.Inventory(ctx, "http://peer", epoch, 7)
+		if err != nil {
+			if !errdefs.IsDataLoss(err) {
+				t.Fatalf("%q: error %v is not data loss", body, err)
+			}
+			return
+		}
+		if err := ir.Validate(); err != nil {
+			t.Fatalf("%q: accepted %+v: %v", body, ir, err)
+		}
+		b, err := json.Marshal(ir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var again InventoryResponse
+		if err := json.Unmarshal(b, &again); err != nil || !reflect.DeepEqual(noEmpty(&again), noEmpty(ir)) {
+			t.Fatalf("%q: accepted %+v, which encodes to %s and decodes to %+v, %v", body, ir, b, again, err)
+		}
+	})
+}
+
+// noEmpty returns a copy of ir with empty Added and Removed as nil: they
+// are left out of the JSON when empty.
+func noEmpty(ir *InventoryResponse) InventoryResponse {
+	c := *ir
+	if len(c.Added) == 0 {
+		c.Added = nil
+	}
+	if len(c.Removed) == 0 {
+		c.Removed = nil
+	}
+	return c
+}
+
+// FuzzClientContainer checks the client's reading of a container record:
+// an accepted record names an image and a valid target and carries a JSON
+// spec; a refused one is ErrDataLoss. Seeds: testdata/fuzz/FuzzClientContainer.
+func FuzzClientContainer(f *testing.F) {
+	ctx := context.Background()
+	f.Fuzz(func(t *testing.T, body []byte) {
+		c := &Client{HTTP: &http.Client{Transport: answerTransport(body)}, Node: "t"}
+		rec, err := c.Container(ctx, "http://peer", "default", "web")
+		if err != nil {
+			if !errdefs.IsDataLoss(err) {
+				t.Fatalf("%q: error %v is not data loss", body, err)
+			}
+			return
+		}
+		if rec.Image == "" || rec.Target.Digest.Validate() != nil || !json.Valid(rec.Spec) {
+			t.Fatalf("%q: accepted %+v", body, rec)
+		}
+	})
+}
