@@ -112,32 +112,37 @@ func Refusals(spec, def *oci.Spec) []string {
 	}
 	out = append(out, namespaceRefusals(lin.Namespaces, defLin.Namespaces)...)
 	out = append(out, mountRefusals(spec.Mounts, def.Mounts)...)
+	var unmasked, writable, netDevs, hooks []string
 	for _, p := range defLin.MaskedPaths {
 		// The default masks one thermal_throttle directory per CPU of the
 		// host it was made on: the source's CPUs are not this node's.
 		if !strings.HasPrefix(p, "/sys/devices/system/cpu/") && !slices.Contains(lin.MaskedPaths, p) {
-			add("unmasked %s", p)
+			unmasked = append(unmasked, p)
 		}
 	}
 	for _, p := range defLin.ReadonlyPaths {
 		if !slices.Contains(lin.ReadonlyPaths, p) {
-			add("writable %s", p)
+			writable = append(writable, p)
 		}
 	}
-	out = append(out, deviceRefusals(lin, defLin)...)
 	for name := range lin.NetDevices {
-		add("host network device %s", name)
+		netDevs = append(netDevs, name)
 	}
 	if h := spec.Hooks; h != nil {
-		for kind, hooks := range map[string][]specs.Hook{
+		for kind, hs := range map[string][]specs.Hook{
 			"prestart": h.Prestart, "createRuntime": h.CreateRuntime, "createContainer": h.CreateContainer, //nolint:staticcheck // Prestart is deprecated, not gone
 			"startContainer": h.StartContainer, "poststart": h.Poststart, "poststop": h.Poststop,
 		} {
-			for _, hk := range hooks {
-				add("%s hook %s", kind, hk.Path)
+			for _, hk := range hs {
+				hooks = append(hooks, kind+" "+hk.Path)
 			}
 		}
 	}
+	out = appendAll(out, "unmasked paths", unmasked)
+	out = appendAll(out, "writable paths", writable)
+	out = append(out, deviceRefusals(lin, defLin)...)
+	out = appendList(out, "host network devices", netDevs)
+	out = appendList(out, "hooks (run on this host)", hooks)
 	if spec.Root != nil && def.Root != nil && spec.Root.Path != def.Root.Path {
 		add("root filesystem %s instead of the snapshot", spec.Root.Path)
 	}
@@ -148,8 +153,36 @@ func Refusals(spec, def *oci.Spec) []string {
 	return out
 }
 
-// capabilityRefusals names each capability outside def's sets, with the
-// sets of spec that hold it.
+// maxListed is how many items of one kind a refusal names.
+const maxListed = 8
+
+// appendList appends "what a, b, c" to out when items is not empty, in
+// order, naming at most maxListed of them.
+func appendList(out []string, what string, items []string) []string {
+	return appendSome(out, what, items, maxListed)
+}
+
+// appendAll is appendList naming all items: lists with a known bound
+// (masked paths) whose every item matters.
+func appendAll(out []string, what string, items []string) []string {
+	return appendSome(out, what, items, len(items))
+}
+
+func appendSome(out []string, what string, items []string, most int) []string {
+	if len(items) == 0 {
+		return out
+	}
+	items = slices.Clone(items)
+	sort.Strings(items)
+	s := what + " " + strings.Join(items[:min(len(items), most)], ", ")
+	if len(items) > most {
+		s += fmt.Sprintf(" and %d more", len(items)-most)
+	}
+	return append(out, s)
+}
+
+// capabilityRefusals names the capabilities outside def's sets, grouped
+// by the sets of spec that hold them (all of them: each one matters).
 func capabilityRefusals(caps, def *specs.LinuxCapabilities) []string {
 	if caps == nil {
 		return nil
@@ -176,9 +209,15 @@ func capabilityRefusals(caps, def *specs.LinuxCapabilities) []string {
 			}
 		}
 	}
-	var out []string
+	bySets := map[string][]string{}
 	for c, sets := range extra {
-		out = append(out, fmt.Sprintf("capability %s (%s)", c, strings.Join(sets, ", ")))
+		k := strings.Join(sets, ", ")
+		bySets[k] = append(bySets[k], c)
+	}
+	var out []string
+	for sets, cs := range bySets {
+		sort.Strings(cs)
+		out = append(out, fmt.Sprintf("capabilities %s (%s)", strings.Join(cs, ", "), sets))
 	}
 	return out
 }
@@ -200,23 +239,24 @@ func namespaceRefusals(nss, def []specs.LinuxNamespace) []string {
 	return out
 }
 
-// mountRefusals names each mount that is not one of def's, a tmpfs or a
+// mountRefusals names the mounts that are not one of def's, a tmpfs or a
 // read-only cgroup filesystem at /sys/fs/cgroup.
 func mountRefusals(mounts, def []specs.Mount) []string {
-	var out []string
+	var binds, others []string
 	for _, m := range mounts {
 		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
 		switch {
 		case bind:
-			out = append(out, fmt.Sprintf("bind mount of host path %s at %s", m.Source, m.Destination))
+			binds = append(binds, fmt.Sprintf("%s at %s", m.Source, m.Destination))
 		case slices.ContainsFunc(def, func(d specs.Mount) bool { return sameMount(m, d) }):
 		case m.Type == "tmpfs":
 		case (m.Type == "cgroup" || m.Type == "cgroup2") && m.Destination == "/sys/fs/cgroup" && slices.Contains(m.Options, "ro"):
 		default:
-			out = append(out, fmt.Sprintf("%s mount of %s at %s with options %v", m.Type, m.Source, m.Destination, m.Options))
+			others = append(others, fmt.Sprintf("%s of %s at %s with options %v", m.Type, m.Source, m.Destination, m.Options))
 		}
 	}
-	return out
+	out := appendList(nil, "bind mounts of host paths", binds)
+	return appendList(out, "mounts", others)
 }
 
 func sameMount(a, b specs.Mount) bool {
@@ -232,12 +272,12 @@ func sameMount(a, b specs.Mount) bool {
 // deviceRefusals names device nodes beyond def's and device cgroup rules
 // that allow more than def's.
 func deviceRefusals(lin, def *specs.Linux) []string {
-	var out []string
+	var out, nodes, allowed []string
 	for _, d := range lin.Devices {
 		if !slices.ContainsFunc(def.Devices, func(x specs.LinuxDevice) bool {
 			return x.Path == d.Path && x.Type == d.Type && x.Major == d.Major && x.Minor == d.Minor
 		}) {
-			out = append(out, fmt.Sprintf("device %s (%s %d:%d)", d.Path, d.Type, d.Major, d.Minor))
+			nodes = append(nodes, fmt.Sprintf("%s (%s %d:%d)", d.Path, d.Type, d.Major, d.Minor))
 		}
 	}
 	var rules, defRules []specs.LinuxDeviceCgroup
@@ -254,10 +294,11 @@ func deviceRefusals(lin, def *specs.Linux) []string {
 	}
 	for _, r := range rules {
 		if r.Allow && !slices.ContainsFunc(defRules, func(d specs.LinuxDeviceCgroup) bool { return d.Allow && sameRule(r, d) }) {
-			out = append(out, "device cgroup rule allowing "+ruleString(r))
+			allowed = append(allowed, ruleString(r))
 		}
 	}
-	return out
+	out = appendList(out, "device nodes", nodes)
+	return appendList(out, "device cgroup rules allowing", allowed)
 }
 
 func sameRule(a, b specs.LinuxDeviceCgroup) bool {

@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -66,15 +67,15 @@ func TestCheckSpec(t *testing.T) {
 		}}},
 
 		{name: "privileged", opts: []oci.SpecOpts{oci.WithPrivileged, oci.WithAddedCapabilities([]string{"CAP_SYS_ADMIN"})},
-			refused: []string{"capability CAP_SYS_ADMIN (bounding, effective, permitted)", "unmasked /proc/kcore", "writable /proc/sys", "sysfs mount of sysfs at /sys"}},
+			refused: []string{"CAP_SYS_ADMIN", "(bounding, effective, permitted)", "unmasked paths /proc/acpi", "/proc/kcore", "writable paths /proc/bus", "mounts sysfs of sysfs at /sys"}},
 		{name: "an added capability", opts: []oci.SpecOpts{oci.WithAddedCapabilities([]string{"CAP_NET_ADMIN"})},
-			refused: []string{"capability CAP_NET_ADMIN (bounding, effective, permitted)"}},
+			refused: []string{"capabilities CAP_NET_ADMIN (bounding, effective, permitted)"}},
 		{name: "an ambient capability", opts: []oci.SpecOpts{oci.WithAmbientCapabilities([]string{"CAP_SYS_PTRACE"})},
-			refused: []string{"capability CAP_SYS_PTRACE (inheritable, ambient)"}},
+			refused: []string{"capabilities CAP_SYS_PTRACE (inheritable, ambient)"}},
 		{name: "an inheritable capability", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Process.Capabilities.Inheritable = []string{"CAP_SYS_MODULE"}
 			return nil
-		}}, refused: []string{"capability CAP_SYS_MODULE (inheritable)"}},
+		}}, refused: []string{"capabilities CAP_SYS_MODULE (inheritable)"}},
 		{name: "new privileges", opts: []oci.SpecOpts{oci.WithNewPrivileges}, refused: []string{"noNewPrivileges false"}},
 		{name: "host network", opts: []oci.SpecOpts{oci.WithHostNamespace(specs.NetworkNamespace)}, refused: []string{"host network namespace"}},
 		{name: "host pid", opts: []oci.SpecOpts{oci.WithHostNamespace(specs.PIDNamespace)}, refused: []string{"host pid namespace"}},
@@ -85,30 +86,36 @@ func TestCheckSpec(t *testing.T) {
 		{name: "a user namespace joined by path", opts: []oci.SpecOpts{oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.UserNamespace, Path: "/proc/1/ns/user"})},
 			refused: []string{"user namespace joined at /proc/1/ns/user"}},
 		{name: "a bind mount", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{Destination: "/host", Type: "bind", Source: "/", Options: []string{"rbind", "rw"}}})},
-			refused: []string{"bind mount of host path / at /host"}},
+			refused: []string{"bind mounts of host paths / at /host"}},
 		{name: "an rbind option on another type", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{Destination: "/data", Type: "none", Source: "/var/lib", Options: []string{"rbind"}}})},
-			refused: []string{"bind mount of host path /var/lib at /data"}},
+			refused: []string{"bind mounts of host paths /var/lib at /data"}},
 		{name: "a bind as tmpfs", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{Destination: "/etc/shadow", Type: "tmpfs", Source: "/etc/shadow", Options: []string{"bind", "ro"}}})},
-			refused: []string{"bind mount of host path /etc/shadow at /etc/shadow"}},
+			refused: []string{"bind mounts of host paths /etc/shadow at /etc/shadow"}},
 		{name: "the host's resolv.conf", opts: []oci.SpecOpts{oci.WithHostResolvconf},
-			refused: []string{"bind mount of host path /etc/resolv.conf at /etc/resolv.conf"}},
+			refused: []string{"bind mounts of host paths /etc/resolv.conf at /etc/resolv.conf"}},
 		{name: "an overlay of host paths", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{Destination: "/x", Type: "overlay", Source: "overlay", Options: []string{"lowerdir=/etc"}}})},
-			refused: []string{"overlay mount of overlay at /x"}},
-		{name: "a writable sysfs", opts: []oci.SpecOpts{oci.WithWriteableSysfs}, refused: []string{"sysfs mount of sysfs at /sys with options [nosuid noexec nodev rw]"}},
+			refused: []string{"mounts overlay of overlay at /x"}},
+		{name: "a writable sysfs", opts: []oci.SpecOpts{oci.WithWriteableSysfs}, refused: []string{"mounts sysfs of sysfs at /sys with options [nosuid noexec nodev rw]"}},
 		{name: "a writable cgroup filesystem", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{Destination: "/sys/fs/cgroup", Type: "cgroup2", Source: "cgroup", Options: []string{"rw"}}})},
-			refused: []string{"cgroup2 mount of cgroup at /sys/fs/cgroup"}},
-		{name: "no masked paths", opts: []oci.SpecOpts{oci.WithMaskedPaths(nil)}, refused: []string{"unmasked /proc/kcore", "unmasked /sys/firmware"}},
-		{name: "no read-only paths", opts: []oci.SpecOpts{oci.WithReadonlyPaths(nil)}, refused: []string{"writable /proc/sysrq-trigger"}},
+			refused: []string{"mounts cgroup2 of cgroup at /sys/fs/cgroup"}},
+		{name: "no masked paths", opts: []oci.SpecOpts{oci.WithMaskedPaths(nil)}, refused: []string{"unmasked paths /proc/acpi, /proc/asound", "/proc/kcore", "/sys/firmware"}},
+		{name: "no read-only paths", opts: []oci.SpecOpts{oci.WithReadonlyPaths(nil)}, refused: []string{"writable paths /proc/bus, /proc/fs, /proc/irq, /proc/sys, /proc/sysrq-trigger"}},
+		{name: "many device nodes", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
+			for i := range 20 {
+				s.Linux.Devices = append(s.Linux.Devices, specs.LinuxDevice{Path: fmt.Sprintf("/dev/tty%02d", i), Type: "c", Major: 4, Minor: int64(i)})
+			}
+			return nil
+		}}, refused: []string{"device nodes /dev/tty00 (c 4:0), ", "/dev/tty07 (c 4:7) and 12 more"}},
 		{name: "a device node", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Linux.Devices = append(s.Linux.Devices, specs.LinuxDevice{Path: "/dev/sda", Type: "b", Major: 8})
 			return nil
-		}}, refused: []string{"device /dev/sda (b 8:0)"}},
+		}}, refused: []string{"device nodes /dev/sda (b 8:0)"}},
 		{name: "all devices allowed", opts: []oci.SpecOpts{oci.WithAllDevicesAllowed},
-			refused: []string{"device cgroup rules that do not begin by denying every device", "device cgroup rule allowing a *:* rwm"}},
+			refused: []string{"device cgroup rules that do not begin by denying every device", "device cgroup rules allowing a *:* rwm"}},
 		{name: "a block device allowed", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Linux.Resources.Devices = append(s.Linux.Resources.Devices, specs.LinuxDeviceCgroup{Allow: true, Type: "b", Major: i64(8), Access: "rwm"})
 			return nil
-		}}, refused: []string{"device cgroup rule allowing b 8:* rwm"}},
+		}}, refused: []string{"device cgroup rules allowing b 8:* rwm"}},
 		{name: "no device cgroup rules", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Linux.Resources = nil
 			return nil
@@ -116,11 +123,11 @@ func TestCheckSpec(t *testing.T) {
 		{name: "a host network device", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Linux.NetDevices = map[string]specs.LinuxNetDevice{"eth0": {}}
 			return nil
-		}}, refused: []string{"host network device eth0"}},
+		}}, refused: []string{"host network devices eth0"}},
 		{name: "a hook", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "id"}}}}
 			return nil
-		}}, refused: []string{"createRuntime hook /bin/sh"}},
+		}}, refused: []string{"hooks (run on this host) createRuntime /bin/sh"}},
 		{name: "the host's root", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
 			s.Root.Path = "/"
 			return nil
