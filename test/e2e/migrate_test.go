@@ -5,6 +5,9 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -125,7 +128,8 @@ func TestMigrateImageInNoRegistry(t *testing.T) {
 }
 
 // TestMigrateErrors: an unknown container, a container already at the
-// destination and a dead source give clear errors and leave nothing behind.
+// destination, a dead source and a missing or wrong mirror token give clear
+// errors and leave nothing behind.
 func TestMigrateErrors(t *testing.T) {
 	e := newEnv(t, true)
 	reg := e.registry()
@@ -167,6 +171,21 @@ func TestMigrateErrors(t *testing.T) {
 	}
 	if images() != "" || containers() != "" {
 		t.Fatalf("dead source left images %q, containers %q", images(), containers())
+	}
+
+	// The mirror's write endpoints need the node's token.
+	if _, err := b.Migrate(ctx, a.PeerURL(), "web", "--mirror-token-file", filepath.Join(t.TempDir(), "none")); err == nil || !strings.Contains(err.Error(), "--mirror-token-file") {
+		t.Fatalf("no token file: %v", err)
+	}
+	wrong := filepath.Join(t.TempDir(), "wrong.token")
+	if err := os.WriteFile(wrong, []byte(strings.Repeat("0", 64)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Migrate(ctx, a.PeerURL(), "web", "--mirror-token-file", wrong); err == nil || !strings.Contains(err.Error(), "wrong mirror token") {
+		t.Fatalf("wrong token: %v", err)
+	}
+	if images() != "" || containers() != "" {
+		t.Fatalf("refused token left images %q, containers %q", images(), containers())
 	}
 
 	if _, err := b.Migrate(ctx, a.PeerURL(), "web"); err != nil {
@@ -270,5 +289,168 @@ func TestMigrateSourceDies(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// imageTarget returns the target digest of image ref on n ("" when absent).
+func (e *env) imageTarget(n *harness.Node, ref string) string {
+	e.t.Helper()
+	out, err := n.Ctr(e.ctx, "image", "ls")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) >= 3 && f[0] == ref {
+			return f[2]
+		}
+	}
+	return ""
+}
+
+// requireNothingFrom fails if n holds a container or an image of the
+// migration's: only the images in keep may be there.
+func (e *env) requireNothingFrom(n *harness.Node, what string, keep ...string) {
+	e.t.Helper()
+	out, err := n.Ctr(e.ctx, "container", "ls", "-q")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if strings.TrimSpace(out) != "" {
+		e.t.Fatalf("%s left containers %q", what, out)
+	}
+	out, err = n.Ctr(e.ctx, "image", "ls", "-q")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, ref := range strings.Fields(out) {
+		if !slices.Contains(keep, ref) {
+			e.t.Fatalf("%s left image %s (images: %q)", what, ref, out)
+		}
+	}
+}
+
+// TestMigrateImageName: a destination whose image of the same name has
+// another target is refused before any pull, naming both digests, and the
+// name still points where it did; with the same target the migration uses
+// it.
+func TestMigrateImageName(t *testing.T) {
+	e := newEnv(t, true)
+	reg := e.registry()
+	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/other", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true})
+	e.runWeb(a, img, "web")
+	b := e.node(harness.NodeOptions{Name: "b", Registries: up, Migrations: true})
+	if err := b.PullCtr(e.ctx, other.Ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Ctr(e.ctx, "image", "tag", other.Ref, img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, migrateTimeout)
+	defer cancel()
+
+	_, err = b.Migrate(ctx, a.PeerURL(), "web", "--start")
+	if err == nil {
+		t.Fatal("migration re-pointed an existing image name")
+	}
+	for _, want := range []string{"already exists", img.Manifest.Digest.String(), other.Manifest.Digest.String()} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("error does not name %q: %v", want, err)
+		}
+	}
+	t.Logf("refused, as it should: %v", err)
+	if got := e.imageTarget(b, img.Ref); got != other.Manifest.Digest.String() {
+		t.Fatalf("image %s on b points at %s, want %s (untouched)", img.Ref, got, other.Manifest.Digest)
+	}
+	e.requireNothingFrom(b, "the refused migration", other.Ref, img.Ref)
+	held, err := b.Ctr(e.ctx, "content", "ls", "-q")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range img.Layers {
+		if !slices.Contains(other.Digests(), l.Digest) && strings.Contains(held, l.Digest.String()) {
+			t.Fatalf("the refused migration pulled layer %s", l.Digest)
+		}
+	}
+	e.requireTask(a, "web", true)
+
+	// The same target under the name: the migration goes ahead.
+	if _, err := b.Ctr(e.ctx, "image", "rm", img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.PullCtr(e.ctx, img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Migrate(ctx, a.PeerURL(), "web", "--start"); err != nil {
+		t.Fatalf("migration onto an image of the same target: %v", err)
+	}
+	if got := e.imageTarget(b, img.Ref); got != img.Manifest.Digest.String() {
+		t.Fatalf("image %s on b points at %s, want %s", img.Ref, got, img.Manifest.Digest)
+	}
+	e.requireTask(b, "web", true)
+}
+
+// TestMigratePrivilegedSpec: containers whose spec asks for more than a new
+// container gets (a host bind mount, --privileged, the host's network) are
+// refused before anything is pulled or created, and the error names what;
+// --allow-privileged recreates them.
+func TestMigratePrivilegedSpec(t *testing.T) {
+	e := newEnv(t, true)
+	reg := e.registry()
+	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true})
+	if err := a.PullCtr(e.ctx, img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	b := e.node(harness.NodeOptions{Name: "b", Registries: up, Migrations: true})
+	ctx, cancel := context.WithTimeout(e.ctx, migrateTimeout)
+	defer cancel()
+	for _, tc := range []struct {
+		id      string
+		flags   []string
+		refused []string
+	}{
+		{"hostmount", []string{"--mount", "type=bind,src=/etc,dst=/host-etc,options=rbind:ro"}, []string{"bind mounts of host paths /etc at /host-etc"}},
+		{"privileged", []string{"--privileged"}, []string{"CAP_SYS_ADMIN", "unmasked paths /proc/acpi", "device cgroup rules allowing a *:* rwm"}},
+		{"hostnet", []string{"--net-host"}, []string{"host network namespace"}},
+	} {
+		t.Run(tc.id, func(t *testing.T) {
+			args := append(append([]string{"container", "create"}, tc.flags...), img.Ref, tc.id)
+			if _, err := a.Ctr(e.ctx, args...); err != nil {
+				t.Fatal(err)
+			}
+			_, err := b.Migrate(ctx, a.PeerURL(), tc.id, "--start")
+			if err == nil {
+				t.Fatal("migrated")
+			}
+			for _, want := range append(tc.refused, "permission denied", "--allow-privileged") {
+				if !strings.Contains(err.Error(), want) {
+					t.Fatalf("error does not name %q: %v", want, err)
+				}
+			}
+			t.Logf("refused, as it should: %v", err)
+			e.requireNothingFrom(b, "the refused migration")
+		})
+	}
+	// Allowed: the bind mount names this host's /etc, which exists here.
+	if _, err := b.Migrate(ctx, a.PeerURL(), "hostmount", "--start", "--allow-privileged"); err != nil {
+		t.Fatalf("--allow-privileged: %v", err)
+	}
+	e.requireTask(b, "hostmount", true)
+	out, err := b.Ctr(e.ctx, "task", "exec", "--exec-id", "probe", "hostmount", "/bin/busybox", "ls", "/host-etc/passwd")
+	if err != nil || !strings.Contains(out, "passwd") {
+		t.Fatalf("the recreated bind mount: %q %v", out, err)
 	}
 }
