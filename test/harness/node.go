@@ -260,8 +260,8 @@ func (n *Node) AsNeighbor() Neighbor {
 // a cgroups path of its own; extra flags come before the container id.
 func (n *Node) Migrate(ctx context.Context, from, id string, extra ...string) (string, error) {
 	args := []string{"migrate", "--from", from, "--containerd-address", n.Address,
-		"--mirror", n.MirrorURL(), "--hosts-dir", n.HostsDir, "--runc-root", n.RuncRoot,
-		"--cgroups-path", "/" + n.Name + "-" + id}
+		"--mirror", n.MirrorURL(), "--mirror-token-file", n.MirrorTokenFile(), "--hosts-dir", n.HostsDir,
+		"--runc-root", n.RuncRoot, "--cgroups-path", "/" + n.Name + "-" + id}
 	args = append(append(args, extra...), id)
 	bin, full := n.inNetNS(n.tools.Coop, args)
 	return runCommand(ctx, clientEnv(), nil, bin, full...)
@@ -901,4 +901,10 @@ func regularBytes(dir string) (int64, error) {
 // content store nothing is there).
 func (n *Node) ContainerdBlobPath(dgst digest.Digest) string {
 	return filepath.Join(n.Dir, "containerd", "io.containerd.content.v1.content", "blobs", dgst.Algorithm().String(), dgst.Encoded())
+}
+
+// MirrorTokenFile is where the coop node keeps its mirror's API token,
+// <--root>/mirror.token (mirror.TokenFile), which coop migrate reads.
+func (n *Node) MirrorTokenFile() string {
+	return filepath.Join(n.Dir, "coop", "mirror.token")
 }
