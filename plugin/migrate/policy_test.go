@@ -58,7 +58,8 @@ func TestCheckSpec(t *testing.T) {
 					kept = append(kept, p)
 				}
 			}
-			s.Linux.MaskedPaths = append(kept, "/sys/devices/system/cpu/cpu99/thermal_throttle", "/proc/extra")
+			kept = append(kept, "/sys/devices/system/cpu/cpu99/thermal_throttle", "/proc/extra")
+			s.Linux.MaskedPaths = kept
 			return nil
 		}}},
 		{name: "a device cgroup rule removed", opts: []oci.SpecOpts{func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
