@@ -40,10 +40,14 @@ type ServerOptions struct {
 	// MaxUploads bounds the blob bodies sent at once; beyond it a blob GET
 	// is answered 429 with Retry-After. 0: no bound.
 	MaxUploads int
-	// MaxUploadsPerClient bounds the blob bodies sent at once to one client
-	// (as ClientKey names it), so that a few slow readers cannot hold every
-	// upload; beyond it a blob GET is answered 429 with Retry-After.
-	// 0: DefaultMaxUploadsPerClient; negative: no bound.
+	// MaxUploadsPerClient is the share of MaxUploads every client (as
+	// ClientKey names it) can count on, so that one client's readers — slow
+	// ones included — cannot hold every upload: a client past its share is
+	// answered 429 with Retry-After once taking one more slot would leave
+	// fewer than this many free. Alone, a client may use MaxUploads minus
+	// this many (a destination striping a migration from its only source).
+	// 0: DefaultMaxUploadsPerClient; negative: no bound. Without MaxUploads
+	// there is nothing to share and no bound.
 	MaxUploadsPerClient int
 	// ClientKey names the client of a request for MaxUploadsPerClient.
 	// Default ClientIP.
@@ -256,8 +260,9 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 }
 
 // acquireUpload takes an upload slot for r and returns the function that
-// gives it back. When MaxUploads are running, or MaxUploadsPerClient for r's
-// client, it answers 429 with Retry-After instead.
+// gives it back. When MaxUploads are running, or r's client is past its
+// share (MaxUploadsPerClient) and the free slots are down to the others'
+// share, it answers 429 with Retry-After instead.
 func (s *Server) acquireUpload(w http.ResponseWriter, r *http.Request) (release func(), err error) {
 	key := s.clientKey(r)
 	s.slotsMu.Lock()
@@ -268,7 +273,7 @@ func (s *Server) acquireUpload(w http.ResponseWriter, r *http.Request) (release 
 		s.metrics.busy.Inc()
 		w.Header().Set("Retry-After", "1")
 		return nil, newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running, at most %d", n, s.maxUploads)
-	case s.maxPerClient > 0 && mine >= s.maxPerClient:
+	case s.maxUploads > 0 && s.maxPerClient > 0 && mine >= s.maxPerClient && int64(s.maxUploads)-n-1 < int64(s.maxPerClient):
 		s.metrics.busyClient.Inc()
 		w.Header().Set("Retry-After", "1")
 		return nil, newError(http.StatusTooManyRequests, CodeTooManyRequests, errdefs.ErrUnavailable, "%d uploads running for client %q, at most %d a client", mine, key, s.maxPerClient)

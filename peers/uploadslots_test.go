@@ -11,9 +11,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// TestServerUploadsPerClient: beyond MaxUploadsPerClient for one client (by
-// IP, or as ClientKey says) a blob GET is answered 429 with Retry-After,
-// while other clients are served; a slot given back is taken again.
+// TestServerUploadsPerClient: a client (by IP, or as ClientKey says) past
+// its share (MaxUploadsPerClient) is answered 429 with Retry-After once one
+// more upload would leave fewer than a share free, while other clients are
+// served; alone, a client uses all but one share; a slot given back is taken
+// again.
 func TestServerUploadsPerClient(t *testing.T) {
 	byHeader := func(r *http.Request) string { return r.Header.Get("X-Test-Node") }
 	type get struct {
@@ -26,29 +28,33 @@ func TestServerUploadsPerClient(t *testing.T) {
 		gets             []get
 		busy, clientBusy float64 // refusals counted by the global and the per-client bound
 	}{
-		{"default: four a client by IP", ServerOptions{}, []get{
+		{"default: a client alone keeps the others' share free", ServerOptions{MaxUploads: 8}, []get{
 			{from: "192.0.2.1:1"}, {from: "192.0.2.1:2"}, {from: "192.0.2.1:3"}, {from: "192.0.2.1:4"},
-			{from: "192.0.2.1:5", busy: true},
+			{from: "192.0.2.1:5", busy: true}, // past its share of 4, with only 4 free
+			{from: "192.0.2.2:1"}, {from: "192.0.2.2:2"}, {from: "[2001:db8::1]:1"}, {from: "[2001:db8::1]:2"},
+			{from: "192.0.2.3:1", busy: true}, // all 8 running
+		}, 1, 1},
+		{"configured per-client share", ServerOptions{MaxUploads: 6, MaxUploadsPerClient: 2}, []get{
 			{from: "192.0.2.2:1"},
-			{from: "[2001:db8::1]:1"},
-		}, 0, 1},
-		{"configured per-client bound", ServerOptions{MaxUploadsPerClient: 2}, []get{
-			{from: "192.0.2.1:1"}, {from: "192.0.2.1:2"},
-			{from: "192.0.2.1:3", busy: true},
-			{from: "192.0.2.2:1"}, {from: "192.0.2.2:2"},
-			{from: "192.0.2.2:3", busy: true},
+			{from: "192.0.2.1:1"}, {from: "192.0.2.1:2"}, {from: "192.0.2.1:3"}, // past its share while 2 stay free
+			{from: "192.0.2.1:4", busy: true},
+			{from: "192.0.2.2:2"},
+			{from: "192.0.2.2:3", busy: true}, // past its share too, with 1 free
 		}, 0, 2},
 		{"global bound below the per-client one", ServerOptions{MaxUploads: 2, MaxUploadsPerClient: 4}, []get{
 			{from: "192.0.2.1:1"}, {from: "192.0.2.2:1"},
 			{from: "192.0.2.3:1", busy: true},
 		}, 1, 0},
-		{"client key from the request", ServerOptions{MaxUploadsPerClient: 1, ClientKey: byHeader}, []get{
-			{from: "192.0.2.1:1", node: "a"},
-			{from: "192.0.2.1:2", node: "a", busy: true},
-			{from: "192.0.2.2:1", node: "a", busy: true},
-			{from: "192.0.2.1:3", node: "b"},
-		}, 0, 2},
-		{"no per-client bound", ServerOptions{MaxUploadsPerClient: -1}, []get{
+		{"client key from the request", ServerOptions{MaxUploads: 3, MaxUploadsPerClient: 1, ClientKey: byHeader}, []get{
+			{from: "192.0.2.1:1", node: "b"},
+			{from: "192.0.2.1:2", node: "a"},
+			{from: "192.0.2.2:1", node: "a", busy: true}, // another address, the same node
+		}, 0, 1},
+		{"no per-client bound", ServerOptions{MaxUploads: 6, MaxUploadsPerClient: -1}, []get{
+			{from: "192.0.2.1:1"}, {from: "192.0.2.1:2"}, {from: "192.0.2.1:3"},
+			{from: "192.0.2.1:4"}, {from: "192.0.2.1:5"}, {from: "192.0.2.1:6"},
+		}, 0, 0},
+		{"no global bound: nothing to share", ServerOptions{}, []get{
 			{from: "192.0.2.1:1"}, {from: "192.0.2.1:2"}, {from: "192.0.2.1:3"},
 			{from: "192.0.2.1:4"}, {from: "192.0.2.1:5"}, {from: "192.0.2.1:6"},
 		}, 0, 0},
