@@ -32,6 +32,11 @@ const (
 	CodeTooManyRequests = "TOOMANYREQUESTS"
 	// CodeUnknown answers an internal failure (500).
 	CodeUnknown = "UNKNOWN"
+	// CodeUnauthorized answers a client without a cluster certificate (401).
+	CodeUnauthorized = "UNAUTHORIZED"
+	// CodeDenied answers an authenticated client acting beyond its name
+	// (403).
+	CodeDenied = "DENIED"
 )
 
 // ErrorResponse is the body of every error answer, as the OCI distribution
@@ -101,6 +106,12 @@ func WriteError(ctx context.Context, w http.ResponseWriter, err error) {
 	case errdefs.IsInvalidArgument(err):
 		status = http.StatusBadRequest
 		info = ErrorInfo{Code: CodeInvalidArgument, Message: err.Error()}
+	case errdefs.IsUnauthorized(err):
+		status = http.StatusUnauthorized
+		info = ErrorInfo{Code: CodeUnauthorized, Message: err.Error()}
+	case errdefs.IsPermissionDenied(err):
+		status = http.StatusForbidden
+		info = ErrorInfo{Code: CodeDenied, Message: err.Error()}
 	default:
 		if errdefs.IsCanceled(err) || errdefs.IsDeadlineExceeded(err) {
 			log.G(ctx).WithError(err).Debug("peer request ended early")

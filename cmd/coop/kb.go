@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,8 +15,11 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
+	"github.com/coopnet/coop/plugin/node"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sync/errgroup"
@@ -33,6 +37,8 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	natsURL := fs.String("nats-url", "", "use this NATS cluster instead of the embedded broker")
 	root := fs.String("root", filepath.Join(os.TempDir(), "coop-kb"), "directory for the embedded broker's state")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
+	tlsDir := fs.String("tls-dir", "", "ClusterKB's credentials (ca.crt, tls.crt, tls.key from coop ca issue): mutual TLS on its API, its broker and towards the nodes; re-read when rotated")
+	insecure := fs.Bool("insecure", false, "without --tls-dir, serve plain HTTP and NATS on non-loopback addresses (anyone who reaches them can register, publish and read every inventory)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -52,6 +58,21 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if *feed != clusterkb.FeedPull && *feed != clusterkb.FeedPush {
 		return fmt.Errorf("--feed %q: want pull or push: %w", *feed, errUsage)
 	}
+	var creds *trust.Credentials
+	if *tlsDir != "" {
+		if creds, err = trust.Load(*tlsDir); err != nil {
+			return fmt.Errorf("--tls-dir: %w", err)
+		}
+	} else if !*insecure {
+		for _, l := range []struct{ flag, addr string }{{"--listen", *listen}, {"--nats-listen", *natsListen}} {
+			if l.flag == "--nats-listen" && (*natsURL != "" || *feed != clusterkb.FeedPush) {
+				continue
+			}
+			if !node.Loopback(l.addr) {
+				return fmt.Errorf("%s %q is reachable from the network and would take registrations and inventories from anyone: give --tls-dir (see coop ca) or --insecure: %w", l.flag, l.addr, errUsage)
+			}
+		}
+	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("kb", *listen))
 
 	brokerURL := *natsURL
@@ -59,7 +80,11 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 		if err := os.MkdirAll(*root, 0o700); err != nil {
 			return fmt.Errorf("--root: %w", err)
 		}
-		ns, err := clusterkb.StartBroker(clusterkb.BrokerOptions{Listen: *natsListen, StoreDir: *root})
+		bo := clusterkb.BrokerOptions{Listen: *natsListen, StoreDir: *root}
+		if creds != nil {
+			bo.TLS = creds.BrokerConfig()
+		}
+		ns, err := clusterkb.StartBroker(bo)
 		if err != nil {
 			return fmt.Errorf("--nats-listen: %w", err)
 		}
@@ -69,14 +94,22 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	var clientTLS *tls.Config
+	var natsOpts []nats.Option
+	if creds != nil {
+		clientTLS = creds.ClientConfig()
+		natsOpts = append(natsOpts, nats.Secure(clientTLS))
+	}
 	client := &peers.Client{Node: "coop-kb", HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 5 * time.Second,
 		MaxIdleConnsPerHost:   2,
+		TLSClientConfig:       clientTLS,
 	}}}
-	opts := clusterkb.Options{Feed: *feed, Period: *periodS, TTL: *ttl, Static: static, Reader: client, Registerer: reg, Gatherer: reg}
+	opts := clusterkb.Options{Feed: *feed, Period: *periodS, TTL: *ttl, Static: static, Reader: client, Registerer: reg, Gatherer: reg,
+		Authenticated: creds != nil}
 	if *feed == clusterkb.FeedPush {
-		nc, err := resolver.ConnectBroker(ctx, brokerURL, "coop-kb")
+		nc, err := resolver.ConnectBroker(ctx, brokerURL, "coop-kb", natsOpts...)
 		if err != nil {
 			return fmt.Errorf("broker %s: %w", brokerURL, err)
 		}
@@ -91,7 +124,12 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
-	srv := &http.Server{Handler: kb, ReadHeaderTimeout: 10 * time.Second}
+	var handler http.Handler = kb
+	if creds != nil {
+		l = tls.NewListener(l, creds.ServerConfig())
+		handler = peers.Authenticated(kb, peers.OpenPaths...)
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return kb.Run(gctx) })
 	g.Go(func() error { return ignoreClosed(srv.Serve(l)) })

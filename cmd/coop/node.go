@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/plugin/node"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
@@ -56,6 +57,8 @@ type nodeConfig struct {
 	AllowStop     bool    `toml:"allow_remote_stop"`
 	Claim         bool    `toml:"claim"`
 	ClaimParallel int     `toml:"claim_parallel"`
+	TLSDir        string  `toml:"tls_dir"`
+	Insecure      bool    `toml:"insecure"`
 }
 
 func defaultNodeConfig() nodeConfig {
@@ -107,6 +110,8 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
+	fs.StringVar(&c.TLSDir, "tls-dir", c.TLSDir, "this node's credentials (ca.crt, tls.crt, tls.key from coop ca issue): mutual TLS with every coop process; re-read when rotated")
+	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "without --tls-dir, serve plain HTTP on a non-loopback --peer-listen (anyone who reaches it can read every blob)")
 }
 
 // parseNodeFlags applies defaults, then the config file, then the flags set
@@ -156,7 +161,11 @@ func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
 			return cfg, fmt.Errorf("--peer-listen %q: %w", cfg.PeerListen, err)
 		}
 		host, _ := os.Hostname()
-		cfg.Advertise = "http://" + net.JoinHostPort(host, port)
+		scheme := "http://"
+		if cfg.TLSDir != "" {
+			scheme = "https://"
+		}
+		cfg.Advertise = scheme + net.JoinHostPort(host, port)
 	}
 	return cfg, nil
 }
@@ -190,6 +199,7 @@ func (c nodeConfig) options() (node.Options, error) {
 		MirrorListen: c.MirrorListen, DebugListen: c.DebugListen,
 		UploadLimit: c.UploadLimit, MaxUploads: c.MaxUploads, Policy: c.Policy,
 		Claim: c.Claim, ClaimParallel: c.ClaimParallel, AllowRemoteStop: c.AllowStop,
+		Insecure: c.Insecure,
 		Index: modes.Options{
 			Mode: c.Index, NeighborsFromKB: c.NeighborsKB, NATSURL: c.NATSURL,
 			KBURLs: clusterkb.ParseURLs(c.KB), DropEvents: c.DropEvents,
@@ -210,6 +220,11 @@ func (c nodeConfig) options() (node.Options, error) {
 	}
 	if o.Index.Neighbors, err = resolver.ParseNeighbors(c.Neighbors); err != nil {
 		return o, fmt.Errorf("--neighbors: %w", err)
+	}
+	if c.TLSDir != "" {
+		if o.TLS, err = trust.Load(c.TLSDir); err != nil {
+			return o, fmt.Errorf("--tls-dir: %w", err)
+		}
 	}
 	return o, nil
 }

@@ -156,15 +156,30 @@ func read(paths [3]string) (*tls.Certificate, *x509.CertPool, string, error) {
 // and client certificates verified against the cluster CA when given (a
 // handler decides what an unauthenticated client may see: Name tells).
 func (c *Credentials) ServerConfig() *tls.Config {
+	return c.serverConfig(tls.VerifyClientCertIfGiven)
+}
+
+// BrokerConfig is ServerConfig for a server that serves cluster members
+// only (the NATS broker): a client without a certificate of the cluster CA
+// is refused at the handshake.
+func (c *Credentials) BrokerConfig() *tls.Config {
+	return c.serverConfig(tls.RequireAndVerifyClientCert)
+}
+
+func (c *Credentials) serverConfig(auth tls.ClientAuthType) *tls.Config {
+	cert, pool := c.current(false)
 	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{*cert},
+		ClientCAs:    pool,
+		ClientAuth:   auth,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 			cert, pool := c.current(false)
 			return &tls.Config{
 				MinVersion:   tls.VersionTLS13,
 				Certificates: []tls.Certificate{*cert},
 				ClientCAs:    pool,
-				ClientAuth:   tls.VerifyClientCertIfGiven,
+				ClientAuth:   auth,
 			}, nil
 		},
 	}

@@ -7,13 +7,16 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +25,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/plugin"
 	"github.com/coopnet/coop/plugin/mirror"
 	"github.com/coopnet/coop/resolver"
@@ -96,6 +100,14 @@ type Options struct {
 	ClaimParallel int
 	// AllowRemoteStop lets a migration destination stop a container here.
 	AllowRemoteStop bool
+	// TLS are the node's credentials: the peer server then speaks mutual
+	// TLS and serves only cluster members (but /healthz and /metrics), and
+	// the node presents them to peers, ClusterKB and the broker. Its name
+	// must be Name. Nil: plain HTTP, which needs Insecure unless every
+	// listener is on loopback.
+	TLS *trust.Credentials
+	// Insecure allows plain HTTP on a non-loopback peer listener.
+	Insecure bool
 }
 
 // Validate checks o before anything is started: every contradiction and
@@ -138,6 +150,16 @@ func (o Options) Validate() error {
 	if o.PeerListen == "" || o.Advertise == "" {
 		bad("--peer-listen and --advertise are required")
 	}
+	if o.TLS != nil {
+		if o.TLS.Name() != o.Name {
+			bad("--name %q, but the certificate in --tls-dir %s names %q", o.Name, o.TLS.Dir(), o.TLS.Name())
+		}
+		if !strings.HasPrefix(o.Advertise, "https://") {
+			bad("--advertise %q: with --tls-dir the peer server speaks https", o.Advertise)
+		}
+	} else if !o.Insecure && !Loopback(o.PeerListen) {
+		bad("--peer-listen %q is reachable from the network and would serve blobs to anyone: give --tls-dir (see coop ca) or --insecure", o.PeerListen)
+	}
 	if _, err := plugin.MirrorURL(o.MirrorListen); err != nil {
 		errs = append(errs, fmt.Errorf("--mirror-listen: %w", err))
 	}
@@ -173,6 +195,9 @@ func (o Options) indexOptions(inv *content.Inventory, client *peers.Client, load
 	ix := o.Index
 	ix.Node, ix.URL = o.Name, o.Advertise
 	ix.Inventory, ix.Client, ix.Load, ix.Registerer = inv, client, load, reg
+	if o.TLS != nil {
+		ix.TLS = o.TLS.ClientConfig()
+	}
 	return ix
 }
 
@@ -235,8 +260,13 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
 		Containers: records, AllowStop: o.AllowRemoteStop,
 		Node: o.Name, Store: served, Inventory: n.inv, Registerer: n.reg, Gatherer: n.reg, MaxUploads: o.MaxUploads,
+		ClientKey: clientKey,
 	}); err != nil {
 		return nil, err
+	}
+	var clientTLS *tls.Config
+	if o.TLS != nil {
+		clientTLS = o.TLS.ClientConfig()
 	}
 	client := &peers.Client{Node: o.Name, HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -244,6 +274,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		MaxIdleConnsPerHost:   16,
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
+		TLSClientConfig:       clientTLS,
 	}}}
 	if n.index, err = modes.New(ctx, o.indexOptions(n.inv, client, n.peerSrv.Load, n.reg)); err != nil {
 		return nil, err
@@ -254,9 +285,15 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		// modes, from what a recent locate found.
 		res = resolver.Remember(res, claimRecent)
 	}
+	// The mirror's write endpoints (a migration's sources) need this token,
+	// readable only by this node's user (coop migrate runs as root too).
+	token, err := mirror.LoadOrCreateToken(filepath.Join(o.Root, mirror.TokenFile))
+	if err != nil {
+		return nil, fmt.Errorf("mirror API token: %w", err)
+	}
 	if n.mirror, err = mirror.New(mirror.Options{
 		Resolver: res, Peers: client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
-		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(),
+		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
 	}); err != nil {
 		return nil, err
 	}
@@ -330,7 +367,12 @@ func (n *Node) listen(ctx context.Context) error {
 	if n.mirrorL, err = net.Listen("tcp", o.MirrorListen); err != nil {
 		return fmt.Errorf("--mirror-listen: %w", err)
 	}
-	n.peerHTTP = &http.Server{Handler: peers.LimitUpload(n.peerSrv, o.UploadLimit), ReadHeaderTimeout: 10 * time.Second}
+	var peerHandler http.Handler = peers.LimitUpload(n.peerSrv, o.UploadLimit)
+	if o.TLS != nil {
+		n.peerL = tls.NewListener(n.peerL, o.TLS.ServerConfig())
+		peerHandler = peers.Authenticated(peerHandler, peers.OpenPaths...)
+	}
+	n.peerHTTP = &http.Server{Handler: peerHandler, ReadHeaderTimeout: 10 * time.Second}
 	n.mirrorHTTP = &http.Server{Handler: n.mirror, ReadHeaderTimeout: 10 * time.Second}
 	if o.DebugListen != "" {
 		if n.debugL, err = net.Listen("tcp", o.DebugListen); err != nil {
@@ -430,6 +472,29 @@ func (n *Node) Close() error {
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
+}
+
+// clientKey names a peer server's client for its share of the upload
+// slots: the node its certificate names, else its address.
+func clientKey(r *http.Request) string {
+	if name, ok := trust.Name(r); ok {
+		return "node " + name
+	}
+	return peers.ClientIP(r)
+}
+
+// Loopback reports whether the listen address addr (host:port) only
+// accepts connections from this host.
+func Loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // discard is a recorder that records nothing.

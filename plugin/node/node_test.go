@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/http"
@@ -12,7 +13,10 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
+	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/modes"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // proxyOptions are the options of a proxy-mode node on loopback with no
@@ -149,4 +153,67 @@ func freeAddr(t *testing.T) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// TestNodesSpeakMutualTLS: two nodes with certificates of one CA find each
+// other's blobs over mutual TLS; the peer server refuses a client without a
+// certificate but for /healthz and /metrics.
+func TestNodesSpeakMutualTLS(t *testing.T) {
+	pki := t.TempDir()
+	if err := trust.InitCA(filepath.Join(pki, "ca"), trust.CAOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	creds := func(name string) *trust.Credentials {
+		dir := filepath.Join(pki, name)
+		if err := trust.Issue(filepath.Join(pki, "ca"), dir, trust.IssueOptions{Name: name}); err != nil {
+			t.Fatal(err)
+		}
+		c, err := trust.Load(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	start := func(o Options) *Node {
+		n, err := New(context.Background(), o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { _ = n.Run(ctx); close(done) }()
+		t.Cleanup(func() { cancel(); <-done; _ = n.Close() })
+		return n
+	}
+	ao := proxyOptions(t)
+	ao.Name, ao.TLS = "node-a", creds("node-a")
+	ao.PeerListen = freeAddr(t)
+	ao.Advertise = "https://" + ao.PeerListen
+	a := start(ao)
+
+	bo := proxyOptions(t)
+	bo.Name, bo.TLS = "node-b", creds("node-b")
+	bo.Advertise = "https://127.0.0.1:1"
+	bo.Index = modes.Options{Mode: modes.Online, Neighbors: []resolver.Neighbor{{Name: "node-a", URL: ao.Advertise}}}
+	b := start(bo)
+
+	// a holds a blob; b's resolver finds it over mutual TLS.
+	d := digest.FromString("blob")
+	a.Inventory().Add(d, 4)
+	got, err := b.index.Resolver().Locate(context.Background(), []digest.Digest{d})
+	if err != nil || len(got[d]) != 1 || got[d][0].Node != "node-a" {
+		t.Fatalf("b located %v (%v), want node-a", got, err)
+	}
+
+	anon := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // the stranger
+	for path, want := range map[string]int{"/healthz": 200, "/metrics": 200, "/coop/v1/inventory": 401, "/v2/x/blobs/" + d.String(): 401} {
+		resp, err := anon.Get(ao.Advertise + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("a stranger's GET %s: %d, want %d", path, resp.StatusCode, want)
+		}
+	}
 }

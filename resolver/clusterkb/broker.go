@@ -1,6 +1,7 @@
 package clusterkb
 
 import (
+	"crypto/tls"
 	"fmt"
 	"net"
 	"strconv"
@@ -20,6 +21,9 @@ type BrokerOptions struct {
 	// MaxPayload bounds one message. Default 8 MiB, so full inventories of
 	// about 80,000 blobs fit in one message.
 	MaxPayload int32
+	// TLS, when set, makes the broker speak TLS and refuse clients without
+	// a certificate of the cluster CA (trust.Credentials.BrokerConfig).
+	TLS *tls.Config
 }
 
 // StartBroker starts an embedded NATS server with JetStream and waits until
@@ -42,7 +46,7 @@ func StartBroker(opts BrokerOptions) (*server.Server, error) {
 	if opts.MaxPayload == 0 {
 		opts.MaxPayload = 8 << 20
 	}
-	ns, err := server.NewServer(&server.Options{
+	sopts := &server.Options{
 		ServerName:         "coop-kb",
 		Host:               host,
 		Port:               p,
@@ -52,7 +56,12 @@ func StartBroker(opts BrokerOptions) (*server.Server, error) {
 		JetStream:          true,
 		StoreDir:           opts.StoreDir,
 		JetStreamMaxMemory: 1 << 30,
-	})
+	}
+	if opts.TLS != nil {
+		sopts.TLS, sopts.TLSVerify, sopts.TLSConfig = true, true, opts.TLS
+		sopts.TLSTimeout = 2
+	}
+	ns, err := server.NewServer(sopts)
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}

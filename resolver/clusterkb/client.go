@@ -3,6 +3,7 @@ package clusterkb
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,6 +30,9 @@ type ClientOptions struct {
 	Timeout time.Duration
 	// Retries per replica before the next is tried. Default 1.
 	Retries int
+	// TLS, when set, is the client side of mutual TLS with ClusterKB
+	// (trust.Credentials.ClientConfig).
+	TLS *tls.Config
 }
 
 // Client asks ClusterKB. It is the resolver of the kb mode: one batched
@@ -68,6 +72,7 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	rc.HTTPClient = &http.Client{Timeout: opts.Timeout, Transport: &http.Transport{
 		MaxIdleConnsPerHost: 8,
 		IdleConnTimeout:     90 * time.Second,
+		TLSClientConfig:     opts.TLS,
 	}}
 	// Give the caller the last error, so it can tell why every replica failed.
 	rc.ErrorHandler = retryablehttp.PassthroughErrorHandler

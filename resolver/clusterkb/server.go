@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/resolver"
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
@@ -87,6 +88,10 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Gatherer is served on /metrics; nil serves no metrics.
 	Gatherer prometheus.Gatherer
+	// Authenticated requires every registration to come from the node it
+	// names: its client certificate (trust.Name) must name it. Set it when
+	// the KB serves mutual TLS.
+	Authenticated bool
 }
 
 // KB is ClusterKB.
@@ -411,6 +416,9 @@ func (k *KB) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		case http.MethodPost:
 			var req RegisterRequest
 			if err = readJSON(w, r, &req); err == nil {
+				err = k.checkIdentity(r, req.Name)
+			}
+			if err == nil {
 				if err = k.Register(ctx, req); err == nil {
 					err = writeJSON(w, RegisterResponse{PeriodSeconds: k.opts.Period.Seconds(), TTLSeconds: k.opts.TTL.Seconds()})
 				}
@@ -497,6 +505,18 @@ func validName(name string) error {
 // validURL reports whether s is a base URL a node may be reached at
 // (peers.ParseBaseURL: http or https, a host, no user info, query or
 // fragment).
+// checkIdentity refuses a registration of name by a client whose
+// certificate names another process, when the KB is Authenticated.
+func (k *KB) checkIdentity(r *http.Request, name string) error {
+	if !k.opts.Authenticated {
+		return nil
+	}
+	if who, ok := trust.Name(r); !ok || who != name {
+		return fmt.Errorf("%q may not register as %q: a node registers only as the name in its certificate: %w", who, name, errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
 func validURL(s string) bool {
 	_, err := peers.ParseBaseURL(s)
 	return err == nil

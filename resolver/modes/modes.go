@@ -7,6 +7,7 @@ package modes
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"strings"
@@ -104,6 +105,9 @@ type Options struct {
 	// NATSOptions are extra options of the broker connection (a dialer
 	// that counts bytes, say), after coop's.
 	NATSOptions []nats.Option
+	// TLS, when set, is the client side of mutual TLS with ClusterKB and
+	// the broker (trust.Credentials.ClientConfig).
+	TLS *tls.Config
 }
 
 // Validate checks the options as flags: each error wraps
@@ -207,7 +211,7 @@ func New(ctx context.Context, o Options) (*Index, error) {
 	}
 	var kbc *clusterkb.Client
 	if len(o.KBURLs) > 0 {
-		if kbc, err = clusterkb.NewClient(clusterkb.ClientOptions{URLs: o.KBURLs, Node: o.Node}); err != nil {
+		if kbc, err = clusterkb.NewClient(clusterkb.ClientOptions{URLs: o.KBURLs, Node: o.Node, TLS: o.TLS}); err != nil {
 			return nil, fmt.Errorf("--kb: %w", err)
 		}
 		var dyn *resolver.DynamicNeighbors
@@ -230,7 +234,7 @@ func New(ctx context.Context, o Options) (*Index, error) {
 		}
 	}
 	if o.NATSURL != "" {
-		if ix.nc, err = resolver.ConnectBroker(ctx, o.NATSURL, o.Node, o.NATSOptions...); err != nil {
+		if ix.nc, err = resolver.ConnectBroker(ctx, o.NATSURL, o.Node, natsOptions(o)...); err != nil {
 			return nil, fmt.Errorf("--nats-url: %w", err)
 		}
 		if err := ix.publisher(o); err != nil {
@@ -327,4 +331,14 @@ func (ix *Index) Close() error {
 		}
 	})
 	return nil
+}
+
+// natsOptions are the broker connection's options: TLS when set, then the
+// caller's.
+func natsOptions(o Options) []nats.Option {
+	var opts []nats.Option
+	if o.TLS != nil {
+		opts = append(opts, nats.Secure(o.TLS))
+	}
+	return append(opts, o.NATSOptions...)
 }

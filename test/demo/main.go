@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -116,11 +117,13 @@ type demo struct {
 	nodes []*harness.Node
 	kb    *exec.Cmd
 	dir   string
+	// pki is the demo cluster's CA: every coop process speaks mutual TLS.
+	pki *harness.PKI
 }
 
 func (d *demo) node(h cluster.Host, opts harness.NodeOptions) (*harness.Node, error) {
 	opts.Name, opts.NetNS, opts.ListenIP = h.Name, nsPath(h.Name), h.IP
-	opts.CoopLogLevel, opts.Logf = "info", d.logf
+	opts.CoopLogLevel, opts.Logf, opts.PKI = "info", d.logf, d.pki
 	n, err := harness.StartNode(d.ctx, d.tools, opts)
 	if err != nil {
 		return nil, err
@@ -141,7 +144,7 @@ func (d *demo) stopNode(n *harness.Node) error {
 // indexArgs makes a node publish to the broker, register with ClusterKB
 // and, in kb mode, locate through it.
 func indexArgs(index string) []string {
-	kb := "http://" + kbHost.IP + ":5060"
+	kb := "https://" + kbHost.IP + ":5060"
 	return []string{"--index", index, "--kb", kb, "--nats-url", "nats://" + kbHost.IP + ":4222", "--period", period, "--neighbors-from-kb"}
 }
 
@@ -167,6 +170,15 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 		return err
 	}
 	d := &demo{ctx: ctx, tools: tools, dir: dir, logf: func(format string, args ...any) { log.G(ctx).Infof(format, args...) }}
+	if d.pki, err = harness.NewPKI(filepath.Join(dir, "pki")); err != nil {
+		os.RemoveAll(dir)
+		return err
+	}
+	kbTLS := filepath.Join(dir, "kb-tls")
+	if err := d.pki.Issue("coop-kb", kbTLS); err != nil {
+		os.RemoveAll(dir)
+		return err
+	}
 	defer func() {
 		for i := len(d.nodes) - 1; i >= 0; i-- {
 			n := d.nodes[i]
@@ -186,7 +198,7 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 
 	// ClusterKB with its embedded broker, in its own namespace.
 	bin, args := inNS(kbHost.Name, tools.Coop, "kb", "--listen", kbHost.IP+":5060", "--nats-listen", kbHost.IP+":4222",
-		"--feed", "push", "--period", period, "--root", filepath.Join(dir, "kb"), "--log-level", "warn")
+		"--feed", "push", "--period", period, "--root", filepath.Join(dir, "kb"), "--log-level", "warn", "--tls-dir", kbTLS)
 	d.kb = exec.Command(bin, args...)
 	kbLog, err := os.Create(filepath.Join(dir, "kb.log"))
 	if err != nil {
@@ -197,7 +209,7 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	if err := d.kb.Start(); err != nil {
 		return fmt.Errorf("coop kb: %w", err)
 	}
-	if err := waitHTTP(ctx, "http://"+kbHost.IP+":5060/healthz"); err != nil {
+	if err := waitHTTP(ctx, d.pki.HTTPClient(), "https://"+kbHost.IP+":5060/healthz"); err != nil {
 		return fmt.Errorf("coop kb: %w", err)
 	}
 
@@ -304,7 +316,8 @@ func runMigration(ctx context.Context, dst, src *harness.Node, jsonPath string, 
 	mctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	bin, args := inNS(dst.Name, dst.Tools().Coop, "migrate", "--from", src.PeerURL(), "--containerd-address", dst.Address,
-		"--mirror", dst.MirrorURL(), "--hosts-dir", dst.HostsDir, "--runc-root", dst.RuncRoot,
+		"--mirror", dst.MirrorURL(), "--mirror-token-file", dst.MirrorTokenFile(), "--tls-dir", dst.TLSDir(),
+		"--hosts-dir", dst.HostsDir, "--runc-root", dst.RuncRoot,
 		"--cgroups-path", "/coopdemo-dst-"+container, "--json-file", jsonPath, "--start", container)
 	cmd := exec.CommandContext(mctx, bin, args...)
 	cmd.Stdout, cmd.Stderr = out, os.Stderr
@@ -335,10 +348,10 @@ func answers(ctx context.Context, n *harness.Node) string {
 	return ""
 }
 
-func waitHTTP(ctx context.Context, url string) error {
+func waitHTTP(ctx context.Context, c *http.Client, url string) error {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		if err := harness.HTTPOK(ctx, url); err == nil {
+		if err := harness.HTTPOK(ctx, c, url); err == nil {
 			return nil
 		} else if time.Now().After(deadline) {
 			return err

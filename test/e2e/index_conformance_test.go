@@ -60,11 +60,11 @@ func (e *env) startBare(name, peerAddr string, extra ...string) *bareNode {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { os.RemoveAll(dir) })
-	n := &bareNode{name: name, peer: "http://" + peerAddr, mirror: "http://" + freeAddr(e.t), sock: filepath.Join(dir, "c.sock")}
+	n := &bareNode{name: name, peer: "https://" + peerAddr, mirror: "http://" + freeAddr(e.t), sock: filepath.Join(dir, "c.sock")}
 	args := append([]string{"node", "--name", name, "--root", filepath.Join(dir, "root"), "--content-socket", n.sock,
 		"--peer-listen", peerAddr, "--advertise", n.peer, "--mirror-listen", strings.TrimPrefix(n.mirror, "http://"),
 		"--period", conformancePeriod.String(), "--peer-timeout", "300ms", "--log-level", "info",
-		"--content-mode", "proxy", "--containerd-address", ""}, extra...)
+		"--content-mode", "proxy", "--containerd-address", ""}, append(e.tlsFlags(name), extra...)...)
 	n.cmd = exec.Command(e.tools.Coop, args...)
 	logf, err := os.Create(filepath.Join(dir, "coop.log"))
 	if err != nil {
@@ -85,7 +85,7 @@ func (e *env) startBare(name, peerAddr string, extra ...string) *bareNode {
 			e.t.Logf("log of %s:\n%s", name, tail(string(b), 30))
 		}
 	})
-	e.eventually(name+" answers", func() bool { return harness.HTTPOK(e.ctx, n.peer+"/healthz") == nil })
+	e.eventually(name+" answers", func() bool { return harness.HTTPOK(e.ctx, e.http, n.peer+"/healthz") == nil })
 	conn, err := grpc.NewClient("unix://"+n.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		e.t.Fatal(err)
@@ -169,7 +169,7 @@ func newProcessCluster(e *env, mode, feed string) *processCluster {
 	c := &processCluster{e: e, mode: mode, addrs: map[string]string{"x": freeAddr(e.t), "y": freeAddr(e.t)}}
 	var nbs []string
 	for _, n := range []string{"x", "y"} {
-		nbs = append(nbs, n+"=http://"+c.addrs[n])
+		nbs = append(nbs, n+"=https://"+c.addrs[n])
 	}
 	destFlags := []string{"--index", mode, "--neighbors", strings.Join(nbs, ",")}
 	p := conformancePeriod
@@ -203,8 +203,8 @@ func (c *processCluster) Dead() time.Duration         { return c.dead }
 func (e *env) startKBFeed(feed string) (api, broker string) {
 	e.t.Helper()
 	apiAddr, natsAddr := freeAddr(e.t), freeAddr(e.t)
-	cmd := exec.Command(e.tools.Coop, "kb", "--listen", apiAddr, "--nats-listen", natsAddr, "--feed", feed,
-		"--period", conformancePeriod.String(), "--root", e.t.TempDir(), "--log-level", "warn")
+	cmd := exec.Command(e.tools.Coop, append([]string{"kb", "--listen", apiAddr, "--nats-listen", natsAddr, "--feed", feed,
+		"--period", conformancePeriod.String(), "--root", e.t.TempDir(), "--log-level", "warn"}, e.tlsFlags("coop-kb")...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -212,8 +212,8 @@ func (e *env) startKBFeed(feed string) (api, broker string) {
 	stop := func() error { _ = cmd.Process.Kill(); _ = cmd.Wait(); return nil }
 	track(cmd, stop)
 	e.t.Cleanup(func() { _ = stop(); untrack(cmd) })
-	api = "http://" + apiAddr
-	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, api+"/healthz") == nil })
+	api = "https://" + apiAddr
+	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, e.http, api+"/healthz") == nil })
 	return api, "nats://" + natsAddr
 }
 

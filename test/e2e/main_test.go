@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -68,6 +69,11 @@ type env struct {
 	ctx   context.Context
 	tools *harness.Tools
 	logf  func(string, ...any)
+	// pki is the test cluster's CA: every coop process of the test speaks
+	// mutual TLS with a certificate of its name, and the test talks to them
+	// with the harness's (http).
+	pki  *harness.PKI
+	http *http.Client
 }
 
 // newEnv skips unless root, and fails with a clear message when the binaries
@@ -94,7 +100,29 @@ func newEnv(t *testing.T, withCoop bool) *env {
 			t.Logf(format, args...)
 		}
 	}
-	return &env{t: t, ctx: t.Context(), tools: tools, logf: logf}
+	pki, err := harness.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{t: t, ctx: t.Context(), tools: tools, logf: logf, pki: pki, http: pki.HTTPClient()}
+}
+
+// sub is e for the subtest t: the same tools and cluster CA.
+func (e *env) sub(t *testing.T) *env {
+	c := *e
+	c.t = t
+	return &c
+}
+
+// tlsFlags gives a coop process of the test (kb or a bare node) its
+// certificate, named name: its --tls-dir flag.
+func (e *env) tlsFlags(name string) []string {
+	e.t.Helper()
+	dir := filepath.Join(e.t.TempDir(), "tls-"+name)
+	if err := e.pki.Issue(name, dir); err != nil {
+		e.t.Fatal(err)
+	}
+	return []string{"--tls-dir", dir}
 }
 
 // registry starts a registry stopped at the end of the test.
@@ -125,6 +153,9 @@ func (e *env) push(reg *harness.Registry, repo string, sizes ...int64) *harness.
 func (e *env) node(opts harness.NodeOptions) *harness.Node {
 	e.t.Helper()
 	opts.Logf = e.logf
+	if opts.PKI == nil && !opts.Plain {
+		opts.PKI = e.pki
+	}
 	if os.Getenv("COOP_E2E_KEEP") != "" {
 		opts.KeepDirs = true
 	}

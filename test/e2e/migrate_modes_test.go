@@ -32,8 +32,8 @@ func (e *env) startKB() (api, broker string) {
 		l.Close()
 	}
 	dir := e.t.TempDir()
-	cmd := exec.Command(e.tools.Coop, "kb", "--listen", addrs[0], "--nats-listen", addrs[1], "--feed", "push",
-		"--period", "500ms", "--root", filepath.Join(dir, "kb"), "--log-level", "warn")
+	cmd := exec.Command(e.tools.Coop, append([]string{"kb", "--listen", addrs[0], "--nats-listen", addrs[1], "--feed", "push",
+		"--period", "500ms", "--root", filepath.Join(dir, "kb"), "--log-level", "warn"}, e.tlsFlags("coop-kb")...)...)
 	log, err := os.Create(filepath.Join(dir, "kb.log"))
 	if err != nil {
 		e.t.Fatal(err)
@@ -46,8 +46,8 @@ func (e *env) startKB() (api, broker string) {
 	stop := func() error { _ = cmd.Process.Kill(); _ = cmd.Wait(); return nil }
 	track(cmd, stop)
 	e.t.Cleanup(func() { _ = stop(); untrack(cmd) })
-	api = "http://" + addrs[0]
-	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, api+"/healthz") == nil })
+	api = "https://" + addrs[0]
+	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, e.http, api+"/healthz") == nil })
 	return api, "nats://" + addrs[1]
 }
 

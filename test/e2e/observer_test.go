@@ -159,7 +159,7 @@ func (e *env) fetchBlob(n *harness.Node, l harness.Blob) error {
 		return err
 	}
 	req.Header.Set("X-Coop-Forwarded", "e2e")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := n.HTTP().Do(req)
 	if err != nil {
 		return fmt.Errorf("node %s: GET %s: %w", n.Name, l.Digest, err)
 	}

@@ -79,7 +79,7 @@ func TestNeighbourServesWhileRegistryDown(t *testing.T) {
 		{"crictl", "k8s.io", func(ctx context.Context, b *harness.Node) error { return b.PullCRI(ctx, img.DigestRef) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := &env{t: t, ctx: e.ctx, tools: e.tools, logf: e.logf}
+			e := e.sub(t)
 			b := e.node(harness.NodeOptions{Name: "b-" + tc.name, Registries: up, Neighbors: []harness.Neighbor{a.AsNeighbor()}})
 			served0 := e.metric(a, harness.MetricPeerServedBytes)
 			reg.ResetCounts()

@@ -94,6 +94,10 @@ type NodeOptions struct {
 	KeepDirs bool
 	// Logf, if set, receives the harness's progress lines.
 	Logf func(format string, args ...any)
+	// PKI, when set, gives the node a certificate of its name: coop serves
+	// and speaks mutual TLS (--tls-dir) and the harness talks to it with
+	// its own certificate. Nil: plain HTTP (--insecure).
+	PKI *PKI
 }
 
 // Node is one simulated node: a coop node and the containerd that uses it as
@@ -119,6 +123,9 @@ type Node struct {
 
 	opts  NodeOptions
 	tools *Tools
+	// http talks to the node's coop: with the harness's certificate when
+	// the node has a PKI.
+	http *http.Client
 	logf  func(format string, args ...any)
 
 	mu         sync.Mutex
@@ -175,6 +182,7 @@ func StartNode(ctx context.Context, tools *Tools, opts NodeOptions) (*Node, erro
 		opts:   opts,
 		tools:  tools,
 		logf:   func(f string, a ...any) { logf("node %s: "+f, append([]any{opts.Name}, a...)...) },
+		http:   opts.PKI.HTTPClient(),
 	}
 	if err := os.MkdirAll(opts.BaseDir, 0o755); err != nil {
 		return nil, err
@@ -200,6 +208,12 @@ func StartNode(ctx context.Context, tools *Tools, opts NodeOptions) (*Node, erro
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			_ = n.Stop()
 			return nil, err
+		}
+	}
+	if opts.PKI != nil && !opts.Plain {
+		if err := opts.PKI.Issue(opts.Name, n.TLSDir()); err != nil {
+			_ = n.Stop()
+			return nil, fmt.Errorf("node %s: certificate: %w", opts.Name, err)
 		}
 	}
 	if err := n.start(ctx); err != nil {
@@ -233,13 +247,13 @@ func (n *Node) start(ctx context.Context) error {
 	return n.startContainerd(ctx)
 }
 
-// PeerURL is the coop node's peer endpoint, http://127.0.0.1:PORT (what
-// neighbours use).
+// PeerURL is the coop node's peer endpoint, https://IP:PORT (http://
+// without a PKI): what neighbours use.
 func (n *Node) PeerURL() string {
 	if n.PeerAddr == "" {
 		return ""
 	}
-	return "http://" + n.PeerAddr
+	return n.opts.PKI.Scheme() + n.PeerAddr
 }
 
 // MirrorURL is the coop node's loopback mirror.
@@ -262,10 +276,21 @@ func (n *Node) Migrate(ctx context.Context, from, id string, extra ...string) (s
 	args := []string{"migrate", "--from", from, "--containerd-address", n.Address,
 		"--mirror", n.MirrorURL(), "--mirror-token-file", n.MirrorTokenFile(), "--hosts-dir", n.HostsDir,
 		"--runc-root", n.RuncRoot, "--cgroups-path", "/" + n.Name + "-" + id}
+	if n.opts.PKI != nil {
+		// The node's own certificate: the source serves its records only
+		// to cluster members.
+		args = append(args, "--tls-dir", n.TLSDir())
+	}
 	args = append(append(args, extra...), id)
 	bin, full := n.inNetNS(n.tools.Coop, args)
 	return runCommand(ctx, clientEnv(), nil, bin, full...)
 }
+
+// TLSDir is the node's --tls-dir (with a PKI).
+func (n *Node) TLSDir() string { return filepath.Join(n.Dir, "tls") }
+
+// HTTP is the client the harness talks to the node's coop with.
+func (n *Node) HTTP() *http.Client { return n.http }
 
 // CoopLog is the path of the coop node's log file (stdout and stderr of
 // every start, each after a "===" line with its command line).
@@ -294,6 +319,11 @@ func (n *Node) coopArgs() []string {
 		"--mirror-listen", n.MirrorAddr,
 		"--index", n.opts.Index,
 		"--log-level", n.opts.CoopLogLevel,
+	}
+	if n.opts.PKI != nil {
+		args = append(args, "--tls-dir", n.TLSDir())
+	} else {
+		args = append(args, "--insecure")
 	}
 	if len(n.opts.Neighbors) > 0 {
 		var ns []string
@@ -350,13 +380,13 @@ func (n *Node) StartCoop(ctx context.Context) error {
 		if _, err := os.Stat(n.ContentSocket); err != nil && !n.opts.Observer {
 			return err
 		}
-		if err := httpOK(ctx, n.PeerURL()+"/healthz"); err != nil {
+		if err := httpOK(ctx, n.http, n.PeerURL()+"/healthz"); err != nil {
 			return err
 		}
 		if n.opts.NetNS != "" {
 			return nil // the mirror is on the namespace's own loopback
 		}
-		return httpOK(ctx, n.MirrorURL()+"/healthz")
+		return httpOK(ctx, n.http, n.MirrorURL()+"/healthz")
 	})
 	if err != nil {
 		return fmt.Errorf("coop node: %w", err)
@@ -551,7 +581,7 @@ func (n *Node) startContainerd(ctx context.Context) error {
 func (n *Node) Tools() *Tools { return n.tools }
 
 // HTTPOK returns nil when url answers 200.
-func HTTPOK(ctx context.Context, url string) error { return httpOK(ctx, url) }
+func HTTPOK(ctx context.Context, c *http.Client, url string) error { return httpOK(ctx, c, url) }
 
 // inNetNS returns the command line that runs bin with args in the node's
 // network namespace (nsenter execs bin: same pid, same signals).
@@ -749,14 +779,14 @@ func waitReady(ctx context.Context, timeout time.Duration, p *process, check fun
 	}
 }
 
-func httpOK(ctx context.Context, url string) error {
+func httpOK(ctx context.Context, c *http.Client, url string) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return err
 	}

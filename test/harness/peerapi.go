@@ -66,9 +66,9 @@ func (inv *Inventory) Digests() []digest.Digest {
 }
 
 // FetchInventory GETs peerURL/coop/v1/inventory.
-func FetchInventory(ctx context.Context, peerURL string) (*Inventory, error) {
+func FetchInventory(ctx context.Context, c *http.Client, peerURL string) (*Inventory, error) {
 	var inv Inventory
-	if err := doJSON(ctx, http.MethodGet, peerURL+inventoryPath, nil, &inv); err != nil {
+	if err := doJSON(ctx, c, http.MethodGet, peerURL+inventoryPath, nil, &inv); err != nil {
 		return nil, err
 	}
 	return &inv, nil
@@ -76,7 +76,7 @@ func FetchInventory(ctx context.Context, peerURL string) (*Inventory, error) {
 
 // FetchHave POSTs dgsts to peerURL/coop/v1/have and returns the answer: the
 // blobs the peer holds among them.
-func FetchHave(ctx context.Context, peerURL string, dgsts []digest.Digest) (*Inventory, error) {
+func FetchHave(ctx context.Context, c *http.Client, peerURL string, dgsts []digest.Digest) (*Inventory, error) {
 	body, err := json.Marshal(struct {
 		Digests []digest.Digest `json:"digests"`
 	}{dgsts})
@@ -84,13 +84,13 @@ func FetchHave(ctx context.Context, peerURL string, dgsts []digest.Digest) (*Inv
 		return nil, err
 	}
 	var inv Inventory
-	if err := doJSON(ctx, http.MethodPost, peerURL+havePath, body, &inv); err != nil {
+	if err := doJSON(ctx, c, http.MethodPost, peerURL+havePath, body, &inv); err != nil {
 		return nil, err
 	}
 	return &inv, nil
 }
 
-func doJSON(ctx context.Context, method, url string, body []byte, out any) error {
+func doJSON(ctx context.Context, c *http.Client, method, url string, body []byte, out any) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var rd io.Reader
@@ -104,7 +104,7 @@ func doJSON(ctx context.Context, method, url string, body []byte, out any) error
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return err
 	}
@@ -173,7 +173,7 @@ func hasLabels(have map[string]string, pairs []string) bool {
 
 // FetchMetrics scrapes url (a peer URL; /metrics is appended unless url
 // already ends with it) and parses the Prometheus text format.
-func FetchMetrics(ctx context.Context, url string) (Metrics, error) {
+func FetchMetrics(ctx context.Context, c *http.Client, url string) (Metrics, error) {
 	if !strings.HasSuffix(url, metricsPath) {
 		url += metricsPath
 	}
@@ -183,7 +183,7 @@ func FetchMetrics(ctx context.Context, url string) (Metrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return nil, err
 	}
@@ -277,17 +277,17 @@ func parseSample(line string) (Sample, error) {
 
 // Inventory fetches the node's /coop/v1/inventory.
 func (n *Node) Inventory(ctx context.Context) (*Inventory, error) {
-	return FetchInventory(ctx, n.PeerURL())
+	return FetchInventory(ctx, n.http, n.PeerURL())
 }
 
 // Have asks the node's /coop/v1/have about dgsts.
 func (n *Node) Have(ctx context.Context, dgsts []digest.Digest) (*Inventory, error) {
-	return FetchHave(ctx, n.PeerURL(), dgsts)
+	return FetchHave(ctx, n.http, n.PeerURL(), dgsts)
 }
 
 // Metrics scrapes the node's /metrics.
 func (n *Node) Metrics(ctx context.Context) (Metrics, error) {
-	return FetchMetrics(ctx, n.PeerURL())
+	return FetchMetrics(ctx, n.http, n.PeerURL())
 }
 
 // Metric returns the sum of the node's samples named name with the given

@@ -20,6 +20,7 @@ var ranks = []struct {
 	rank   int
 }{
 	{"content", 10},
+	{"peers/trust", 15},
 	{"peers", 20},
 	{"resolver", 30},
 	{"resolver/resolvertest", 31},
