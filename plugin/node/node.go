@@ -367,13 +367,16 @@ func (n *Node) listen(ctx context.Context) error {
 	if n.mirrorL, err = net.Listen("tcp", o.MirrorListen); err != nil {
 		return fmt.Errorf("--mirror-listen: %w", err)
 	}
-	var peerHandler http.Handler = peers.LimitUpload(n.peerSrv, o.UploadLimit)
+	peerHandler := peers.LimitUpload(n.peerSrv, o.UploadLimit)
 	if o.TLS != nil {
 		n.peerL = tls.NewListener(n.peerL, o.TLS.ServerConfig())
 		peerHandler = peers.Authenticated(peerHandler, peers.OpenPaths...)
 	}
-	n.peerHTTP = &http.Server{Handler: peerHandler, ReadHeaderTimeout: 10 * time.Second}
-	n.mirrorHTTP = &http.Server{Handler: n.mirror, ReadHeaderTimeout: 10 * time.Second}
+	// Blob answers move their own write deadline while bytes flow; every
+	// other answer is bounded as a whole.
+	n.peerHTTP = peers.NewHTTPServer(peerHandler, peers.HTTPServerOptions{})
+	// The mirror holds containerd's blob answers open while it fetches.
+	n.mirrorHTTP = peers.NewHTTPServer(n.mirror, peers.HTTPServerOptions{WriteTimeout: -1})
 	if o.DebugListen != "" {
 		if n.debugL, err = net.Listen("tcp", o.DebugListen); err != nil {
 			return fmt.Errorf("--debug-listen: %w", err)
@@ -383,7 +386,7 @@ func (n *Node) listen(ctx context.Context) error {
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		n.debugHTTP = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		n.debugHTTP = peers.NewHTTPServer(mux, peers.HTTPServerOptions{WriteTimeout: -1}) // profiles take their time
 	}
 	return nil
 }

@@ -126,7 +126,7 @@ type Node struct {
 	// http talks to the node's coop: with the harness's certificate when
 	// the node has a PKI.
 	http *http.Client
-	logf  func(format string, args ...any)
+	logf func(format string, args ...any)
 
 	mu         sync.Mutex
 	coop       *process
