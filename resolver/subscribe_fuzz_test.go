@@ -105,4 +105,3 @@ func statusByName(x *Index) map[string]NodeStatus {
 	}
 	return out
 }
-
