@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,10 +33,17 @@ type ServerOptions struct {
 	// answers 404.
 	Gatherer prometheus.Gatherer
 	// Containers, when set, answers ContainersPath (coop migrate's
-	// source side).
+	// source side) for the namespaces in ContainerNamespaces. Without it
+	// ContainersPath answers 403 DENIED: container records (whose OCI spec
+	// holds the container's environment, secrets included) are off.
 	Containers ContainerRecords
-	// AllowStop lets a migration's destination stop a container here
-	// (coop migrate --stop-source). Off by default.
+	// ContainerNamespaces are the namespaces whose containers Containers
+	// serves; the others are answered 403 DENIED. Required with
+	// Containers.
+	ContainerNamespaces []string
+	// AllowStop lets a migration's destination stop a container of
+	// ContainerNamespaces here (coop migrate --stop-source). Off by
+	// default; needs Containers.
 	AllowStop bool
 	// MaxUploads bounds the blob bodies sent at once; beyond it a blob GET
 	// is answered 429 with Retry-After. 0: no bound.
@@ -98,6 +106,7 @@ type Server struct {
 	bufs    sync.Pool    // *[]byte of copyBufferSize
 
 	containers   ContainerRecords
+	containerNSs []string
 	allowStop    bool
 	maxUploads   int
 	maxPerClient int // 0: no bound
@@ -126,6 +135,9 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	}
 	if opts.Inventory == nil {
 		return nil, fmt.Errorf("peer server needs an inventory: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := validateContainers(opts); err != nil {
+		return nil, err
 	}
 	if opts.MaxUploads < 0 {
 		return nil, fmt.Errorf("peer server max uploads %d: %w", opts.MaxUploads, errdefs.ErrInvalidArgument)
@@ -161,6 +173,7 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		writeStall:   writeStall,
 		byClient:     map[string]int{},
 		containers:   opts.Containers,
+		containerNSs: slices.Clone(opts.ContainerNamespaces),
 		allowStop:    opts.AllowStop,
 		rateAt:       time.Now(),
 		node:         opts.Node,
