@@ -64,9 +64,11 @@ func Subject(node string) string { return SubjectPrefix + Token(node) }
 
 // ConnectBroker connects to NATS at url as name and keeps reconnecting for
 // ever, so a broker that is down at start or goes away is picked up when it
-// is back. The connection logs, through ctx's logger, each loss with its
-// cause and each return; closing it logs nothing. extra options (a dialer,
-// say) apply after coop's.
+// is back. Its inboxes (request replies) are _INBOX.<Token(name)>.…, the
+// only ones a broker with per-node permissions lets name subscribe to. The
+// connection logs, through ctx's logger, each loss with its cause and each
+// return; closing it logs nothing. extra options (a dialer, say) apply
+// after coop's.
 //
 // The connection and its handlers belong to the caller. Those who share it
 // (a Publisher, a Subscriber) learn of its state through nc.StatusChanged
@@ -90,6 +92,9 @@ func ConnectBroker(ctx context.Context, url, name string, extra ...nats.Option) 
 			}
 		}),
 		nats.ReconnectHandler(func(*nats.Conn) { logger.Info("broker connection back") }),
+	}
+	if name != "" {
+		opts = append(opts, nats.CustomInboxPrefix("_INBOX."+Token(name)))
 	}
 	return nats.Connect(url, append(opts, extra...)...)
 }

@@ -82,7 +82,7 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 		}
 		bo := clusterkb.BrokerOptions{Listen: *natsListen, StoreDir: *root}
 		if creds != nil {
-			bo.TLS = creds.BrokerConfig()
+			bo.TLS, bo.KB = creds.BrokerConfig(), creds.Name()
 		}
 		ns, err := clusterkb.StartBroker(bo)
 		if err != nil {
@@ -109,7 +109,11 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	opts := clusterkb.Options{Feed: *feed, Period: *periodS, TTL: *ttl, Static: static, Reader: client, Registerer: reg, Gatherer: reg,
 		Authenticated: creds != nil}
 	if *feed == clusterkb.FeedPush {
-		nc, err := resolver.ConnectBroker(ctx, brokerURL, "coop-kb", natsOpts...)
+		name := "coop-kb"
+		if creds != nil {
+			name = creds.Name() // the broker's permissions go by it
+		}
+		nc, err := resolver.ConnectBroker(ctx, brokerURL, name, natsOpts...)
 		if err != nil {
 			return fmt.Errorf("broker %s: %w", brokerURL, err)
 		}

@@ -18,6 +18,7 @@ import (
 	"github.com/coopnet/coop/resolver/clusterkb"
 	"github.com/coopnet/coop/resolver/modes"
 	"github.com/coopnet/coop/resolver/resolvertest"
+	"github.com/nats-io/nats.go"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -97,6 +98,7 @@ type holderOptions struct {
 	period    time.Duration
 	neighbors []string // registered with the KB; nil: all
 	root      string   // store directory (default: a new temporary one)
+	ca        *testCA  // with a broker: the cluster CA it and each node's certificate come from
 }
 
 // newHolder starts a node that locates nothing (mode none) and announces
@@ -104,6 +106,9 @@ type holderOptions struct {
 func newHolder(ctx context.Context, t *testing.T, name string, o holderOptions) *node {
 	t.Helper()
 	mo := modes.Options{Mode: modes.None, Period: o.period, NATSURL: o.broker, DropEvents: o.dropRate}
+	if o.ca != nil {
+		mo.NATSOptions = o.ca.natsOptions(t, name)
+	}
 	if mo.Period == 0 {
 		mo.Period = period
 	}
@@ -155,11 +160,22 @@ func (c *cluster) Dead() time.Duration         { return c.dead }
 // newCluster starts a destination in mode (kb-pull and kb-push: the kb
 // mode, with ClusterKB fed by polling or by the broker). In online,
 // periodic and push modes its neighbours are the holders started since.
-func newCluster(t *testing.T, mode string) *cluster {
+func newCluster(t *testing.T, mode string) *cluster { return newClusterTLS(t, mode, false) }
+
+// newClusterTLS is newCluster; with tls, the broker speaks mutual TLS and
+// enforces each node's permissions, every client connecting with its own
+// certificate.
+func newClusterTLS(t *testing.T, mode string, tls bool) *cluster {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	c := &cluster{ctx: ctx, mode: mode, neighbors: &resolver.DynamicNeighbors{}}
+	startBroker := startBroker
+	var natsOptions func(t *testing.T, name string) []nats.Option
+	if tls {
+		c.hopts.ca = newTestCA(t)
+		startBroker, natsOptions = c.hopts.ca.broker, c.hopts.ca.natsOptions
+	}
 	dest := modes.Options{Mode: mode, Period: period, NeighborSource: c.neighbors}
 	switch mode {
 	case modes.Online:
@@ -174,7 +190,11 @@ func newCluster(t *testing.T, mode string) *cluster {
 		opts := clusterkb.Options{Feed: clusterkb.FeedPull, Period: period, Reader: peerClient("kb")}
 		if mode == "kb-push" {
 			c.hopts.broker = startBroker(t)
-			nc, err := resolver.ConnectBroker(ctx, c.hopts.broker, "kb")
+			name, nopts := "kb", []nats.Option(nil)
+			if tls {
+				name, nopts = kbName, natsOptions(t, kbName)
+			}
+			nc, err := resolver.ConnectBroker(ctx, c.hopts.broker, name, nopts...)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -195,6 +215,9 @@ func newCluster(t *testing.T, mode string) *cluster {
 	default:
 		t.Fatalf("unknown mode %s", mode)
 	}
+	if tls && dest.NATSURL != "" {
+		dest.NATSOptions = natsOptions(t, "dest")
+	}
 	d := newNode(ctx, t, "dest", "", dest)
 	c.res = d.index.Resolver()
 	if ix := d.index.LocalIndex(); ix != nil {
@@ -208,6 +231,13 @@ func TestConformance(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
 			resolvertest.Run(t, func(t *testing.T) resolvertest.Cluster { return newCluster(t, mode) })
+		})
+	}
+	// The broker's modes again with TLS and per-node permissions on it.
+	for _, mode := range []string{modes.Push, "kb-push"} {
+		t.Run(mode+"-tls", func(t *testing.T) {
+			t.Parallel()
+			resolvertest.Run(t, func(t *testing.T) resolvertest.Cluster { return newClusterTLS(t, mode, true) })
 		})
 	}
 }
