@@ -22,14 +22,16 @@ import (
 // store, from its /content/create and /content/delete events (subscribed
 // before listing, so nothing is missed), and reads them through containerd's
 // content API for peers. If coop is down, containerd is untouched. A blob is
-// held while any namespace holds it.
+// held while any namespace holds it — any of the shared namespaces, when
+// they are listed (ObserverOptions.Namespaces).
 type Observer struct {
 	client *containerd.Client
 	rec    content.Recorder
 	onHeld func(context.Context, digest.Digest)
+	shared map[string]bool // nil: every namespace
 
 	mu  sync.RWMutex
-	nss map[digest.Digest]map[string]int64 // digest → namespace → size
+	nss map[digest.Digest]map[string]int64 // digest → shared namespace → size
 }
 
 // ObserverOptions configure an Observer.
@@ -42,6 +44,11 @@ type ObserverOptions struct {
 	// each it holds when the observer lists its store): the node then
 	// drops its own copy of it, so that every blob is on disk once.
 	OnHeld func(ctx context.Context, d digest.Digest)
+	// Namespaces, when set, are the only namespaces whose blobs are
+	// recorded and read for peers (coop node --share-namespaces): a blob
+	// only other namespaces hold is neither listed nor served. OnHeld is
+	// still called for every namespace. Empty: every namespace.
+	Namespaces []string
 }
 
 // NewObserver returns an observer of the containerd at o.Address.
@@ -49,12 +56,32 @@ func NewObserver(o ObserverOptions) (*Observer, error) {
 	if o.Recorder == nil || o.Address == "" {
 		return nil, fmt.Errorf("observer needs containerd's address and a recorder: %w", errdefs.ErrInvalidArgument)
 	}
+	for _, ns := range o.Namespaces {
+		if ns == "" {
+			return nil, fmt.Errorf("observer namespaces %q: an empty name: %w", o.Namespaces, errdefs.ErrInvalidArgument)
+		}
+	}
 	c, err := containerd.New(o.Address)
 	if err != nil {
 		return nil, fmt.Errorf("containerd at %s: %w", o.Address, err)
 	}
-	return &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, nss: map[digest.Digest]map[string]int64{}}, nil
+	return newObserver(c, o), nil
 }
+
+// newObserver returns an observer reading through c.
+func newObserver(c *containerd.Client, o ObserverOptions) *Observer {
+	obs := &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, nss: map[digest.Digest]map[string]int64{}}
+	if len(o.Namespaces) > 0 {
+		obs.shared = map[string]bool{}
+		for _, ns := range o.Namespaces {
+			obs.shared[ns] = true
+		}
+	}
+	return obs
+}
+
+// shares reports whether the blobs of namespace ns are recorded and served.
+func (o *Observer) shares(ns string) bool { return o.shared == nil || o.shared[ns] }
 
 // Close closes the containerd connection.
 func (o *Observer) Close() error { return o.client.Close() }
@@ -119,10 +146,15 @@ func (o *Observer) relist(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("list namespaces: %w", err)
 	}
-	seen := map[digest.Digest]map[string]int64{}
+	seen := map[digest.Digest]map[string]int64{} // in the shared namespaces
+	held := map[digest.Digest]bool{}             // in any namespace
 	for _, ns := range nsList {
 		nctx := namespaces.WithNamespace(ctx, ns)
 		if err := o.client.ContentStore().Walk(nctx, func(info ctdcontent.Info) error {
+			held[info.Digest] = true
+			if !o.shares(ns) {
+				return nil
+			}
 			if seen[info.Digest] == nil {
 				seen[info.Digest] = map[string]int64{}
 			}
@@ -149,12 +181,18 @@ func (o *Observer) relist(ctx context.Context) error {
 			o.rec.Add(d, size)
 			break
 		}
+	}
+	for d := range held {
 		o.held(ctx, d)
 	}
 	return nil
 }
 
 func (o *Observer) add(ctx context.Context, d digest.Digest, ns string, size int64) {
+	if !o.shares(ns) {
+		o.held(ctx, d)
+		return
+	}
 	o.mu.Lock()
 	if o.nss[d] == nil {
 		o.nss[d] = map[string]int64{}
@@ -172,6 +210,9 @@ func (o *Observer) held(ctx context.Context, d digest.Digest) {
 }
 
 func (o *Observer) remove(d digest.Digest, ns string) {
+	if !o.shares(ns) {
+		return
+	}
 	o.mu.Lock()
 	m := o.nss[d]
 	delete(m, ns)
@@ -185,7 +226,7 @@ func (o *Observer) remove(d digest.Digest, ns string) {
 	}
 }
 
-// namespace returns a namespace holding d.
+// namespace returns a shared namespace holding d.
 func (o *Observer) namespace(d digest.Digest) (string, bool) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
@@ -195,7 +236,8 @@ func (o *Observer) namespace(d digest.Digest) (string, bool) {
 	return "", false
 }
 
-// Info returns d's info from containerd.
+// Info returns d's info from containerd, if a shared namespace holds d;
+// ErrNotFound otherwise.
 func (o *Observer) Info(ctx context.Context, d digest.Digest) (ctdcontent.Info, error) {
 	ns, ok := o.namespace(d)
 	if !ok {
@@ -204,7 +246,8 @@ func (o *Observer) Info(ctx context.Context, d digest.Digest) (ctdcontent.Info, 
 	return o.client.ContentStore().Info(namespaces.WithNamespace(ctx, ns), d)
 }
 
-// ReaderAt opens d through containerd's content API.
+// ReaderAt opens d through containerd's content API, if a shared namespace
+// holds d; ErrNotFound otherwise.
 func (o *Observer) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ctdcontent.ReaderAt, error) {
 	ns, ok := o.namespace(desc.Digest)
 	if !ok {
