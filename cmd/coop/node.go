@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -55,6 +56,8 @@ type nodeConfig struct {
 	Containerd    string  `toml:"containerd_address"`
 	ContentMode   string  `toml:"content_mode"`
 	AllowStop     bool    `toml:"allow_remote_stop"`
+	ServeCtrs     string  `toml:"serve_containers"`
+	ShareNSs      string  `toml:"share_namespaces"`
 	Claim         bool    `toml:"claim"`
 	ClaimParallel int     `toml:"claim_parallel"`
 	TLSDir        string  `toml:"tls_dir"`
@@ -108,7 +111,9 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "observer (default): leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address); proxy: be containerd's content store (content + diff proxy plugins; needed by --claim)")
 	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
-	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container here (coop migrate --stop-source)")
+	fs.StringVar(&c.ServeCtrs, "serve-containers", c.ServeCtrs, "NS[,NS...]: containerd namespaces whose container records (image and OCI spec, environment included) cluster nodes may read for coop migrate; others are refused (empty: records off)")
+	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container of --serve-containers here (coop migrate --stop-source)")
+	fs.StringVar(&c.ShareNSs, "share-namespaces", c.ShareNSs, "NS[,NS...]: serve and advertise only the blobs containerd holds in these namespaces (observer mode; empty: every blob)")
 	fs.StringVar(&c.DebugListen, "debug-listen", c.DebugListen, "serve Go's /debug/pprof here (loopback only; empty: off)")
 	fs.StringVar(&c.TLSDir, "tls-dir", c.TLSDir, "this node's credentials (ca.crt, tls.crt, tls.key from coop ca issue): mutual TLS with every coop process; re-read when rotated")
 	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "without --tls-dir, serve plain HTTP on a non-loopback --peer-listen (anyone who reaches it can read every blob)")
@@ -221,12 +226,37 @@ func (c nodeConfig) options() (node.Options, error) {
 	if o.Index.Neighbors, err = resolver.ParseNeighbors(c.Neighbors); err != nil {
 		return o, fmt.Errorf("--neighbors: %w", err)
 	}
+	if o.ServeContainers, err = parseNamespaces(c.ServeCtrs); err != nil {
+		return o, fmt.Errorf("--serve-containers: %w", err)
+	}
+	if o.ShareNamespaces, err = parseNamespaces(c.ShareNSs); err != nil {
+		return o, fmt.Errorf("--share-namespaces: %w", err)
+	}
 	if c.TLSDir != "" {
 		if o.TLS, err = trust.Load(c.TLSDir); err != nil {
 			return o, fmt.Errorf("--tls-dir: %w", err)
 		}
 	}
 	return o, nil
+}
+
+// parseNamespaces parses a NS[,NS...] list; empty gives none. node.Options
+// checks the names.
+func parseNamespaces(s string) ([]string, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var nss []string
+	for _, ns := range strings.Split(s, ",") {
+		ns = strings.TrimSpace(ns)
+		if ns == "" {
+			return nil, fmt.Errorf("%q: an empty namespace: %w", s, errUsage)
+		}
+		if !slices.Contains(nss, ns) {
+			nss = append(nss, ns)
+		}
+	}
+	return nss, nil
 }
 
 // parseBytes parses a size such as 64MiB, 512KiB, 1GiB or a plain number

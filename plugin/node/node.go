@@ -21,6 +21,7 @@ import (
 	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
@@ -98,8 +99,21 @@ type Options struct {
 	Claim bool
 	// ClaimParallel is how many claimed blobs download at once.
 	ClaimParallel int
-	// AllowRemoteStop lets a migration destination stop a container here.
+	// ServeContainers are the containerd namespaces whose container records
+	// the peer server gives to migration destinations (coop migrate): a
+	// record holds the container's OCI spec, its environment included
+	// (Kubernetes puts Secrets there). Other namespaces are refused 403.
+	// Empty: records are off. Needs Containerd, and TLS unless PeerListen
+	// is loopback.
+	ServeContainers []string
+	// AllowRemoteStop lets a migration destination stop a container of
+	// ServeContainers here.
 	AllowRemoteStop bool
+	// ShareNamespaces, when set, limits the blobs served to peers (and
+	// listed in the inventory) to those containerd holds in these
+	// namespaces. Observer mode only: in proxy mode coop's store does not
+	// know which namespace holds a blob. Empty: every blob.
+	ShareNamespaces []string
 	// TLS are the node's credentials: the peer server then speaks mutual
 	// TLS and serves only cluster members (but /healthz and /metrics), and
 	// the node presents them to peers, ClusterKB and the broker. Its name
@@ -144,8 +158,27 @@ func (o Options) Validate() error {
 	if o.ClaimParallel < 1 {
 		bad("--claim-parallel %d: want 1 or more", o.ClaimParallel)
 	}
-	if o.AllowRemoteStop && o.Containerd == "" {
-		bad("--allow-remote-stop needs --containerd-address")
+	if len(o.ServeContainers) > 0 && o.Containerd == "" {
+		bad("--serve-containers needs --containerd-address")
+	}
+	if o.AllowRemoteStop && len(o.ServeContainers) == 0 {
+		bad("--allow-remote-stop needs --serve-containers (the namespaces whose containers peers may read and stop)")
+	}
+	if len(o.ServeContainers) > 0 && o.TLS == nil && !Loopback(o.PeerListen) {
+		bad("--serve-containers without --tls-dir would give containers' specs (environment and secrets included) to anyone who reaches --peer-listen %q: give --tls-dir (see coop ca) or a loopback --peer-listen", o.PeerListen)
+	}
+	if len(o.ShareNamespaces) > 0 && o.ContentMode != ContentObserver {
+		bad("--share-namespaces needs --content-mode observer: in proxy mode coop's store does not know which namespace holds a blob")
+	}
+	for _, l := range []struct {
+		flag string
+		nss  []string
+	}{{"--serve-containers", o.ServeContainers}, {"--share-namespaces", o.ShareNamespaces}} {
+		for _, ns := range l.nss {
+			if err := identifiers.Validate(ns); err != nil {
+				bad("%s: namespace %q: %v", l.flag, ns, err)
+			}
+		}
 	}
 	if o.PeerListen == "" || o.Advertise == "" {
 		bad("--peer-listen and --advertise are required")
@@ -255,10 +288,12 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		if n.containers, err = plugin.NewContainers(o.Containerd); err != nil {
 			return nil, fmt.Errorf("--containerd-address: %w", err)
 		}
-		records = n.containers
+		if len(o.ServeContainers) > 0 {
+			records = n.containers
+		}
 	}
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
-		Containers: records, AllowStop: o.AllowRemoteStop,
+		Containers: records, ContainerNamespaces: o.ServeContainers, AllowStop: o.AllowRemoteStop,
 		Node: o.Name, Store: served, Inventory: n.inv, Registerer: n.reg, Gatherer: n.reg, MaxUploads: o.MaxUploads,
 		ClientKey: clientKey,
 	}); err != nil {
@@ -321,9 +356,14 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 		return nil, err
 	}
 	if n.observer, err = plugin.NewObserver(plugin.ObserverOptions{
-		Address: o.Containerd, Recorder: n.inv, OnHeld: n.dropLanded,
+		Address: o.Containerd, Recorder: n.inv, OnHeld: n.dropLanded, Namespaces: o.ShareNamespaces,
 	}); err != nil {
 		return nil, fmt.Errorf("--containerd-address: %w", err)
+	}
+	if len(o.ShareNamespaces) > 0 {
+		// A blob the mirror landed belongs to no namespace until
+		// containerd commits it: only the observer's shared view is served.
+		return n.observer, nil
 	}
 	return plugin.NewUnionStore(n.store, n.observer), nil
 }

@@ -80,8 +80,9 @@ type NodeOptions struct {
 	// beside it in observer mode (--content-mode observer): coop learns
 	// containerd's blobs from its events; the mirror works as usual.
 	Observer bool
-	// Migrations makes coop read its containerd (--containerd-address)
-	// and let destinations stop its containers (--allow-remote-stop).
+	// Migrations makes coop serve the records of its containers in the
+	// default and k8s.io namespaces to cluster nodes (--serve-containers)
+	// and let destinations stop them (--allow-remote-stop).
 	Migrations bool
 	// Claim runs coop with --claim (and --containerd-address): blobs the
 	// index knows peers hold are claimed at containerd's Info and unpacked
@@ -338,7 +339,7 @@ func (n *Node) coopArgs() []string {
 	// Always this node's own containerd, never the host's default.
 	args = append(args, "--containerd-address", n.Address)
 	if n.opts.Migrations {
-		args = append(args, "--allow-remote-stop")
+		args = append(args, "--serve-containers", "default,k8s.io", "--allow-remote-stop")
 	}
 	if n.opts.Observer {
 		args = append(args, "--content-mode", "observer")
