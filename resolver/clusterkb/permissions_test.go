@@ -4,7 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +16,7 @@ import (
 	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/clusterkb"
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -111,10 +115,59 @@ func TestBrokerNeedsKBNameWithTLS(t *testing.T) {
 // ClusterKB and the nodes read everything.
 func TestBrokerPermissions(t *testing.T) {
 	ca := newTestCA(t)
-	url := ca.broker(t)
+	checkPermissions(t, ca, ca.broker(t))
+}
+
+// TestExternalBrokerConfig: a NATS server configured as the sample in
+// contrib says gives each client the embedded broker's permissions, and
+// enforces them.
+func TestExternalBrokerConfig(t *testing.T) {
+	ca := newTestCA(t)
+	tlsDir := ca.creds(t, "nats").Dir()
+	b, err := os.ReadFile("../../contrib/nats/coop-broker.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := strings.NewReplacer("/etc/nats/tls/", tlsDir+"/", "/var/lib/nats", t.TempDir(), "port: 4222", "port: -1").Replace(string(b))
+	path := filepath.Join(t.TempDir(), "nats.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := server.ProcessConfigFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]*server.Permissions{kbName: clusterkb.KBPermissions(kbName),
+		"node-a": clusterkb.NodePermissions("node-a"), "node-b": clusterkb.NodePermissions("node-b")}
+	if len(opts.Users) != len(want) {
+		t.Fatalf("%d users in the sample, want %d", len(opts.Users), len(want))
+	}
+	for _, u := range opts.Users {
+		if !reflect.DeepEqual(u.Permissions, want[u.Username]) {
+			t.Errorf("sample's permissions of %s:\n%+v %+v\nwant\n%+v %+v", u.Username,
+				u.Permissions.Publish, u.Permissions.Subscribe, want[u.Username].Publish, want[u.Username].Subscribe)
+		}
+	}
+	opts.NoLog, opts.NoSigs, opts.Host = true, true, "127.0.0.1"
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Start()
+	t.Cleanup(ns.Shutdown)
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("NATS server from the sample did not start")
+	}
+	checkPermissions(t, ca, ns.ClientURL())
+}
+
+// checkPermissions tries, as ClusterKB and as nodes node-a and node-b, what
+// each may and may not do on the broker at url.
+func checkPermissions(t *testing.T, ca *testCA, url string) {
+	t.Helper()
 	ctx := t.Context()
 	kbc, _ := ca.connect(t, url, kbName)
-	kbKV, err := resolver.InventoryBucket(ctx, kbc) // the broker created it
+	kbKV, err := resolver.InventoryBucket(ctx, kbc) // created by the embedded broker, or else by ClusterKB
 	if err != nil {
 		t.Fatalf("ClusterKB opens the bucket: %v", err)
 	}
