@@ -63,3 +63,56 @@ func (p *PKI) Scheme() string {
 	}
 	return "https://"
 }
+
+// Credentials issues a certificate for name into dir and loads it: the
+// identity of a process the test plays itself (a fake peer, a node that
+// lies about its name).
+func (p *PKI) Credentials(name, dir string) (*trust.Credentials, error) {
+	if err := p.Issue(name, dir); err != nil {
+		return nil, err
+	}
+	return trust.Load(dir)
+}
+
+// ClientTLSAs is the client side of mutual TLS presenting a certificate
+// of name, issued into dir.
+func (p *PKI) ClientTLSAs(name, dir string) (*tls.Config, error) {
+	c, err := p.Credentials(name, dir)
+	if err != nil {
+		return nil, err
+	}
+	return c.ClientConfig(), nil
+}
+
+// ServerTLSAs is the server side of mutual TLS with a certificate of name,
+// issued into dir: a fake coop server the real ones accept as name.
+func (p *PKI) ServerTLSAs(name, dir string) (*tls.Config, error) {
+	c, err := p.Credentials(name, dir)
+	if err != nil {
+		return nil, err
+	}
+	return c.ServerConfig(), nil
+}
+
+// HTTPClientAs is an HTTP client presenting a certificate of name, issued
+// into dir.
+func (p *PKI) HTTPClientAs(name, dir string) (*http.Client, error) {
+	cfg, err := p.ClientTLSAs(name, dir)
+	if err != nil {
+		return nil, err
+	}
+	return TLSHTTPClient(cfg), nil
+}
+
+// StrangerTLS is TLS as a stranger speaks it: no client certificate, and
+// any server accepted (a stranger does not care who answers, so only the
+// server can refuse).
+func StrangerTLS() *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: true} //nolint:gosec // an attacker's client
+}
+
+// TLSHTTPClient is an HTTP client speaking TLS with cfg, keeping no idle
+// connection (each request shows its own handshake).
+func TLSHTTPClient(cfg *tls.Config) *http.Client {
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, DisableKeepAlives: true}, Timeout: 30 * time.Second}
+}
