@@ -80,7 +80,12 @@ func TestServeContainersReachesServer(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			ran := make(chan error, 1)
 			go func() { ran <- n.Run(ctx) }()
-			defer func() { cancel(); <-ran }()
+			defer func() {
+				cancel()
+				if err := <-ran; err != nil {
+					t.Errorf("Run: %v", err)
+				}
+			}()
 			for ns, status := range tc.want {
 				resp, err := http.Get("http://" + n.PeerAddr().String() + peers.ContainersPath + "/" + ns + "/web")
 				if err != nil {
