@@ -66,8 +66,8 @@ func Subject(node string) string { return SubjectPrefix + Token(node) }
 // ever, so a broker that is down at start or goes away is picked up when it
 // is back. Its inboxes (request replies) are _INBOX.<Token(name)>.…, the
 // only ones a broker with per-node permissions lets name subscribe to. The
-// connection logs, through ctx's logger, each loss with its cause and each
-// return; closing it logs nothing. extra options (a dialer, say) apply
+// connection logs, through ctx's logger, each loss with its cause, each
+// return and each refusal of the broker; closing it logs nothing. extra options (a dialer, say) apply
 // after coop's.
 //
 // The connection and its handlers belong to the caller. Those who share it
@@ -92,6 +92,11 @@ func ConnectBroker(ctx context.Context, url, name string, extra ...nats.Option) 
 			}
 		}),
 		nats.ReconnectHandler(func(*nats.Conn) { logger.Info("broker connection back") }),
+		// What the broker refuses (a permissions violation, a slow
+		// consumer) says so, rather than a request timing out unexplained.
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			logger.WithError(err).Warn("broker refused")
+		}),
 	}
 	if name != "" {
 		opts = append(opts, nats.CustomInboxPrefix("_INBOX."+Token(name)))
