@@ -504,8 +504,8 @@ func secHugeSize(e *env, tb *secTable) {
 		got += ", /healthz: " + err.Error()
 	}
 	tb.add(secHostile, "a neighbour answers have with size 2^62 for every blob", "pulled from the registry", got,
-		fmt.Sprintf("liar asked %d times, %d GETs; %d store files verified; coop peak RSS %d MiB; %s",
-			liar.haves.Load(), liar.gets.Load(), files, hwm>>20, errDetail(err)))
+		strings.TrimSuffix(fmt.Sprintf("liar asked %d times, %d GETs; %d store files verified; coop peak RSS %d MiB; %s",
+			liar.haves.Load(), liar.gets.Load(), files, hwm>>20, errDetail(err)), "; "))
 }
 
 // liar is a neighbour with a certificate of the cluster, whose have
