@@ -142,3 +142,63 @@ func TestContainerRecordsServed(t *testing.T) {
 		t.Errorf("%s: no line logging the record served to dst", on.CoopLog())
 	}
 }
+
+// TestContainerSharedNamespaces: with --share-namespaces k8s.io (observer
+// mode), a node lists and serves the blobs containerd holds in k8s.io and
+// neither lists nor serves those only another namespace holds.
+func TestContainerSharedNamespaces(t *testing.T) {
+	e := newEnv(t, true)
+	reg := e.registry()
+	private := e.push(reg, "coop/private", 1<<20)
+	shared := e.push(reg, "coop/shared", 1<<20)
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	n := e.node(harness.NodeOptions{Name: "a", Registries: up, Observer: true,
+		ExtraCoopArgs: []string{"--share-namespaces", "k8s.io"}})
+	if err := e.timed("pull into default", pullTimeout, func(ctx context.Context) error { return n.PullCtr(ctx, private.Ref) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.timed("pull into k8s.io", pullTimeout, func(ctx context.Context) error {
+		_, err := n.CtrNamespace(ctx, "k8s.io", "image", "pull", "--hosts-dir", n.HostsDir, shared.Ref)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Events come in order: once the shared layer is listed, the private
+	// one has been seen too.
+	layer, secret := shared.Layers[0].Digest, private.Layers[0].Digest
+	deadline := time.Now().Add(10 * time.Second)
+	for !e.inventory(n).Has(layer) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the k8s.io layer %s is not listed", layer)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if e.inventory(n).Has(secret) {
+		t.Errorf("the default namespace's layer %s is listed", secret)
+	}
+	for _, tc := range []struct {
+		name   string
+		d      string
+		status int
+	}{
+		{"shared layer", layer.String(), 200},
+		{"default's layer", secret.String(), 404},
+	} {
+		ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, n.PeerURL()+"/v2/coop/any/blobs/"+tc.d, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := e.http.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		cancel()
+		t.Logf("%-16s → %d", tc.name, resp.StatusCode)
+		if resp.StatusCode != tc.status {
+			t.Errorf("%s: %d, want %d", tc.name, resp.StatusCode, tc.status)
+		}
+	}
+}
