@@ -279,7 +279,7 @@ func (s *Subscriber) loadRetained(ctx context.Context, name string) {
 		}
 		cancel()
 		if err == nil {
-			s.apply(ctx, "", e.Value(), "full")
+			s.apply(ctx, e.Key(), e.Value(), "full") // the key names the node: a value claiming another is refused
 			return
 		}
 	}

@@ -35,6 +35,9 @@ func TestSubscriberBadInput(t *testing.T) {
 		{"seq zero", "n1", ev(Event{Node: "n1", Epoch: "e", Seq: 0, Added: blobs(b)}), "garbled", 0, []digest.Digest{a}},
 		{"oversized", "n1", []byte(`{"node":"n1","pad":"` + strings.Repeat("x", MaxEventSize) + `"}`), "oversized", 0, []digest.Digest{a}},
 		{"another node's subject", "n2", ev(Event{Node: "n1", Epoch: "e", Seq: 2, Added: blobs(b)}), "wrong_subject", 0, []digest.Digest{a}},
+		// A node may write only its own key: a retained full inventory
+		// under n2's key that claims to be n1's changes nothing.
+		{"retained value under another node's key", Token("n2"), ev(Event{Node: "n1", Full: true, Epoch: "e", Seq: 3, Blobs: blobs(b)}), "wrong_subject", 0, []digest.Digest{a}},
 		{"seq backwards ignored", "n1", ev(Event{Node: "n1", Epoch: "e", Seq: 1, Removed: []digest.Digest{a}}), "", 0, []digest.Digest{a}},
 		{"gap repaired from the node", "n1", ev(Event{Node: "n1", Epoch: "e", Seq: 5, Added: blobs(b)}), "", 1, []digest.Digest{b}},
 		{"new epoch repaired", "n1", ev(Event{Node: "n1", Epoch: "f", Seq: 1, Added: blobs(b)}), "", 1, []digest.Digest{b}},

@@ -133,7 +133,7 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 		l = tls.NewListener(l, creds.ServerConfig())
 		handler = peers.Authenticated(kb, peers.OpenPaths...)
 	}
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	srv := peers.NewHTTPServer(handler, peers.HTTPServerOptions{})
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return kb.Run(gctx) })
 	g.Go(func() error { return ignoreClosed(srv.Serve(l)) })
