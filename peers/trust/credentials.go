@@ -167,22 +167,19 @@ func (c *Credentials) BrokerConfig() *tls.Config {
 }
 
 func (c *Credentials) serverConfig(auth tls.ClientAuthType) *tls.Config {
-	cert, pool := c.current(false)
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{*cert},
-		ClientCAs:    pool,
-		ClientAuth:   auth,
-		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			cert, pool := c.current(false)
-			return &tls.Config{
-				MinVersion:   tls.VersionTLS13,
-				Certificates: []tls.Certificate{*cert},
-				ClientCAs:    pool,
-				ClientAuth:   auth,
-			}, nil
-		},
+	current := func() *tls.Config {
+		cert, pool := c.current(false)
+		return &tls.Config{
+			MinVersion:   tls.VersionTLS13,
+			Certificates: []tls.Certificate{*cert},
+			ClientCAs:    pool,
+			ClientAuth:   auth,
+		}
 	}
+	// Each handshake takes the credentials in use then (rotation).
+	cfg := current()
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return current(), nil }
+	return cfg
 }
 
 // ClientConfig is the TLS configuration of a coop client: it presents the
