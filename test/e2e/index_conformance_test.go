@@ -202,19 +202,63 @@ func (c *processCluster) Dead() time.Duration         { return c.dead }
 // startKBFeed starts `coop kb` with the given feed and an embedded broker.
 func (e *env) startKBFeed(feed string) (api, broker string) {
 	e.t.Helper()
+	// The ports are picked free and then given to the process: another
+	// test may take one in between, and the KB then exits. Try again.
+	for attempt := 1; ; attempt++ {
+		api, broker, exited := e.tryKB(feed)
+		if !exited {
+			return api, broker
+		}
+		if attempt == 3 {
+			e.t.Fatalf("coop kb exited at start %d times (its log is above)", attempt)
+		}
+	}
+}
+
+// tryKB starts coop kb on ports free a moment ago and waits until it
+// answers; exited says it stopped first.
+func (e *env) tryKB(feed string) (api, broker string, exited bool) {
+	e.t.Helper()
 	apiAddr, natsAddr := freeAddr(e.t), freeAddr(e.t)
+	dir := e.t.TempDir()
 	cmd := exec.Command(e.tools.Coop, append([]string{"kb", "--listen", apiAddr, "--nats-listen", natsAddr, "--feed", feed,
-		"--period", conformancePeriod.String(), "--root", e.t.TempDir(), "--log-level", "warn"}, e.tlsFlags("coop-kb")...)...)
+		"--period", conformancePeriod.String(), "--root", filepath.Join(dir, "root"), "--log-level", "info"}, e.tlsFlags("coop-kb")...)...)
+	logf, err := os.Create(filepath.Join(dir, "kb.log"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
-	stop := func() error { _ = cmd.Process.Kill(); _ = cmd.Wait(); return nil }
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	stop := func() error { _ = cmd.Process.Kill(); <-done; return nil }
 	track(cmd, stop)
-	e.t.Cleanup(func() { _ = stop(); untrack(cmd) })
+	e.t.Cleanup(func() {
+		_ = stop()
+		untrack(cmd)
+		if e.t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			e.t.Logf("log of coop kb:\n%s", tail(string(b), 30))
+		}
+	})
 	api = "https://" + apiAddr
-	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, e.http, api+"/healthz") == nil })
-	return api, "nats://" + natsAddr
+	deadline := time.Now().Add(10 * time.Second)
+	for harness.HTTPOK(e.ctx, e.http, api+"/healthz") != nil {
+		select {
+		case <-done:
+			b, _ := os.ReadFile(logf.Name())
+			e.t.Logf("coop kb exited at start:\n%s", tail(string(b), 10))
+			return "", "", true
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatal("not within 10 s: coop kb answers")
+		}
+	}
+	return api, "nats://" + natsAddr, false
 }
 
 // TestIndexConformanceOnProcesses runs the resolver conformance suite for
