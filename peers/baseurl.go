@@ -10,15 +10,15 @@ import (
 )
 
 // ParseBaseURL checks that s is the base URL of a coop HTTP endpoint (a
-// peer server, a mirror, ClusterKB) and returns it normalised: the scheme in
-// lower case, the path escaped and without trailing slashes, so that a path
-// such as "/v2/..." can be appended to it by concatenation.
+// peer server, a mirror, ClusterKB) and returns it normalised: scheme, host
+// and port only, the scheme in lower case, so that a path such as
+// "/v2/..." appended to it reaches that endpoint and nothing else.
 //
 // s must be an absolute http or https URL with a host (and, if any, a port
-// from 1 to 65535), and may have a path. Anything else fails with
-// ErrInvalidArgument: another scheme, no host, user info, a query or a
-// fragment (even an empty one: a URL ending in '?' or '#'), or what url.Parse
-// refuses.
+// from 1 to 65535), at most followed by slashes. Anything else fails with
+// ErrInvalidArgument: another scheme, no host, a path, user info, a query or
+// a fragment (even an empty one: a URL ending in '?' or '#'), or what
+// url.Parse refuses.
 func ParseBaseURL(s string) (string, error) {
 	invalid := func(why string) (string, error) {
 		return "", fmt.Errorf("base URL %q: %s: %w", s, why, errdefs.ErrInvalidArgument)
@@ -42,17 +42,14 @@ func ParseBaseURL(s string) (string, error) {
 		return invalid("want a host")
 	case strings.HasSuffix(u.Host, ":"):
 		return invalid("empty port")
+	case strings.Trim(u.Path, "/") != "":
+		return invalid("a path is not allowed: give scheme, host and port")
 	}
 	if p := u.Port(); p != "" {
 		if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
 			return invalid("port " + p + " is out of range")
 		}
 	}
-	out := url.URL{
-		Scheme:  u.Scheme,
-		Host:    u.Host,
-		Path:    strings.TrimRight(u.Path, "/"),
-		RawPath: strings.TrimRight(u.RawPath, "/"),
-	}
+	out := url.URL{Scheme: u.Scheme, Host: u.Host}
 	return out.String(), nil
 }
