@@ -1,10 +1,14 @@
 package peers
 
 import (
+	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"time"
+
+	"github.com/containerd/log"
 )
 
 // Defaults of NewHTTPServer.
@@ -103,4 +107,32 @@ func (s *stallWriter) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return written, nil
+}
+
+// ShutdownGrace is how long Serve lets a server drain its requests once its
+// context ends, before it closes the connections left.
+const ShutdownGrace = 5 * time.Second
+
+// Serve serves srv on l until ctx ends or serving fails, then drains it for
+// up to ShutdownGrace and closes what is left. It returns nil when ctx
+// ended, and the serving error otherwise.
+func Serve(ctx context.Context, srv *http.Server, l net.Listener) error {
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	select {
+	case err := <-served:
+		if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ShutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
+		_ = srv.Close()
+	}
+	<-served
+	return nil
 }

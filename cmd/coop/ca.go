@@ -70,6 +70,7 @@ func runCA(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 }
 
+// splitList splits a comma-separated flag value, dropping empty items.
 func splitList(s string) []string {
 	var out []string
 	for _, p := range strings.Split(s, ",") {

@@ -136,31 +136,11 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	srv := peers.NewHTTPServer(handler, peers.HTTPServerOptions{})
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return kb.Run(gctx) })
-	g.Go(func() error { return ignoreClosed(srv.Serve(l)) })
-	g.Go(func() error {
-		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
-		defer cancel()
-		if err := srv.Shutdown(sctx); err != nil {
-			_ = srv.Close()
-		}
-		return nil
-	})
+	g.Go(func() error { return peers.Serve(gctx, srv, l) })
 	log.G(ctx).WithFields(log.Fields{"listen": l.Addr().String(), "feed": *feed, "period": *periodS, "static": len(static)}).Info("coop kb ready")
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
 		log.G(ctx).Info("coop kb stopped")
-		return nil
-	}
-	return err
-}
-
-// shutdownGrace is how long ClusterKB's server may drain its requests at
-// stop.
-const shutdownGrace = 5 * time.Second
-
-func ignoreClosed(err error) error {
-	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
 	return err

@@ -55,9 +55,6 @@ var ContentModes = []string{ContentObserver, ContentProxy}
 // decide a claim.
 const claimRecent = time.Minute
 
-// shutdownGrace is how long each server may drain its requests at stop.
-const shutdownGrace = 5 * time.Second
-
 // Options configure a Node. Index.Node, Index.URL, Index.Inventory,
 // Index.Client, Index.Load and Index.Registerer are set by New.
 type Options struct {
@@ -249,16 +246,15 @@ type Node struct {
 	claims     *content.ClaimStore
 	peerSrv    *peers.Server
 
-	sock             net.Listener // proxy mode only
-	peerL, mirrorL   net.Listener
-	debugL           net.Listener
-	grpcSrv          *grpc.Server
-	peerHTTP         *http.Server
-	mirrorHTTP       *http.Server
-	debugHTTP        *http.Server
-	closeOnce        sync.Once
-	closeErr         error
-	removeSocketPath string
+	sock           net.Listener // proxy mode only
+	peerL, mirrorL net.Listener
+	debugL         net.Listener
+	grpcSrv        *grpc.Server
+	peerHTTP       *http.Server
+	mirrorHTTP     *http.Server
+	debugHTTP      *http.Server
+	closeOnce      sync.Once
+	closeErr       error
 }
 
 // New validates o, builds the node's parts and opens its listeners. Nothing
@@ -398,7 +394,6 @@ func (n *Node) listen(ctx context.Context) error {
 		if n.sock, err = content.ListenUnix(ctx, o.ContentSocket); err != nil {
 			return err
 		}
-		n.removeSocketPath = o.ContentSocket
 		n.grpcSrv = content.NewGRPCServer(cstore)
 	}
 	if n.peerL, err = net.Listen("tcp", o.PeerListen); err != nil {
@@ -452,19 +447,17 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	if n.grpcSrv != nil {
 		g.Go(func() error { return n.grpcSrv.Serve(n.sock) })
+		g.Go(func() error {
+			<-gctx.Done()
+			stopGRPC(context.WithoutCancel(ctx), n.grpcSrv)
+			return nil
+		})
 	}
-	g.Go(func() error { return ignoreClosed(n.peerHTTP.Serve(n.peerL)) })
-	g.Go(func() error { return ignoreClosed(n.mirrorHTTP.Serve(n.mirrorL)) })
-	https := []*http.Server{n.peerHTTP, n.mirrorHTTP}
+	g.Go(func() error { return peers.Serve(gctx, n.peerHTTP, n.peerL) })
+	g.Go(func() error { return peers.Serve(gctx, n.mirrorHTTP, n.mirrorL) })
 	if n.debugHTTP != nil {
-		g.Go(func() error { return ignoreClosed(n.debugHTTP.Serve(n.debugL)) })
-		https = append(https, n.debugHTTP)
+		g.Go(func() error { return peers.Serve(gctx, n.debugHTTP, n.debugL) })
 	}
-	g.Go(func() error {
-		<-gctx.Done()
-		shutdown(context.WithoutCancel(ctx), n.grpcSrv, https...)
-		return nil
-	})
 	o := n.opts
 	log.G(ctx).WithFields(log.Fields{
 		"root": o.Root, "socket": o.ContentSocket, "content_mode": o.ContentMode, "peer": n.peerL.Addr().String(),
@@ -507,8 +500,8 @@ func (n *Node) Close() error {
 		if n.observer != nil {
 			errs = append(errs, n.observer.Close())
 		}
-		if n.removeSocketPath != "" {
-			if err := os.Remove(n.removeSocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if n.sock != nil {
+			if err := os.Remove(n.opts.ContentSocket); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
 		}
@@ -546,39 +539,16 @@ type discard struct{}
 func (discard) Add(digest.Digest, int64) {}
 func (discard) Remove(digest.Digest)     {}
 
-// shutdown stops the servers in parallel, each with its own grace period,
-// after which its remaining connections are closed.
-func shutdown(ctx context.Context, grpcSrv *grpc.Server, https ...*http.Server) {
-	var wg sync.WaitGroup
-	for _, s := range https {
-		wg.Go(func() {
-			sctx, cancel := context.WithTimeout(ctx, shutdownGrace)
-			defer cancel()
-			if err := s.Shutdown(sctx); err != nil {
-				log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
-				_ = s.Close()
-			}
-		})
+// stopGRPC stops the content service, letting its streams drain for up to
+// peers.ShutdownGrace.
+func stopGRPC(ctx context.Context, srv *grpc.Server) {
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(peers.ShutdownGrace):
+		log.G(ctx).Warn("content service did not drain in time; closing its streams")
+		srv.Stop()
+		<-stopped
 	}
-	if grpcSrv != nil {
-		wg.Go(func() {
-			stopped := make(chan struct{})
-			go func() { grpcSrv.GracefulStop(); close(stopped) }()
-			select {
-			case <-stopped:
-			case <-time.After(shutdownGrace):
-				log.G(ctx).Warn("content service did not drain in time; closing its streams")
-				grpcSrv.Stop()
-				<-stopped
-			}
-		})
-	}
-	wg.Wait()
-}
-
-func ignoreClosed(err error) error {
-	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
 }
