@@ -202,12 +202,21 @@ func (c *processCluster) Dead() time.Duration         { return c.dead }
 // startKBFeed starts `coop kb` with the given feed and an embedded broker.
 func (e *env) startKBFeed(feed string) (api, broker string) {
 	e.t.Helper()
-	// The ports are picked free and then given to the process: another
-	// test may take one in between, and the KB then exits. Try again.
+	apiAddr, natsAddr := e.runKB("--feed", feed, "--period", conformancePeriod.String())
+	return "https://" + apiAddr, "nats://" + natsAddr
+}
+
+// runKB starts coop kb (with its certificate, an embedded broker, on
+// loopback) with the given flags, waits until it answers and returns its
+// API and broker addresses. The ports are picked free and then given to the
+// process: another test may take one in between, and the KB then exits; it
+// is started again then.
+func (e *env) runKB(flags ...string) (apiAddr, natsAddr string) {
+	e.t.Helper()
 	for attempt := 1; ; attempt++ {
-		api, broker, exited := e.tryKB(feed)
+		apiAddr, natsAddr, exited := e.tryKB(flags)
 		if !exited {
-			return api, broker
+			return apiAddr, natsAddr
 		}
 		if attempt == 3 {
 			e.t.Fatalf("coop kb exited at start %d times (its log is above)", attempt)
@@ -217,12 +226,13 @@ func (e *env) startKBFeed(feed string) (api, broker string) {
 
 // tryKB starts coop kb on ports free a moment ago and waits until it
 // answers; exited says it stopped first.
-func (e *env) tryKB(feed string) (api, broker string, exited bool) {
+func (e *env) tryKB(flags []string) (apiAddr, natsAddr string, exited bool) {
 	e.t.Helper()
-	apiAddr, natsAddr := freeAddr(e.t), freeAddr(e.t)
+	apiAddr, natsAddr = freeAddr(e.t), freeAddr(e.t)
 	dir := e.t.TempDir()
-	cmd := exec.Command(e.tools.Coop, append([]string{"kb", "--listen", apiAddr, "--nats-listen", natsAddr, "--feed", feed,
-		"--period", conformancePeriod.String(), "--root", filepath.Join(dir, "root"), "--log-level", "info"}, e.tlsFlags("coop-kb")...)...)
+	args := append([]string{"kb", "--listen", apiAddr, "--nats-listen", natsAddr,
+		"--root", filepath.Join(dir, "root"), "--log-level", "info"}, e.tlsFlags("coop-kb")...)
+	cmd := exec.Command(e.tools.Coop, append(args, flags...)...)
 	logf, err := os.Create(filepath.Join(dir, "kb.log"))
 	if err != nil {
 		e.t.Fatal(err)
@@ -244,9 +254,8 @@ func (e *env) tryKB(feed string) (api, broker string, exited bool) {
 			e.t.Logf("log of coop kb:\n%s", tail(string(b), 30))
 		}
 	})
-	api = "https://" + apiAddr
 	deadline := time.Now().Add(10 * time.Second)
-	for harness.HTTPOK(e.ctx, e.http, api+"/healthz") != nil {
+	for harness.HTTPOK(e.ctx, e.http, "https://"+apiAddr+"/healthz") != nil {
 		select {
 		case <-done:
 			b, _ := os.ReadFile(logf.Name())
@@ -258,7 +267,7 @@ func (e *env) tryKB(feed string) (api, broker string, exited bool) {
 			e.t.Fatal("not within 10 s: coop kb answers")
 		}
 	}
-	return api, "nats://" + natsAddr, false
+	return apiAddr, natsAddr, false
 }
 
 // TestIndexConformanceOnProcesses runs the resolver conformance suite for

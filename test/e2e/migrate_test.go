@@ -18,6 +18,16 @@ import (
 
 const migrateTimeout = 2 * time.Minute
 
+// webImage pushes coop/web: busybox httpd and a 1 MiB random layer.
+func (e *env) webImage(reg *harness.Registry) *harness.Image {
+	e.t.Helper()
+	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return img
+}
+
 // runWeb pulls img on n and runs it as container id (busybox httpd).
 func (e *env) runWeb(n *harness.Node, img *harness.Image, id string) {
 	e.t.Helper()
@@ -133,10 +143,7 @@ func TestMigrateImageInNoRegistry(t *testing.T) {
 func TestMigrateErrors(t *testing.T) {
 	e := newEnv(t, true)
 	reg := e.registry()
-	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := e.webImage(reg)
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
 	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true})
 	e.runWeb(a, img, "web")
@@ -336,10 +343,7 @@ func (e *env) requireNothingFrom(n *harness.Node, what string, keep ...string) {
 func TestMigrateImageName(t *testing.T) {
 	e := newEnv(t, true)
 	reg := e.registry()
-	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := e.webImage(reg)
 	other, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/other", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
 	if err != nil {
 		t.Fatal(err)
@@ -405,10 +409,7 @@ func TestMigrateImageName(t *testing.T) {
 func TestMigratePrivilegedSpec(t *testing.T) {
 	e := newEnv(t, true)
 	reg := e.registry()
-	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := e.webImage(reg)
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
 	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true})
 	if err := a.PullCtr(e.ctx, img.Ref); err != nil {

@@ -22,26 +22,7 @@ import (
 // containerd restarts under it.
 func TestObserverMode(t *testing.T) {
 	e := newEnv(t, true)
-	reg := e.registry()
-	img := e.push(reg, "coop/obs", 4<<20, 4<<20)
-	up := []harness.Upstream{harness.UpstreamOf(reg)}
-	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Observer: true})
-	if err := e.timed("a: ctr pull", pullTimeout, func(ctx context.Context) error { return a.PullCtr(ctx, img.Ref) }); err != nil {
-		t.Fatal(err)
-	}
-	e.eventually("a's inventory lists the image", func() bool { return e.holds(a, img.Blobs()) })
-
-	// B pulls from A while the registry is down.
-	if err := reg.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	b := e.node(harness.NodeOptions{Name: "b", Registries: up, Observer: true, Neighbors: []harness.Neighbor{a.AsNeighbor()}})
-	if err := e.timed("b: ctr pull from a", pullTimeout, func(ctx context.Context) error { return b.PullCtr(ctx, img.DigestRef) }); err != nil {
-		t.Fatal(err)
-	}
-	if served := e.metric(a, harness.MetricPeerServedBytes); served < float64(img.LayerBytes()) {
-		t.Fatalf("a served %g bytes, want at least the layers' %d", served, img.LayerBytes())
-	}
+	_, img, a, b := e.observerPair("coop/obs", 4<<20, 4<<20)
 	e.eventually("b's inventory lists the image", func() bool { return e.holds(b, img.Blobs()) })
 
 	// containerd restarted under coop: coop resubscribes and relists.
@@ -70,25 +51,8 @@ func TestObserverMode(t *testing.T) {
 // to a direct fetch and to C's pull (A stopped, so B is C's only source).
 func TestObserverOneCopy(t *testing.T) {
 	e := newEnv(t, true)
-	reg := e.registry()
-	img := e.push(reg, "coop/obs-once", 4<<20, 3<<20)
+	reg, img, a, b := e.observerPair("coop/obs-once", 4<<20, 3<<20)
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
-	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Observer: true})
-	if err := e.timed("a: ctr pull", pullTimeout, func(ctx context.Context) error { return a.PullCtr(ctx, img.Ref) }); err != nil {
-		t.Fatal(err)
-	}
-	e.eventually("a's inventory lists the image", func() bool { return e.holds(a, img.Blobs()) })
-	if err := reg.Stop(); err != nil {
-		t.Fatal(err)
-	}
-
-	b := e.node(harness.NodeOptions{Name: "b", Registries: up, Observer: true, Neighbors: []harness.Neighbor{a.AsNeighbor()}})
-	if err := e.timed("b: ctr pull from a", pullTimeout, func(ctx context.Context) error { return b.PullCtr(ctx, img.DigestRef) }); err != nil {
-		t.Fatal(err)
-	}
-	if served := e.metric(a, harness.MetricPeerServedBytes); served < float64(img.LayerBytes()) {
-		t.Fatalf("a served %g bytes, want at least the layers' %d: the layers did not come through b's mirror", served, img.LayerBytes())
-	}
 	e.requireOneCopy(b, img)
 
 	// B serves what only containerd's store now holds.
@@ -176,6 +140,33 @@ func (e *env) fetchBlob(n *harness.Node, l harness.Blob) error {
 		return fmt.Errorf("node %s: GET %s: %d bytes hashing to %s, want %d", n.Name, l.Digest, size, h.Digest(), l.Size)
 	}
 	return nil
+}
+
+// observerPair: observer node a pulls an image of layers of the given sizes
+// from the registry, the registry stops, and observer node b, a's
+// neighbour, pulls it from a: every layer through b's mirror (a served at
+// least the layers' bytes). The registry is returned stopped.
+func (e *env) observerPair(repo string, sizes ...int64) (*harness.Registry, *harness.Image, *harness.Node, *harness.Node) {
+	e.t.Helper()
+	reg := e.registry()
+	img := e.push(reg, repo, sizes...)
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Observer: true})
+	if err := e.timed("a: ctr pull", pullTimeout, func(ctx context.Context) error { return a.PullCtr(ctx, img.Ref) }); err != nil {
+		e.t.Fatal(err)
+	}
+	e.eventually("a's inventory lists the image", func() bool { return e.holds(a, img.Blobs()) })
+	if err := reg.Stop(); err != nil {
+		e.t.Fatal(err)
+	}
+	b := e.node(harness.NodeOptions{Name: "b", Registries: up, Observer: true, Neighbors: []harness.Neighbor{a.AsNeighbor()}})
+	if err := e.timed("b: ctr pull from a", pullTimeout, func(ctx context.Context) error { return b.PullCtr(ctx, img.DigestRef) }); err != nil {
+		e.t.Fatal(err)
+	}
+	if served := e.metric(a, harness.MetricPeerServedBytes); served < float64(img.LayerBytes()) {
+		e.t.Fatalf("a served %g bytes, want at least the layers' %d: the layers did not come through b's mirror", served, img.LayerBytes())
+	}
+	return reg, img, a, b
 }
 
 // eventually fails unless cond holds within 10 s.

@@ -138,10 +138,7 @@ func TestSecuritySuite(t *testing.T) {
 func secPeerServer(e *env, tb *secTable) {
 	t := e.t
 	reg := e.registry()
-	img, err := reg.PushRandomImage(e.ctx, harness.ImageSpec{Repo: "coop/web", LayerSizes: []int64{1 << 20}, Busybox: harness.BusyboxPath})
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := e.webImage(reg)
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
 	a := e.node(harness.NodeOptions{Name: "a", Registries: up, Migrations: true})
 	e.runWeb(a, img, "web")
@@ -699,32 +696,8 @@ func stalledOutcome(c *tls.Conn, size int64) string {
 // extra flags and returns its API and broker URLs.
 func (e *env) startSecKB(extra ...string) (api, broker string) {
 	e.t.Helper()
-	apiAddr, natsAddr := freeAddr(e.t), freeAddr(e.t)
-	dir := e.t.TempDir()
-	args := append([]string{"kb", "--listen", apiAddr, "--nats-listen", natsAddr, "--feed", "push",
-		"--root", filepath.Join(dir, "kb"), "--log-level", "info"}, e.tlsFlags("coop-kb")...)
-	cmd := secCommand(e.tools.Coop, append(args, extra...)...)
-	logf, err := os.Create(filepath.Join(dir, "kb.log"))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	stop := func() error { _ = cmd.Process.Kill(); _ = cmd.Wait(); return nil }
-	track(cmd, stop)
-	e.t.Cleanup(func() {
-		_ = stop()
-		untrack(cmd)
-		if e.t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			e.t.Logf("log of coop kb:\n%s", tail(string(b), 30))
-		}
-	})
-	api = "https://" + apiAddr
-	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, e.http, api+"/healthz") == nil })
-	return api, "tls://" + natsAddr
+	apiAddr, natsAddr := e.runKB(append([]string{"--feed", "push"}, extra...)...)
+	return "https://" + apiAddr, "tls://" + natsAddr
 }
 
 // secCommand is a child killed with the test binary.
