@@ -64,21 +64,12 @@ func InitCA(dir string, o CAOptions) error {
 	if _, err := os.Stat(filepath.Join(dir, CAKey)); err == nil {
 		return fmt.Errorf("%s: a CA is already there: %w", dir, errdefs.ErrAlreadyExists)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, tmpl, err := newCertificate(o.Name, o.Validity)
 	if err != nil {
 		return err
 	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: o.Name, Organization: []string{"coop"}},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(o.Validity),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLenZero:        true,
-	}
+	tmpl.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature
+	tmpl.BasicConstraintsValid, tmpl.IsCA, tmpl.MaxPathLenZero = true, true, true
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
 		return err
@@ -117,21 +108,14 @@ func Issue(caDir, outDir string, o IssueOptions) error {
 	if err != nil {
 		return err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, tmpl, err := newCertificate(o.Name, o.Validity)
 	if err != nil {
 		return err
 	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: o.Name, Organization: []string{"coop"}},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(o.Validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames:     append([]string{o.Name}, o.DNSNames...),
-		IPAddresses:  o.IPs,
-	}
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.DNSNames = append([]string{o.Name}, o.DNSNames...)
+	tmpl.IPAddresses = o.IPs
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
 	if err != nil {
 		return err
@@ -175,6 +159,22 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 		return nil, nil, fmt.Errorf("%s is not a CA certificate: %w", filepath.Join(dir, CAFile), errdefs.ErrInvalidArgument)
 	}
 	return cert, key, nil
+}
+
+// newCertificate makes a key and the template of a certificate naming name
+// (common name), valid from an hour ago (clock skew) for validity.
+func newCertificate(name string, validity time.Duration) (*ecdsa.PrivateKey, *x509.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	return key, &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: name, Organization: []string{"coop"}},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(validity),
+	}, nil
 }
 
 func serial() *big.Int {
