@@ -159,11 +159,6 @@ const (
 	maxSourceNode = 253
 )
 
-// codeUnauthorized answers a request to a write endpoint without the
-// mirror's API token (401), as the OCI distribution spec names it (the
-// value of peers.CodeUnauthorized, which the peer server's TLS work adds).
-const codeUnauthorized = "UNAUTHORIZED"
-
 // SourceResponse names an added source.
 type SourceResponse struct {
 	ID string `json:"id"`
@@ -202,7 +197,7 @@ func (m *Mirror) serveSources(ctx context.Context, w http.ResponseWriter, r *htt
 	}
 	if err := m.authorize(r); err != nil {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="coop mirror"`)
-		peers.WriteError(ctx, w, &peers.Error{Status: http.StatusUnauthorized, Code: codeUnauthorized, Err: err})
+		peers.WriteError(ctx, w, &peers.Error{Status: http.StatusUnauthorized, Code: peers.CodeUnauthorized, Err: err})
 		return
 	}
 	if m.sources == nil {

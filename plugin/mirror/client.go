@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errhttp"
 	"github.com/coopnet/coop/peers"
 	digest "github.com/opencontainers/go-digest"
 )
@@ -90,7 +91,7 @@ func (c *Client) do(ctx context.Context, method, path string, body io.Reader, ou
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("local coop node at %s: %s: %s: %w", c.URL, resp.Status, errorMessage(resp.Body), statusClass(resp.StatusCode))
+		return fmt.Errorf("local coop node at %s: %s: %s: %w", c.URL, resp.Status, errorMessage(resp.Body), errhttp.ToNative(resp.StatusCode))
 	}
 	if out == nil {
 		return nil
@@ -114,23 +115,4 @@ func errorMessage(body io.Reader) string {
 		return strings.Join(msgs, "; ")
 	}
 	return string(bytes.TrimSpace(b[:min(len(b), 1024)]))
-}
-
-// statusClass maps an error status of the mirror to its errdefs class.
-func statusClass(status int) error {
-	switch status {
-	case http.StatusBadRequest:
-		return errdefs.ErrInvalidArgument
-	case http.StatusUnauthorized:
-		return errdefs.ErrUnauthenticated
-	case http.StatusForbidden:
-		return errdefs.ErrPermissionDenied
-	case http.StatusNotFound:
-		return errdefs.ErrNotFound
-	case http.StatusTooManyRequests:
-		return errdefs.ErrResourceExhausted
-	case http.StatusServiceUnavailable:
-		return errdefs.ErrUnavailable
-	}
-	return errdefs.ErrUnknown
 }

@@ -579,8 +579,8 @@ func TestMirrorSourcesAuth(t *testing.T) {
 			}
 			if tc.status == 401 {
 				var er peers.ErrorResponse
-				if err := json.Unmarshal(b, &er); err != nil || len(er.Errors) != 1 || er.Errors[0].Code != codeUnauthorized {
-					t.Fatalf("401 body %s: want one %s error", b, codeUnauthorized)
+				if err := json.Unmarshal(b, &er); err != nil || len(er.Errors) != 1 || er.Errors[0].Code != peers.CodeUnauthorized {
+					t.Fatalf("401 body %s: want one %s error", b, peers.CodeUnauthorized)
 				}
 				if resp.Header.Get("WWW-Authenticate") == "" {
 					t.Fatal("401 without WWW-Authenticate")
