@@ -5,13 +5,8 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/coopnet/coop/plugin/migrate"
@@ -22,33 +17,8 @@ import (
 // test and returns its API and broker URLs.
 func (e *env) startKB() (api, broker string) {
 	e.t.Helper()
-	var addrs []string
-	for range 2 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		addrs = append(addrs, l.Addr().String())
-		l.Close()
-	}
-	dir := e.t.TempDir()
-	cmd := exec.Command(e.tools.Coop, append([]string{"kb", "--listen", addrs[0], "--nats-listen", addrs[1], "--feed", "push",
-		"--period", "500ms", "--root", filepath.Join(dir, "kb"), "--log-level", "warn"}, e.tlsFlags("coop-kb")...)...)
-	log, err := os.Create(filepath.Join(dir, "kb.log"))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	stop := func() error { _ = cmd.Process.Kill(); _ = cmd.Wait(); return nil }
-	track(cmd, stop)
-	e.t.Cleanup(func() { _ = stop(); untrack(cmd) })
-	api = "https://" + addrs[0]
-	e.eventually("coop kb answers", func() bool { return harness.HTTPOK(e.ctx, e.http, api+"/healthz") == nil })
-	return api, "nats://" + addrs[1]
+	apiAddr, natsAddr := e.runKB("--feed", "push", "--period", "500ms")
+	return "https://" + apiAddr, "nats://" + natsAddr
 }
 
 // locates reports whether n's resolver names node for digest now.
