@@ -133,6 +133,8 @@ func Serve(ctx context.Context, srv *http.Server, l net.Listener) error {
 		log.G(ctx).WithError(err).Warn("server did not drain in time; closing its connections")
 		_ = srv.Close()
 	}
-	<-served
+	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.G(ctx).WithError(err).Warn("server stopped with an error")
+	}
 	return nil
 }

@@ -17,7 +17,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -698,13 +697,6 @@ func (e *env) startSecKB(extra ...string) (api, broker string) {
 	e.t.Helper()
 	apiAddr, natsAddr := e.runKB(append([]string{"--feed", "push"}, extra...)...)
 	return "https://" + apiAddr, "tls://" + natsAddr
-}
-
-// secCommand is a child killed with the test binary.
-func secCommand(bin string, args ...string) *exec.Cmd {
-	cmd := exec.Command(bin, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	return cmd
 }
 
 // impostorTLS is a client presenting a certificate named name from another
