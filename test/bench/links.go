@@ -8,9 +8,15 @@ package main
 // traditional (the destination's index is none: the registry only), first
 // (--policy first: one candidate, the first found, which is the source),
 // stripe (--policy stripe: every candidate), the same in claim mode and in
-// observer mode. Each run uses a fresh destination; after its pull, the
-// bytes of blobs on the destination's disk (coop's store and containerd's)
-// are recorded with the copies of the image they amount to.
+// observer mode, and stripe, claim and observer again over mutual TLS
+// (labels with -tls: a second set of holders with certificates of one CA,
+// seeded as the first, and a destination with one of its own; the two sets
+// are up together, idle but for the runs against them, so that each TLS run
+// follows its plain twin). Each run uses a fresh destination; after its
+// pull, the bytes of blobs on the destination's disk (coop's store and
+// containerd's) are recorded with the copies of the image they amount to,
+// and the holders' coop processes' CPU time over the pull, per GiB their
+// peer servers sent.
 
 import (
 	"context"
@@ -19,7 +25,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -170,44 +178,95 @@ func shapedInner(ctx context.Context, o options, name string) error {
 		opts.Name, opts.NetNS, opts.ListenIP, opts.CoopLogLevel = h.Name, cluster.PathOf(linksPrefix, h.Name), h.IP, "info"
 		return harness.StartNode(ctx, tools, opts)
 	}
-	var neighbours []harness.Neighbor
 	var sumMbit int
 	for _, h := range spec.holders {
-		n, err := start(h, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(seedReg)}, Index: "none"})
-		if err != nil {
-			return err
-		}
-		nodes = append(nodes, n)
-		if err := n.PullCtr(ctx, seedImg.DigestRef); err != nil {
-			return fmt.Errorf("seed %s: %w", h.Name, err)
-		}
-		neighbours = append(neighbours, n.AsNeighbor())
 		sumMbit += h.Mbit
 	}
-	logf("%s: %d holders seeded with %d bytes each", spec.name, len(spec.holders), bytes)
-
-	limit := func(mbit int) float64 { return float64(bytes) / (float64(mbit) * 1e6 / 8) }
-	s := Scenario{Name: spec.name, Description: spec.description, Bytes: bytes, LimitSeconds: limit(sumMbit), Target: map[string]float64{"P1": 0.90, "P2": 0.85}[spec.name]}
-	for _, r := range []struct {
+	type shapedRun struct {
 		label    string
 		args     []string
 		mbit     int
 		claim    bool
 		observer bool
-	}{
+		tls      bool
+	}
+	stripe := []string{"--index", "online", "--policy", "stripe"}
+	// Claim mode decides from a local index: periodic, warmed before the
+	// clock starts, as on a node that has been up for a while.
+	claimStripe := []string{"--index", "periodic", "--period", "1s", "--policy", "stripe"}
+	var runs []shapedRun
+	for _, r := range []shapedRun{
 		{label: "traditional", args: []string{"--index", "none"}, mbit: source.Mbit},
 		{label: "first", args: []string{"--index", "online", "--policy", "first"}, mbit: source.Mbit},
-		{label: "stripe", args: []string{"--index", "online", "--policy", "stripe"}, mbit: sumMbit},
-		// Claim mode decides from a local index: periodic, warmed before
-		// the clock starts, as on a node that has been up for a while.
-		{label: "claim-stripe", args: []string{"--index", "periodic", "--period", "1s", "--policy", "stripe"}, mbit: sumMbit, claim: true},
-		{label: "observer-stripe", args: []string{"--index", "online", "--policy", "stripe"}, mbit: sumMbit, observer: true},
+		{label: "stripe", args: stripe, mbit: sumMbit},
+		{label: "stripe-tls", args: stripe, mbit: sumMbit, tls: true},
+		{label: "claim-stripe", args: claimStripe, mbit: sumMbit, claim: true},
+		{label: "claim-stripe-tls", args: claimStripe, mbit: sumMbit, claim: true, tls: true},
+		{label: "observer-stripe", args: stripe, mbit: sumMbit, observer: true},
+		{label: "observer-stripe-tls", args: stripe, mbit: sumMbit, observer: true, tls: true},
 	} {
-		if o.shapedRuns != "" && !strings.Contains(","+o.shapedRuns+",", ","+r.label+",") {
+		if o.shapedRuns == "" || strings.Contains(","+o.shapedRuns+",", ","+r.label+",") {
+			runs = append(runs, r)
+		}
+	}
+	// The holders, plain and with certificates, each set seeded only if a
+	// run needs it.
+	seed := func(tls bool) (*holderSet, error) {
+		hs := &holderSet{}
+		if tls {
+			dir, err := os.MkdirTemp("", "coop-bench-pki-")
+			if err != nil {
+				return nil, err
+			}
+			hs.pkiDir = dir
+			if hs.pki, err = harness.NewPKI(dir); err != nil {
+				return hs, err
+			}
+		}
+		for _, h := range spec.holders {
+			n, err := start(h, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(seedReg)}, Index: "none", PKI: hs.pki})
+			if err != nil {
+				return hs, err
+			}
+			nodes = append(nodes, n)
+			if err := n.PullCtr(ctx, seedImg.DigestRef); err != nil {
+				return hs, fmt.Errorf("seed %s: %w", h.Name, err)
+			}
+			pid, err := coopPID(n)
+			if err != nil {
+				return hs, err
+			}
+			hs.nodes, hs.pids = append(hs.nodes, n), append(hs.pids, pid)
+			hs.neighbours = append(hs.neighbours, n.AsNeighbor())
+		}
+		logf("%s: %d holders seeded with %d bytes each (tls %v)", spec.name, len(spec.holders), bytes, tls)
+		return hs, nil
+	}
+	sets := map[bool]*holderSet{}
+	defer func() {
+		for _, hs := range sets {
+			if hs != nil && hs.pkiDir != "" {
+				os.RemoveAll(hs.pkiDir)
+			}
+		}
+	}()
+	for _, r := range runs {
+		if _, ok := sets[r.tls]; ok {
 			continue
 		}
-		dst, err := start(linksDst, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(srcReg)}, Neighbors: neighbours, ExtraCoopArgs: r.args,
-			Claim: r.claim, Observer: r.observer})
+		hs, err := seed(r.tls)
+		sets[r.tls] = hs
+		if err != nil {
+			return err
+		}
+	}
+
+	limit := func(mbit int) float64 { return float64(bytes) / (float64(mbit) * 1e6 / 8) }
+	s := Scenario{Name: spec.name, Description: spec.description, Bytes: bytes, LimitSeconds: limit(sumMbit), Target: map[string]float64{"P1": 0.90, "P2": 0.85}[spec.name]}
+	for _, r := range runs {
+		hs := sets[r.tls]
+		dst, err := start(linksDst, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(srcReg)}, Neighbors: hs.neighbours, ExtraCoopArgs: r.args,
+			Claim: r.claim, Observer: r.observer, PKI: hs.pki})
 		if err != nil {
 			return err
 		}
@@ -217,11 +276,27 @@ func shapedInner(ctx context.Context, o options, name string) error {
 				return err
 			}
 		}
+		// The holders' CPU time is read right around the pull, the metric
+		// scrapes outside that window.
+		servedBefore, err := hs.served(ctx)
+		var cpuBefore float64
+		if err == nil {
+			cpuBefore, err = hs.cpuSeconds()
+		}
+		if err != nil {
+			_ = dst.Stop()
+			return err
+		}
 		t0 := time.Now()
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 		err = dst.PullCtr(pctx, img.DigestRef)
 		cancel()
 		took := time.Since(t0).Seconds()
+		cpuAfter, cerr := hs.cpuSeconds()
+		servedAfter, serr := hs.served(ctx)
+		if err == nil {
+			err = errors.Join(cerr, serr)
+		}
 		byNode := map[string]int64{}
 		if m, merr := dst.Metrics(ctx); merr == nil {
 			for _, smp := range m {
@@ -245,12 +320,16 @@ func shapedInner(ctx context.Context, o options, name string) error {
 		if rest := bytes - fromPeers; rest > 0 {
 			byNode["registry"] = rest
 		}
+		cpu, served := cpuAfter-cpuBefore, servedAfter-servedBefore
 		run := Run{Label: r.label, Seconds: took, Samples: []float64{took}, LimitSeconds: limit(r.mbit),
 			FractionOfLimit: s.LimitSeconds / took, OwnFraction: limit(r.mbit) / took, BytesByNode: byNode,
 			BlobDiskBytes: disk.Total(), BlobDiskByStore: map[string]int64{"coop": disk.Coop, "containerd": disk.Containerd},
-			Copies: float64(disk.Total()) / float64(bytes)}
-		logf("%s %s: %.2f s (limit %.2f s for its candidates, %.2f s for all): %v; blobs on disk %d bytes (coop %d, containerd %d): %.2f copies",
-			spec.name, r.label, took, run.LimitSeconds, s.LimitSeconds, byNode, disk.Total(), disk.Coop, disk.Containerd, run.Copies)
+			Copies: float64(disk.Total()) / float64(bytes), TLS: r.tls, ServerCPUSeconds: cpu, ServedBytes: served}
+		if served > 0 {
+			run.ServerCPUSecondsPerGiB = cpu / (float64(served) / gib)
+		}
+		logf("%s %s: %.2f s (limit %.2f s for its candidates, %.2f s for all): %v; blobs on disk %d bytes (coop %d, containerd %d): %.2f copies; holders' coop %.2f CPU s for %d bytes served (%.2f s/GiB)",
+			spec.name, r.label, took, run.LimitSeconds, s.LimitSeconds, byNode, disk.Total(), disk.Coop, disk.Containerd, run.Copies, cpu, served, run.ServerCPUSecondsPerGiB)
 		s.Runs = append(s.Runs, run)
 	}
 	b, err := json.Marshal(s)
@@ -260,15 +339,19 @@ func shapedInner(ctx context.Context, o options, name string) error {
 	return os.WriteFile(os.Getenv(linksOutEnv), b, 0o644)
 }
 
-// printShaped prints the P1/P2 table.
+// tlsCostTarget is the most mutual TLS may cost a run, in fraction of the
+// limit against the same run in plain HTTP.
+const tlsCostTarget = 0.03
+
+// printShaped prints the P1/P2 table and what TLS cost each mode.
 func printShaped(ss []Scenario) {
 	fmt.Println()
-	fmt.Println("| scenario | run | seconds | limit s (its candidates) | fraction of its limit | limit s (all candidates) | fraction_of_limit | bytes by node | blob_disk_bytes (coop + containerd) | copies | target |")
-	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Println("| scenario | run | tls | seconds | limit s (its candidates) | fraction of its limit | limit s (all candidates) | fraction_of_limit | bytes by node | blob_disk_bytes (coop + containerd) | copies | server CPU s/GiB | target |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, s := range ss {
 		for _, r := range s.Runs {
 			target := "—"
-			if r.Label == "stripe" || r.Label == "claim-stripe" {
+			if base := strings.TrimSuffix(r.Label, "-tls"); base == "stripe" || base == "claim-stripe" {
 				verdict := "met"
 				if r.FractionOfLimit < s.Target {
 					verdict = "missed"
@@ -280,10 +363,52 @@ func printShaped(ss []Scenario) {
 				parts = append(parts, fmt.Sprintf("%s %.0f MiB", n, float64(b)/mib))
 			}
 			sort.Strings(parts)
-			fmt.Printf("| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %d (%d + %d) | %.2f | %s |\n", s.Name, r.Label, r.Seconds, r.LimitSeconds, r.OwnFraction,
-				s.LimitSeconds, r.FractionOfLimit, strings.Join(parts, ", "), r.BlobDiskBytes, r.BlobDiskByStore["coop"], r.BlobDiskByStore["containerd"], r.Copies, target)
+			tls, cpu := "no", "—"
+			if r.TLS {
+				tls = "yes"
+			}
+			if r.ServerCPUSecondsPerGiB > 0 {
+				cpu = fmt.Sprintf("%.2f", r.ServerCPUSecondsPerGiB)
+			}
+			fmt.Printf("| %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %d (%d + %d) | %.2f | %s | %s |\n", s.Name, r.Label, tls, r.Seconds, r.LimitSeconds, r.OwnFraction,
+				s.LimitSeconds, r.FractionOfLimit, strings.Join(parts, ", "), r.BlobDiskBytes, r.BlobDiskByStore["coop"], r.BlobDiskByStore["containerd"], r.Copies, cpu, target)
 		}
 	}
+	for _, s := range ss {
+		if line := tlsCost(s); line != "" {
+			fmt.Printf("\n%s %s\n", s.Name, line)
+		}
+	}
+}
+
+// tlsCost compares each run that has a -tls twin in s with it: fraction of
+// the limit and the holders' CPU per GiB, plain -> TLS ("" when no run has
+// a twin).
+func tlsCost(s Scenario) string {
+	byLabel := map[string]Run{}
+	for _, r := range s.Runs {
+		byLabel[r.Label] = r
+	}
+	var parts []string
+	for _, m := range []struct{ name, label string }{{"stripe", "stripe"}, {"claim", "claim-stripe"}, {"observer", "observer-stripe"}} {
+		plain, ok1 := byLabel[m.label]
+		tls, ok2 := byLabel[m.label+"-tls"]
+		if !ok1 || !ok2 {
+			continue
+		}
+		cost := plain.FractionOfLimit - tls.FractionOfLimit
+		verdict := "met"
+		if cost > tlsCostTarget {
+			verdict = "missed"
+		}
+		parts = append(parts, fmt.Sprintf("%s %.2f -> %.2f (delta %+.2f, %s), CPU %.2f -> %.2f s/GiB",
+			m.name, plain.FractionOfLimit, tls.FractionOfLimit, tls.FractionOfLimit-plain.FractionOfLimit, verdict,
+			plain.ServerCPUSecondsPerGiB, tls.ServerCPUSecondsPerGiB))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("TLS cost (target: at most %.2f of the limit): %s", tlsCostTarget, strings.Join(parts, "; "))
 }
 
 // Blob disk readings settle when unchanged for diskQuiet; diskLimit bounds
@@ -319,4 +444,106 @@ func waitIndexed(ctx context.Context, n *harness.Node, dgsts []digest.Digest) er
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+const gib = 1 << 30
+
+// holderSet is one set of seeded holders: plain, or with certificates of
+// pki's CA.
+type holderSet struct {
+	nodes      []*harness.Node
+	pids       []int // their coop processes
+	neighbours []harness.Neighbor
+	pki        *harness.PKI
+	pkiDir     string
+}
+
+// cpuSeconds is the CPU time the holders' coop processes have spent so
+// far.
+func (hs *holderSet) cpuSeconds() (float64, error) {
+	var sum float64
+	for _, pid := range hs.pids {
+		s, err := cpuSeconds(pid)
+		if err != nil {
+			return 0, err
+		}
+		sum += s
+	}
+	return sum, nil
+}
+
+// served is the bytes the holders' peer servers have sent so far.
+func (hs *holderSet) served(ctx context.Context) (int64, error) {
+	var sum int64
+	for _, n := range hs.nodes {
+		v, err := n.Metric(ctx, harness.MetricPeerServedBytes)
+		if err != nil {
+			return 0, fmt.Errorf("node %s: %w", n.Name, err)
+		}
+		sum += int64(v)
+	}
+	return sum, nil
+}
+
+// userHZ is the unit of /proc/<pid>/stat's times: Linux's USER_HZ, 100 on
+// every architecture coop runs on.
+const userHZ = 100
+
+// cpuSeconds is the user and system CPU time of process pid (all its
+// threads), from /proc/<pid>/stat.
+func cpuSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses, so
+	// the fields count from the last ')'; utime and stime are fields 14
+	// and 15, the 12th and 13th after it.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
+	var ticks int64
+	for _, s := range f[11:13] {
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += v
+	}
+	return float64(ticks) / userHZ, nil
+}
+
+// coopPID finds n's coop process: the one running `coop node` with --root
+// under n's directory (nsenter has exec'd it by the time the node is up).
+func coopPID(n *harness.Node) (int, error) {
+	root := filepath.Join(n.Dir, "coop")
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if len(args) < 2 || args[1] != "node" {
+			continue
+		}
+		for i := range len(args) - 1 {
+			if args[i] == "--root" && args[i+1] == root {
+				return pid, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("node %s: no coop process with --root %s", n.Name, root)
 }

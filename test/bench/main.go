@@ -54,6 +54,14 @@ type Run struct {
 	BlobDiskBytes   int64            `json:"blob_disk_bytes,omitempty"`
 	BlobDiskByStore map[string]int64 `json:"blob_disk_bytes_by_store,omitempty"`
 	Copies          float64          `json:"copies,omitempty"`
+	// TLS: the run's destination and holders spoke mutual TLS. Server CPU
+	// is the user and system CPU time the holders' coop processes spent
+	// during the pull, ServedBytes what their peer servers sent in it, and
+	// ServerCPUSecondsPerGiB the one per GiB of the other.
+	TLS                    bool    `json:"tls,omitempty"`
+	ServerCPUSeconds       float64 `json:"server_cpu_seconds,omitempty"`
+	ServedBytes            int64   `json:"served_bytes,omitempty"`
+	ServerCPUSecondsPerGiB float64 `json:"server_cpu_seconds_per_gib,omitempty"`
 }
 
 // Scenario is one comparison.
@@ -130,7 +138,7 @@ func run(ctx context.Context) error {
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
 	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,P4-claim,failures,index)")
-	flag.StringVar(&o.shapedRuns, "shaped-runs", "", "P1/P2: run only these (comma list: traditional,first,stripe,claim-stripe,observer-stripe)")
+	flag.StringVar(&o.shapedRuns, "shaped-runs", "", "P1/P2: run only these (comma list: traditional,first,stripe,stripe-tls,claim-stripe,claim-stripe-tls,observer-stripe,observer-stripe-tls)")
 	flag.Parse()
 	if o.quick && o.runs == 9 {
 		o.runs = 2

@@ -13,7 +13,9 @@ import (
 
 // shapedOrder is the order of the shaped runs in the plot; labels not in it
 // follow, in the order they first appear.
-var shapedOrder = []string{"traditional", "first", "stripe", "claim-stripe", "observer-stripe"}
+// (The -tls runs come last, so that the others keep their colours.)
+var shapedOrder = []string{"traditional", "first", "stripe", "claim-stripe", "observer-stripe",
+	"stripe-tls", "claim-stripe-tls", "observer-stripe-tls"}
 
 // shapedColors are the bar colours of shapedOrder's labels, then of the
 // others in turn.
