@@ -63,6 +63,14 @@ type ClaimOptions struct {
 	Tail int64
 	// Registerer receives the claim metrics; nil registers nothing.
 	Registerer prometheus.Registerer
+	// Budget bounds the disk taken by claims not verified yet: a blob the
+	// budget cannot take is not claimed (the registry serves it). nil: no
+	// bound beyond the downloader's maximum blob size.
+	Budget *Budget
+	// Sizes are the sizes the manifests committed here give their blobs: a
+	// blob whose peers report another size is not claimed. nil: the peers'
+	// size vote alone.
+	Sizes *ExpectedSizes
 }
 
 // ClaimStore is a Store that also claims missing blobs peers hold: Info says
@@ -78,6 +86,8 @@ type ClaimStore struct {
 	ttl     time.Duration
 	slots   int
 	tail    int64
+	budget  *Budget
+	sizes   *ExpectedSizes
 
 	// bg is the store's own lifetime, not a caller's: the downloads and
 	// the background forgets run under it, and Close cancels it.
@@ -119,7 +129,7 @@ func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*Claim
 		return nil, fmt.Errorf("claim store needs a store and a claim source: %w", errdefs.ErrInvalidArgument)
 	}
 	cs := &ClaimStore{
-		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir,
+		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget, sizes: opts.Sizes,
 		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20,
 		claims: map[digest.Digest]*claim{}, failed: map[digest.Digest]time.Time{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -314,12 +324,36 @@ func (cs *ClaimStore) Info(ctx context.Context, dgst digest.Digest) (ctdcontent.
 	if !ok || size <= 0 {
 		return info, err
 	}
+	if want, known := cs.sizes.Size(dgst); known && want != size {
+		log.G(ctx).WithField("digest", dgst).WithField("peers_size", size).WithField("manifest_size", want).Warn("peers report another size than the manifest: not claimed")
+		return info, err
+	}
 	c, cerr := cs.newClaimLocked(dgst, size)
 	if cerr != nil {
 		log.G(ctx).WithError(cerr).WithField("digest", dgst).Warn("cannot claim blob")
 		return info, err
 	}
 	return c.info(), nil
+}
+
+// Writer opens a writer of the store. containerd opens one with the
+// descriptor of the manifest it pulls when a claimed blob's size disagrees
+// with that descriptor: the peers' size was wrong, so the claim fails at once
+// (its bytes are not wanted) and containerd fetches the blob itself.
+func (cs *ClaimStore) Writer(ctx context.Context, opts ...ctdcontent.WriterOpt) (ctdcontent.Writer, error) {
+	var wo ctdcontent.WriterOpts
+	for _, o := range opts {
+		if err := o(&wo); err != nil {
+			return nil, err
+		}
+	}
+	if wo.Desc.Size > 0 {
+		if c := cs.claimed(wo.Desc.Digest); c != nil && c.size != wo.Desc.Size {
+			cs.end(c, fmt.Errorf("claimed blob %s: peers said %d bytes, the manifest says %d: %w",
+				c.dgst, c.size, wo.Desc.Size, errdefs.ErrFailedPrecondition), claimFailed)
+		}
+	}
+	return cs.Store.Writer(ctx, opts...)
 }
 
 // Update returns the info of a claimed blob as is (containerd keeps labels
@@ -449,14 +483,19 @@ func (cs *ClaimStore) claimed(dgst digest.Digest) *claim {
 }
 
 func (cs *ClaimStore) newClaimLocked(dgst digest.Digest, size int64) (*claim, error) {
+	release, err := cs.budget.Reserve(size)
+	if err != nil {
+		return nil, err
+	}
 	path := filepath.Join(cs.dir, dgst.Encoded())
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
+		release()
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(cs.bg)
 	now := time.Now()
-	c := &claim{dgst: dgst, size: size, path: path, f: f, created: now, ctx: ctx, cancel: cancel, changed: make(chan struct{}), digester: dgst.Algorithm().Digester()}
+	c := &claim{dgst: dgst, size: size, path: path, f: f, created: now, ctx: ctx, cancel: cancel, changed: make(chan struct{}), digester: dgst.Algorithm().Digester(), unbudget: release}
 	cs.claims[dgst] = c
 	cs.queue = append(cs.queue, c)
 	cs.results.WithLabelValues(claimMade).Inc()
@@ -540,6 +579,7 @@ func (cs *ClaimStore) run(c *claim) {
 	delete(cs.claims, c.dgst)
 	c.unreadTimer.Stop()
 	cs.mu.Unlock()
+	c.unbudget()
 	c.f.Close()
 	cs.release(c)
 	cs.results.WithLabelValues(claimDone).Inc()
@@ -579,6 +619,7 @@ func (cs *ClaimStore) end(c *claim, err error, result string) {
 	if !closed {
 		_ = os.Remove(c.path)
 	}
+	c.unbudget()
 	cs.release(c)
 	cs.results.WithLabelValues(result).Inc()
 	ctx := log.WithLogger(cs.bg, log.G(cs.bg).WithField("digest", c.dgst))
@@ -609,6 +650,8 @@ type claim struct {
 	// unreadTimer cancels the claim if nobody reads it (cs.mu: stopped
 	// when the claim ends).
 	unreadTimer *time.Timer
+	// unbudget gives the claim's size back to the budget (once).
+	unbudget func()
 
 	mu      sync.Mutex
 	written int64

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"github.com/containerd/containerd/v2/core/content/testsuite"
 	"github.com/containerd/errdefs"
 	digest "github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -641,4 +643,105 @@ func TestClaimStoreCloseStopsRecovery(t *testing.T) {
 			t.Fatalf("Forget tried %d times, want 2 (at 0s and 2s)", n)
 		}
 	})
+}
+
+// A claim needs the size the manifest gives, when one committed here gave it,
+// and room in the budget; a Writer opened with another size ends the claim.
+func TestClaimSizeChecks(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// manifestSize, when not 0, is the size a manifest committed
+		// before the pull gives the blob (its real size is 32 KiB).
+		manifestSize int64
+		budget       int64
+		writerSize   int64 // a Writer opened after Info, with this size
+		wantClaim    bool
+	}{
+		{name: "no manifest, room", budget: 1 << 20, wantClaim: true},
+		{name: "manifest agrees", manifestSize: 32 << 10, budget: 1 << 20, wantClaim: true},
+		{name: "manifest disagrees", manifestSize: 32<<10 + 1, budget: 1 << 20},
+		{name: "budget too small", budget: 32<<10 - 1},
+		{name: "writer disagrees", budget: 1 << 20, writerSize: 32<<10 + 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				ctx := context.Background()
+				src := newFakeSource()
+				src.step = make(chan struct{}) // the download waits
+				blob := randomBytes(t, 32<<10)
+				d := src.add(blob)
+				sizes := NewExpectedSizes(0)
+				s, err := NewStore(ctx, t.TempDir(), NewInventory(), WithExpectedSizes(sizes))
+				if err != nil {
+					t.Fatal(err)
+				}
+				budget, err := NewBudget(BudgetOptions{Max: tc.budget})
+				if err != nil {
+					t.Fatal(err)
+				}
+				cl := &fakeCleaner{}
+				cs, err := NewClaimStore(ctx, s, ClaimOptions{Source: src, Cleaner: cl, Budget: budget, Sizes: sizes})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer cs.Close()
+				if tc.manifestSize != 0 {
+					m, err := json.Marshal(ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest,
+						Config: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromString("cfg"), Size: 2},
+						Layers: []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: d, Size: tc.manifestSize}}})
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := ctdcontent.WriteBlob(ctx, cs, "manifest", bytes.NewReader(m), ocispec.Descriptor{Digest: digest.FromBytes(m), Size: int64(len(m))}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				_, err = cs.Info(ctx, d)
+				if tc.writerSize != 0 {
+					if err != nil {
+						t.Fatalf("Info before the writer: %v", err)
+					}
+					w, werr := cs.Writer(ctx, ctdcontent.WithRef("pull"), ctdcontent.WithDescriptor(ocispec.Descriptor{Digest: d, Size: tc.writerSize}))
+					if werr != nil {
+						t.Fatal(werr)
+					}
+					w.Close()
+					synctest.Wait()
+					if !cl.has(d) {
+						t.Fatal("the claim the writer's size denied was not forgotten by containerd")
+					}
+					_, err = cs.Info(ctx, d)
+				}
+				if got := err == nil; got != tc.wantClaim {
+					t.Fatalf("Info: %v; want claimed=%v", err, tc.wantClaim)
+				}
+				if !tc.wantClaim {
+					if !errdefs.IsNotFound(err) {
+						t.Fatalf("Info: %v; want not found (the registry serves)", err)
+					}
+					if budget.Used() != 0 {
+						t.Fatalf("budget holds %d bytes with no claim", budget.Used())
+					}
+					return
+				}
+				if budget.Used() != int64(len(blob)) {
+					t.Fatalf("budget holds %d bytes during the claim, want %d", budget.Used(), len(blob))
+				}
+				close(src.step) // let the download through
+				ra, err := cs.ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, err := io.ReadAll(ctdcontent.NewReader(ra))
+				ra.Close()
+				if err != nil || !bytes.Equal(got, blob) {
+					t.Fatalf("read the claim: %d bytes, %v", len(got), err)
+				}
+				synctest.Wait()
+				if budget.Used() != 0 {
+					t.Fatalf("budget holds %d bytes once the claim is stored", budget.Used())
+				}
+			})
+		})
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Store is a content store on disk that tells a Recorder about every blob it
@@ -20,6 +21,7 @@ type Store struct {
 	ctdcontent.Store
 	root   string
 	rec    Recorder
+	sizes  *ExpectedSizes
 	labels *labels
 	// locks orders a commit and a delete of the same digest, so the
 	// recorder sees them in the order the files changed.
@@ -28,9 +30,18 @@ type Store struct {
 
 var _ ctdcontent.Store = (*Store)(nil)
 
+// StoreOpt configures a Store.
+type StoreOpt func(*Store)
+
+// WithExpectedSizes has the store teach sizes the children of every manifest
+// and index committed to it.
+func WithExpectedSizes(e *ExpectedSizes) StoreOpt {
+	return func(s *Store) { s.sizes = e }
+}
+
 // NewStore opens (creating if needed) the local store under root and feeds rec
 // with every blob already there, then with every later commit and delete.
-func NewStore(ctx context.Context, root string, rec Recorder) (*Store, error) {
+func NewStore(ctx context.Context, root string, rec Recorder, opts ...StoreOpt) (*Store, error) {
 	if rec == nil {
 		return nil, fmt.Errorf("content store needs a recorder: %w", errdefs.ErrInvalidArgument)
 	}
@@ -43,6 +54,9 @@ func NewStore(ctx context.Context, root string, rec Recorder) (*Store, error) {
 		return nil, fmt.Errorf("open content store %s: %w", root, err)
 	}
 	s := &Store{Store: ls, root: root, rec: rec, labels: lbl, locks: newDigestLocks()}
+	for _, o := range opts {
+		o(s)
+	}
 	n := 0
 	if err := ls.Walk(ctx, func(info ctdcontent.Info) error {
 		rec.Add(info.Digest, info.Size)
@@ -128,7 +142,26 @@ func (w *writer) Commit(ctx context.Context, size int64, expected digest.Digest,
 		return err
 	}
 	w.s.rec.Add(info.Digest, info.Size)
+	if w.s.sizes != nil {
+		w.s.learn(ctx, info)
+	}
 	return err
+}
+
+// learn teaches the store's sizes the children of the blob, when it is a
+// manifest or an index.
+func (s *Store) learn(ctx context.Context, info ctdcontent.Info) {
+	if info.Size <= 0 || info.Size > MaxManifestSize {
+		return
+	}
+	ra, err := s.ReaderAt(ctx, ocispec.Descriptor{Digest: info.Digest, Size: info.Size})
+	if err != nil {
+		return
+	}
+	defer ra.Close()
+	if n := s.sizes.LearnBlob(ra, info.Size); n > 0 {
+		log.G(ctx).WithField("digest", info.Digest).WithField("blobs", n).Debug("sizes learned from a manifest")
+	}
 }
 
 // digestLocks is a mutex per digest, created on demand.
