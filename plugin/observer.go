@@ -29,6 +29,7 @@ type Observer struct {
 	rec    content.Recorder
 	onHeld func(context.Context, digest.Digest)
 	shared map[string]bool // nil: every namespace
+	sizes  *content.ExpectedSizes
 
 	mu  sync.RWMutex
 	nss map[digest.Digest]map[string]int64 // digest → shared namespace → size
@@ -49,6 +50,10 @@ type ObserverOptions struct {
 	// only other namespaces hold is neither listed nor served. OnHeld is
 	// still called for every namespace. Empty: every namespace.
 	Namespaces []string
+	// Sizes, when set, learns the sizes of their blobs from the manifests
+	// and indexes containerd commits (in any namespace): a pull commits the
+	// manifest before it asks the mirror for the blobs.
+	Sizes *content.ExpectedSizes
 }
 
 // NewObserver returns an observer of the containerd at o.Address.
@@ -70,7 +75,7 @@ func NewObserver(o ObserverOptions) (*Observer, error) {
 
 // newObserver returns an observer reading through c.
 func newObserver(c *containerd.Client, o ObserverOptions) *Observer {
-	obs := &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, nss: map[digest.Digest]map[string]int64{}}
+	obs := &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, sizes: o.Sizes, nss: map[digest.Digest]map[string]int64{}}
 	if len(o.Namespaces) > 0 {
 		obs.shared = map[string]bool{}
 		for _, ns := range o.Namespaces {
@@ -129,6 +134,7 @@ func (o *Observer) follow(ctx context.Context) error {
 			switch e := v.(type) {
 			case *eventsapi.ContentCreate:
 				if d, err := digest.Parse(e.Digest); err == nil {
+					o.learn(ctx, d, env.Namespace, e.Size)
 					o.add(ctx, d, env.Namespace, e.Size)
 				}
 			case *eventsapi.ContentDelete:
@@ -201,6 +207,24 @@ func (o *Observer) add(ctx context.Context, d digest.Digest, ns string, size int
 	o.mu.Unlock()
 	o.rec.Add(d, size)
 	o.held(ctx, d)
+}
+
+// learn reads a blob containerd committed to ns that may be a manifest or an
+// index and teaches the observer's sizes its children.
+func (o *Observer) learn(ctx context.Context, d digest.Digest, ns string, size int64) {
+	if o.sizes == nil || size <= 0 || size > content.MaxManifestSize {
+		return
+	}
+	nctx := namespaces.WithNamespace(ctx, ns)
+	ra, err := o.client.ContentStore().ReaderAt(nctx, ocispec.Descriptor{Digest: d, Size: size})
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("digest", d).Debug("cannot read a committed blob")
+		return
+	}
+	defer ra.Close()
+	if n := o.sizes.LearnBlob(ra, size); n > 0 {
+		log.G(ctx).WithField("digest", d).WithField("blobs", n).Debug("sizes learned from a manifest")
+	}
 }
 
 func (o *Observer) held(ctx context.Context, d digest.Digest) {

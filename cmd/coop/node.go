@@ -49,6 +49,8 @@ type nodeConfig struct {
 	MaxUploads    int     `toml:"max_uploads"`
 	Policy        string  `toml:"policy"`
 	DownloadBuf   string  `toml:"download_buffer"`
+	MaxBlobSize   string  `toml:"max_blob_size"`
+	MaxUnverified string  `toml:"max_unverified"`
 	PeerTimeout   string  `toml:"peer_timeout"`
 	StallTimeout  string  `toml:"stall_timeout"`
 	LogLevel      string  `toml:"log_level"`
@@ -80,6 +82,8 @@ func defaultNodeConfig() nodeConfig {
 		ContentMode:   node.ContentObserver,
 		Containerd:    defaultContainerdAddress,
 		DownloadBuf:   "64MiB",
+		MaxBlobSize:   "64GiB",
+		MaxUnverified: "64GiB",
 		PeerTimeout:   "500ms",
 		StallTimeout:  "5s",
 		LogLevel:      "info",
@@ -104,6 +108,8 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "blob uploads the peer server runs at once; more get 429 with Retry-After (0: no bound)")
 	fs.StringVar(&c.Policy, "policy", c.Policy, "which peers a blob comes from: stripe (all useful ones at once), first, random, least-loaded or fastest")
 	fs.StringVar(&c.DownloadBuf, "download-buffer", c.DownloadBuf, "memory for one blob's chunks fetched ahead of the local write (e.g. 64MiB)")
+	fs.StringVar(&c.MaxBlobSize, "max-blob-size", c.MaxBlobSize, "largest blob fetched from peers when no manifest committed here gives its size (a larger size only a broken or hostile peer reports)")
+	fs.StringVar(&c.MaxUnverified, "max-unverified", c.MaxUnverified, "disk for blobs fetched from peers and not verified yet, all together (also bounded by the free space of --root); beyond it the registry serves")
 	fs.StringVar(&c.PeerTimeout, "peer-timeout", c.PeerTimeout, "how long the online index waits for a neighbour's answer")
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
@@ -222,6 +228,12 @@ func (c nodeConfig) options() (node.Options, error) {
 	}
 	if o.DownloadBuffer, err = parseBytes(c.DownloadBuf); err != nil {
 		return o, fmt.Errorf("--download-buffer %q: want a size such as 64MiB: %w", c.DownloadBuf, errUsage)
+	}
+	if o.MaxBlobSize, err = parseBytes(c.MaxBlobSize); err != nil || o.MaxBlobSize <= 0 {
+		return o, fmt.Errorf("--max-blob-size %q: want a size such as 64GiB: %w", c.MaxBlobSize, errUsage)
+	}
+	if o.MaxUnverified, err = parseBytes(c.MaxUnverified); err != nil || o.MaxUnverified <= 0 {
+		return o, fmt.Errorf("--max-unverified %q: want a size such as 64GiB: %w", c.MaxUnverified, errUsage)
 	}
 	if o.Index.Neighbors, err = resolver.ParseNeighbors(c.Neighbors); err != nil {
 		return o, fmt.Errorf("--neighbors: %w", err)

@@ -208,13 +208,18 @@ func (m *Mirror) fetchDeadline(size int64) time.Duration {
 // striped blob that does not verify cannot tell which peer lied, so it is
 // fetched again one peer at a time, which can.
 func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
+	release, err := m.budget.Reserve(size)
+	if err != nil {
+		return fmt.Errorf("blob %s: %w", dgst, err)
+	}
+	defer release()
 	// Bound the whole fetch, so peers that trickle just above the minimum
 	// rate cannot hold containerd for ever.
 	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
 	defer cancel()
 	m.noteLoads(cands)
 	m.downloads.start(dgst, size)
-	err := m.fetchStriped(ctx, dgst, size, cands)
+	err = m.fetchStriped(ctx, dgst, size, cands)
 	if err != nil {
 		m.downloads.finish(dgst, nil, 0, err)
 	}

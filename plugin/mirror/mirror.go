@@ -19,6 +19,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
@@ -79,6 +80,16 @@ type Options struct {
 	// to everyone). At least MinTokenLen characters; LoadOrCreateToken
 	// makes one. The read-only endpoints stay open to local users.
 	APIToken string
+	// Sizes are the sizes the manifests committed on the node give their
+	// blobs: a candidate reporting another size is dropped. nil: the
+	// candidates' size vote alone.
+	Sizes *content.ExpectedSizes
+	// MaxBlobSize bounds the size of a blob fetched from peers when no
+	// manifest gave it. Default peers.DefaultMaxBlobSize.
+	MaxBlobSize int64
+	// Budget bounds the disk taken by fetches not verified yet: a fetch it
+	// cannot take is left to the registry. nil: no bound.
+	Budget *content.Budget
 }
 
 // Mirror is the loopback OCI endpoint containerd tries before each registry
@@ -98,6 +109,9 @@ type Mirror struct {
 	downloads   *downloads
 	sources     *resolver.Sources
 	apiToken    string
+	sizes       *content.ExpectedSizes
+	maxBlob     int64
+	budget      *content.Budget
 	srcMu       sync.Mutex
 	srcs        map[string]migrationSource
 	srcClosed   bool
@@ -110,6 +124,8 @@ type Mirror struct {
 	locate   prometheus.Histogram
 	// locateErrors counts locates that failed (a dead or garbled ClusterKB).
 	locateErrors prometheus.Counter
+	// sizeRefused counts candidates dropped for a size the manifest denies.
+	sizeRefused prometheus.Counter
 }
 
 var _ http.Handler = (*Mirror)(nil)
@@ -128,6 +144,9 @@ func New(opts Options) (*Mirror, error) {
 		downloads:   newDownloads(),
 		sources:     opts.Sources,
 		apiToken:    opts.APIToken,
+		sizes:       opts.Sizes,
+		maxBlob:     peers.DefaultMaxBlobSize,
+		budget:      opts.Budget,
 		srcs:        map[string]migrationSource{},
 		failed:      map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -141,6 +160,10 @@ func New(opts Options) (*Mirror, error) {
 		locateErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coop_mirror_locate_errors_total",
 			Help: "Locates that failed (index unreachable or answering garbage); those blobs went to the registry.",
+		}),
+		sizeRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coop_mirror_size_refused_total",
+			Help: "Candidates dropped because the size they reported is not the one the manifest being pulled gives the blob.",
 		}),
 		locate: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "coop_mirror_locate_seconds",
@@ -160,6 +183,9 @@ func New(opts Options) (*Mirror, error) {
 	if opts.HeaderDelay != 0 {
 		m.headerDelay = opts.HeaderDelay
 	}
+	if opts.MaxBlobSize != 0 {
+		m.maxBlob = opts.MaxBlobSize
+	}
 	if m.resolver != nil && m.sources != nil {
 		m.resolver = resolver.WithSources(m.resolver, m.sources)
 	}
@@ -171,7 +197,7 @@ func New(opts Options) (*Mirror, error) {
 			return nil, fmt.Errorf("mirror API token: %w", err)
 		}
 	}
-	if m.stall < 0 || m.ttl < 0 || m.headerDelay < 0 {
+	if m.stall < 0 || m.ttl < 0 || m.headerDelay < 0 || m.maxBlob < 0 {
 		return nil, fmt.Errorf("mirror timeouts must be positive: %w", errdefs.ErrInvalidArgument)
 	}
 	dl, err := peers.NewDownloader(opts.Peers, peers.DownloadOptions{
@@ -181,6 +207,7 @@ func New(opts Options) (*Mirror, error) {
 		Stall:     m.stall,
 		MinRate:   opts.MinRate,
 		Estimates: opts.Estimates,
+		MaxSize:   m.maxBlob,
 		OnBytes: func(dgst digest.Digest, node string, n int) {
 			m.bytes.WithLabelValues(node).Add(float64(n))
 			m.downloads.add(dgst, node, n)
@@ -191,7 +218,7 @@ func New(opts Options) (*Mirror, error) {
 	}
 	m.downloader = dl
 	if opts.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors} {
+		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors, m.sizeRefused} {
 			if err := opts.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("mirror metrics: %w", err)
 			}
@@ -303,7 +330,23 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 		log.G(ctx).WithError(err).Warn("locate failed; letting the registry serve")
 		return nil
 	}
-	return agreeOnSize(got[dgst])
+	return m.agreeOnSize(ctx, dgst, got[dgst])
+}
+
+// agreeOnSize keeps the candidates of dgst reporting the size the manifest
+// gives it, when one did; otherwise those that agree with the most common
+// size.
+func (m *Mirror) agreeOnSize(ctx context.Context, dgst digest.Digest, cs []peers.Candidate) []peers.Candidate {
+	want, ok := m.sizes.Size(dgst)
+	if !ok {
+		return agreeOnSize(cs)
+	}
+	out := sized(cs, want)
+	if dropped := len(cs) - len(out); dropped > 0 {
+		m.sizeRefused.Add(float64(dropped))
+		log.G(ctx).WithField("digest", dgst).WithField("manifest_size", want).WithField("dropped", dropped).Warn("candidates report another size than the manifest")
+	}
+	return out
 }
 
 // agreeOnSize keeps the candidates that agree with the most common size

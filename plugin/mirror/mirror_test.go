@@ -24,7 +24,10 @@ import (
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // staticResolver returns fixed candidates.
@@ -814,4 +817,95 @@ func TestLoadOrCreateToken(t *testing.T) {
 			t.Fatalf("err %v, want permission denied", err)
 		}
 	})
+}
+
+// TestMirrorBlobSizes: the size the manifest gives wins over the peers'
+// vote; a blob above the maximum size or beyond the unverified budget is
+// left to the registry, and no peer is asked for its bytes.
+func TestMirrorBlobSizes(t *testing.T) {
+	data := make([]byte, 1<<20)
+	_, _ = rand.Read(data)
+	d := digest.FromBytes(data)
+	size := int64(len(data))
+	for _, tc := range []struct {
+		name      string
+		liars     int   // peers reporting size+1 (and serving zeros)
+		manifest  int64 // the size a manifest gave; 0: none committed
+		maxBlob   int64
+		budget    int64
+		status    int
+		wantAsked bool // the honest peer was asked for bytes
+		refused   float64
+	}{
+		{name: "liars win the vote without a manifest", liars: 2, status: 404},
+		{name: "the manifest outvotes the liars", liars: 2, manifest: size, status: 200, wantAsked: true, refused: 2},
+		{name: "the manifest refuses every peer", manifest: size - 1, status: 404, refused: 1},
+		{name: "above the maximum blob size", maxBlob: size - 1, status: 404},
+		{name: "beyond the budget", budget: size - 1, status: 404},
+		{name: "within every bound", maxBlob: size, budget: size, status: 200, wantAsked: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var asked atomic.Int64
+			honest := blobPeer(t, data, "good")
+			counting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				asked.Add(1)
+				honest.Config.Handler.ServeHTTP(w, r)
+			}))
+			defer counting.Close()
+			cs := []peers.Candidate{{Node: "honest", URL: counting.URL, Size: size}}
+			for i := range tc.liars {
+				cs = append(cs, peers.Candidate{Node: "liar" + strconv.Itoa(i), URL: blobPeer(t, make([]byte, size+1), "good").URL, Size: size + 1})
+			}
+			ctx := context.Background()
+			store, err := content.NewStore(ctx, t.TempDir(), content.NewInventory())
+			if err != nil {
+				t.Fatal(err)
+			}
+			sizes := content.NewExpectedSizes(0)
+			if tc.manifest != 0 {
+				m, _ := json.Marshal(ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest,
+					Config: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromString("cfg"), Size: 2},
+					Layers: []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: d, Size: tc.manifest}}})
+				if sizes.Learn(m) != 2 {
+					t.Fatal("the test manifest taught nothing")
+				}
+			}
+			var budget *content.Budget
+			if tc.budget != 0 {
+				if budget, err = content.NewBudget(content.BudgetOptions{Max: tc.budget}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			reg := prometheus.NewRegistry()
+			m, err := New(Options{Resolver: staticResolver{d: cs}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store,
+				StallTimeout: 200 * time.Millisecond, HeaderDelay: time.Minute, Sizes: sizes, MaxBlobSize: tc.maxBlob, Budget: budget, Registerer: reg})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			srv := httptest.NewServer(m)
+			defer srv.Close()
+			resp, err := http.Get(srv.URL + "/v2/library/x/blobs/" + d.String() + "?ns=registry.example")
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, got)
+			}
+			if tc.status == 200 && !bytes.Equal(got, data) {
+				t.Fatal("served bytes differ")
+			}
+			if (asked.Load() > 0) != tc.wantAsked {
+				t.Fatalf("the honest peer was asked %d times; want asked=%v", asked.Load(), tc.wantAsked)
+			}
+			if got := testutil.ToFloat64(m.sizeRefused); got != tc.refused {
+				t.Fatalf("coop_mirror_size_refused_total = %v, want %v", got, tc.refused)
+			}
+			if budget.Used() != 0 {
+				t.Fatalf("budget holds %d bytes after the request", budget.Used())
+			}
+		})
+	}
 }

@@ -89,6 +89,14 @@ type Options struct {
 	// DownloadBuffer bounds one blob's bytes fetched ahead of the local
 	// write; at least 1 MiB.
 	DownloadBuffer int64
+	// MaxBlobSize bounds a blob fetched from peers when no manifest
+	// committed here gave its size. 0: peers.DefaultMaxBlobSize.
+	MaxBlobSize int64
+	// MaxUnverified bounds the bytes of blobs fetched from peers and not
+	// verified yet, summed (the free space of Root bounds them too); a
+	// fetch beyond it is left to the registry. 0:
+	// content.DefaultMaxUnverified.
+	MaxUnverified int64
 	// StallTimeout cuts a peer that sends nothing this long. Required.
 	StallTimeout time.Duration
 	// Claim answers containerd's Info for blobs known peers hold as found
@@ -210,6 +218,12 @@ func (o Options) Validate() error {
 	if o.DownloadBuffer < 1<<20 {
 		bad("--download-buffer %d: want at least 1MiB", o.DownloadBuffer)
 	}
+	if o.MaxBlobSize < 0 {
+		bad("--max-blob-size %d: want 0 (the default) or more bytes", o.MaxBlobSize)
+	}
+	if o.MaxUnverified < 0 {
+		bad("--max-unverified %d: want 0 (the default) or more bytes", o.MaxUnverified)
+	}
 	if o.StallTimeout <= 0 {
 		bad("--stall-timeout %v: want a positive duration", o.StallTimeout)
 	}
@@ -237,6 +251,10 @@ type Node struct {
 	opts Options
 	reg  *prometheus.Registry
 	inv  *content.Inventory
+	// sizes are what the manifests committed here say their blobs weigh;
+	// budget bounds the unverified bytes of peer fetches.
+	sizes  *content.ExpectedSizes
+	budget *content.Budget
 
 	store      *content.Store
 	observer   *plugin.Observer
@@ -263,7 +281,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{opts: o, reg: prometheus.NewRegistry(), inv: content.NewInventory()}
+	n := &Node{opts: o, reg: prometheus.NewRegistry(), inv: content.NewInventory(), sizes: content.NewExpectedSizes(0)}
 	defer func() {
 		if retErr != nil {
 			_ = n.Close()
@@ -274,6 +292,12 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "coop_inventory_blobs", Help: "Blobs in this node's inventory.",
 	}, func() float64 { return float64(n.inv.Len()) }))
+	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "coop_manifest_sizes", Help: "Blob sizes known from the manifests and indexes committed on this node (peers reporting another size are not candidates).",
+	}, func() float64 { return float64(n.sizes.Len()) }))
+	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "coop_unverified_bytes", Help: "Bytes of the blobs being fetched from peers, not verified yet (bounded by --max-unverified and the free disk).",
+	}, func() float64 { return float64(n.budget.Used()) }))
 
 	served, err := n.openStores(ctx)
 	if err != nil {
@@ -322,9 +346,13 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("mirror API token: %w", err)
 	}
+	if n.budget, err = content.NewBudget(content.BudgetOptions{Max: o.MaxUnverified, Dir: o.Root}); err != nil {
+		return nil, err
+	}
 	if n.mirror, err = mirror.New(mirror.Options{
 		Resolver: res, Peers: client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
+		Sizes: n.sizes, MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
 	}); err != nil {
 		return nil, err
 	}
@@ -340,7 +368,7 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 	o := n.opts
 	var err error
 	if o.ContentMode == ContentProxy {
-		if n.store, err = content.NewStore(ctx, o.Root, n.inv); err != nil {
+		if n.store, err = content.NewStore(ctx, o.Root, n.inv, content.WithExpectedSizes(n.sizes)); err != nil {
 			return nil, err
 		}
 		return n.store, nil
@@ -353,6 +381,7 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 	}
 	if n.observer, err = plugin.NewObserver(plugin.ObserverOptions{
 		Address: o.Containerd, Recorder: n.inv, OnHeld: n.dropLanded, Namespaces: o.ShareNamespaces,
+		Sizes: n.sizes,
 	}); err != nil {
 		return nil, fmt.Errorf("--containerd-address: %w", err)
 	}
@@ -386,6 +415,7 @@ func (n *Node) listen(ctx context.Context) error {
 		if o.Claim {
 			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
 				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
+				Budget: n.budget, Sizes: n.sizes,
 			}); err != nil {
 				return err
 			}

@@ -109,6 +109,7 @@ func TestSecuritySuite(t *testing.T) {
 			{"peer-server-mirror-migrate", secPeerServer},
 			{"clusterkb-broker", secClusterKB},
 			{"size-2^62", secHugeSize},
+			{"size-lie", secSizeLie},
 			{"slow-readers", secSlowReaders},
 		} {
 			t.Run(part.name, func(t *testing.T) {
@@ -502,6 +503,53 @@ func secHugeSize(e *env, tb *secTable) {
 	tb.add(secHostile, "a neighbour answers have with size 2^62 for every blob", "pulled from the registry", got,
 		strings.TrimSuffix(fmt.Sprintf("liar asked %d times, %d GETs; %d store files verified; coop peak RSS %d MiB; %s",
 			liar.haves.Load(), liar.gets.Load(), files, hwm>>20, errDetail(err)), "; "))
+}
+
+// secSizeLie: a neighbour says every blob is 12 MiB, a plausible size.
+// The manifest the victim commits before the blobs gives their real sizes:
+// the liar is no candidate, its bytes are never asked for, the registry
+// serves. In proxy mode the manifest is committed through coop's own store,
+// before containerd asks for a layer; in observer mode coop learns it from
+// containerd's event, which may come after the first layer request (then the
+// digest check catches the lie): the observer victim's row checks the pull
+// and that the sizes were learned.
+func secSizeLie(e *env, tb *secTable) {
+	reg := e.registry()
+	img := e.push(reg, "coop/sizelie", 8<<20, 4<<20)
+	liar := e.startLiar("evil", 12<<20)
+	for _, observer := range []bool{false, true} {
+		mode := map[bool]string{false: "proxy", true: "observer"}[observer]
+		v := e.node(harness.NodeOptions{Name: "v-" + mode, Observer: observer, Registries: []harness.Upstream{harness.UpstreamOf(reg)},
+			Neighbors: []harness.Neighbor{{Name: "evil", URL: liar.srv.URL}}})
+		gets0 := liar.gets.Load()
+		err := e.timed("v-"+mode+": pull beside a size liar", pullTimeout, func(ctx context.Context) error { return v.PullCtr(ctx, img.Ref) })
+		gets := liar.gets.Load() - gets0
+		refused, _ := v.Metric(e.ctx, "coop_mirror_size_refused_total")
+		learned, _ := v.Metric(e.ctx, "coop_manifest_sizes")
+		e.verifyContent(v, "default")
+		var got, want string
+		switch {
+		case err != nil:
+			got = "pull failed"
+		case liar.haves.Load() == 0:
+			got = "the liar was never asked"
+		case learned < float64(len(img.Layers)):
+			got = fmt.Sprintf("only %v sizes learned from the manifest", learned)
+		case observer:
+			got = "pulled from the registry"
+		case gets > 0 || refused == 0:
+			got = fmt.Sprintf("the liar was a candidate (%d GETs, %v refusals)", gets, refused)
+		default:
+			got = "refused by the manifest's size; pulled from the registry"
+		}
+		want = "refused by the manifest's size; pulled from the registry"
+		if observer {
+			want = "pulled from the registry"
+		}
+		tb.add(secHostile, "a neighbour answers have with a plausible wrong size (12 MiB) for every blob ("+mode+" mode)", want, got,
+			strings.TrimSuffix(fmt.Sprintf("liar asked %d times, %d GETs; %v candidates refused by size; %v sizes known; %s",
+				liar.haves.Load(), gets, refused, learned, errDetail(err)), "; "))
+	}
 }
 
 // liar is a neighbour with a certificate of the cluster, whose have
