@@ -53,3 +53,20 @@ func ParseBaseURL(s string) (string, error) {
 	out := url.URL{Scheme: u.Scheme, Host: u.Host}
 	return out.String(), nil
 }
+
+// JoinURL returns the URL of the path elem... at the coop endpoint base:
+// base must pass ParseBaseURL, and the elements are joined with
+// url.JoinPath. An element is an escaped path: escape what comes from
+// outside (url.PathEscape) and check it is a name, as a "." or ".." element
+// is resolved away.
+func JoinURL(base string, elem ...string) (string, error) {
+	b, err := ParseBaseURL(base)
+	if err != nil {
+		return "", err
+	}
+	u, err := url.JoinPath(b, elem...)
+	if err != nil {
+		return "", fmt.Errorf("path %q at %s: %v: %w", elem, b, err, errdefs.ErrInvalidArgument)
+	}
+	return u, nil
+}

@@ -105,3 +105,31 @@ func FuzzParseBaseURL(f *testing.F) {
 		}
 	})
 }
+
+func TestJoinURL(t *testing.T) {
+	d := "sha256:" + strings.Repeat("a", 64)
+	for _, tc := range []struct {
+		base string
+		elem []string
+		want string // "" when refused
+	}{
+		{"http://a:1", []string{"/v2/coop/blobs", d}, "http://a:1/v2/coop/blobs/" + d},
+		{"HTTPS://a:1/", []string{HavePath}, "https://a:1" + HavePath},
+		{"http://a:1", []string{ContainersPath, "ns", url.PathEscape("x/../../stop")}, "http://a:1" + ContainersPath + "/ns/x%2F..%2F..%2Fstop"},
+		{"http://a:1#", []string{HavePath}, ""},
+		{"http://a:1/x", []string{HavePath}, ""},
+		{"http://u@a:1", []string{HavePath}, ""},
+		{"ftp://a:1", []string{HavePath}, ""},
+	} {
+		got, err := JoinURL(tc.base, tc.elem...)
+		if tc.want == "" {
+			if !errdefs.IsInvalidArgument(err) {
+				t.Errorf("JoinURL(%q, %q) = %q, %v; want ErrInvalidArgument", tc.base, tc.elem, got, err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("JoinURL(%q, %q) = %q, %v; want %q", tc.base, tc.elem, got, err, tc.want)
+		}
+	}
+}

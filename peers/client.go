@@ -9,10 +9,11 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
+	"github.com/coopnet/coop/content"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -34,7 +35,11 @@ func (c *Client) Have(ctx context.Context, baseURL string, dgsts []digest.Digest
 	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimRight(baseURL, "/")+HavePath, bytes.NewReader(body))
+	u, err := JoinURL(baseURL, HavePath)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
 		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
 	}
@@ -83,7 +88,13 @@ func (c *Client) FetchRange(ctx context.Context, baseURL string, dgst digest.Dig
 	if offset < 0 || length <= 0 || offset+length > size {
 		return nil, fmt.Errorf("range %d+%d of a %d-byte blob: %w", offset, length, size, errdefs.ErrInvalidArgument)
 	}
-	u := strings.TrimRight(baseURL, "/") + "/v2/coop/blobs/" + dgst.String()
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("digest %q: %v: %w", dgst, err, errdefs.ErrInvalidArgument)
+	}
+	u, err := JoinURL(baseURL, "/v2/coop/blobs", dgst.String())
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
@@ -136,12 +147,18 @@ func (c *Client) mark(req *http.Request) {
 }
 
 // MaxManifestSize bounds a manifest fetched from a peer.
-const MaxManifestSize = 4 << 20
+const MaxManifestSize = content.MaxManifestSize
 
 // FetchManifest reads the manifest dgst from the peer at baseURL, verifies it
 // against dgst and returns it with its media type.
 func (c *Client) FetchManifest(ctx context.Context, baseURL string, dgst digest.Digest) ([]byte, string, error) {
-	u := strings.TrimRight(baseURL, "/") + "/v2/coop/manifests/" + dgst.String()
+	if err := dgst.Validate(); err != nil {
+		return nil, "", fmt.Errorf("digest %q: %v: %w", dgst, err, errdefs.ErrInvalidArgument)
+	}
+	u, err := JoinURL(baseURL, "/v2/coop/manifests", dgst.String())
+	if err != nil {
+		return nil, "", fmt.Errorf("peer %s: %w", baseURL, err)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, "", fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
@@ -182,7 +199,10 @@ const MaxInventoryResponse = 32 << 20
 // for the changes after seq; the answer says whether it is Full. A full
 // answer is checked for valid digests and sizes.
 func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint64) (*InventoryResponse, error) {
-	u := strings.TrimRight(baseURL, "/") + InventoryPath
+	u, err := JoinURL(baseURL, InventoryPath)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
+	}
 	if epoch != "" {
 		u += "?" + SinceQuery + "=" + url.QueryEscape(FormatSince(epoch, seq))
 	}
@@ -211,7 +231,10 @@ func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint6
 
 // Container reads the record of container id in namespace ns at the peer.
 func (c *Client) Container(ctx context.Context, baseURL, ns, id string) (*ContainerRecord, error) {
-	u := strings.TrimRight(baseURL, "/") + ContainersPath + "/" + url.PathEscape(ns) + "/" + url.PathEscape(id)
+	u, err := containerURL(baseURL, ns, id)
+	if err != nil {
+		return nil, err
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, fmt.Errorf("source %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
@@ -243,7 +266,10 @@ func (c *Client) Container(ctx context.Context, baseURL, ns, id string) (*Contai
 
 // StopContainer asks the peer to stop container id's task.
 func (c *Client) StopContainer(ctx context.Context, baseURL, ns, id string) error {
-	u := strings.TrimRight(baseURL, "/") + ContainersPath + "/" + url.PathEscape(ns) + "/" + url.PathEscape(id) + "/stop"
+	u, err := containerURL(baseURL, ns, id, "stop")
+	if err != nil {
+		return err
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, nil)
 	if err != nil {
 		return fmt.Errorf("source %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
@@ -259,4 +285,20 @@ func (c *Client) StopContainer(ctx context.Context, baseURL, ns, id string) erro
 		return fmt.Errorf("source %s: stop %s/%s: %s: %s", baseURL, ns, id, resp.Status, bytes.TrimSpace(b))
 	}
 	return nil
+}
+
+// containerURL is the URL of container ns/id's record at the peer at
+// baseURL, with more path elements after it. ns and id must be containerd
+// identifiers.
+func containerURL(baseURL, ns, id string, more ...string) (string, error) {
+	for _, name := range []string{ns, id} {
+		if err := identifiers.Validate(name); err != nil {
+			return "", fmt.Errorf("container %s/%s: %w", ns, id, err)
+		}
+	}
+	u, err := JoinURL(baseURL, append([]string{ContainersPath, ns, id}, more...)...)
+	if err != nil {
+		return "", fmt.Errorf("peer %s: %w", baseURL, err)
+	}
+	return u, nil
 }

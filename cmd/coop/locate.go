@@ -9,10 +9,10 @@ import (
 	"io"
 	"net/http"
 	"sort"
-	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
 )
@@ -57,7 +57,11 @@ func runLocate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimRight(*node, "/")+resolver.LocatePath, bytes.NewReader(body))
+	u, err := peers.JoinURL(*node, resolver.LocatePath)
+	if err != nil {
+		return fmt.Errorf("--node: %v: %w", err, errUsage)
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
 		return fmt.Errorf("--node %q: %w", *node, err)
 	}

@@ -39,7 +39,7 @@ func (c *Client) AddSource(ctx context.Context, req SourceRequest) (string, erro
 		return "", err
 	}
 	var sr SourceResponse
-	if err := c.do(ctx, http.MethodPost, SourcesPath, bytes.NewReader(b), &sr); err != nil {
+	if err := c.do(ctx, http.MethodPost, SourcesPath, nil, bytes.NewReader(b), &sr); err != nil {
 		return "", fmt.Errorf("add source: %w", err)
 	}
 	if sr.ID == "" {
@@ -50,7 +50,7 @@ func (c *Client) AddSource(ctx context.Context, req SourceRequest) (string, erro
 
 // DropSource removes a source AddSource added.
 func (c *Client) DropSource(ctx context.Context, id string) error {
-	if err := c.do(ctx, http.MethodDelete, SourcesPath+"/"+url.PathEscape(id), nil, nil); err != nil {
+	if err := c.do(ctx, http.MethodDelete, SourcesPath+"/"+url.PathEscape(id), nil, nil, nil); err != nil {
 		return fmt.Errorf("drop source %s: %w", id, err)
 	}
 	return nil
@@ -64,7 +64,7 @@ func (c *Client) Downloads(ctx context.Context, dgsts []digest.Digest) (map[dige
 		q.Add("digest", d.String())
 	}
 	var dls []Download
-	if err := c.do(ctx, http.MethodGet, DownloadsPath+"?"+q.Encode(), nil, &dls); err != nil {
+	if err := c.do(ctx, http.MethodGet, DownloadsPath, q, nil, &dls); err != nil {
 		return nil, fmt.Errorf("downloads: %w", err)
 	}
 	out := make(map[digest.Digest]Download, len(dls))
@@ -74,8 +74,15 @@ func (c *Client) Downloads(ctx context.Context, dgsts []digest.Digest) (map[dige
 	return out, nil
 }
 
-func (c *Client) do(ctx context.Context, method, path string, body io.Reader, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.URL, "/")+path, body)
+func (c *Client) do(ctx context.Context, method, path string, query url.Values, body io.Reader, out any) error {
+	u, err := peers.JoinURL(c.URL, path)
+	if err != nil {
+		return fmt.Errorf("local coop node: %w", err)
+	}
+	if len(query) > 0 {
+		u += "?" + query.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
 		return fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
 	}

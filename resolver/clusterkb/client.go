@@ -50,10 +50,13 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	if len(opts.URLs) == 0 {
 		return nil, fmt.Errorf("clusterkb client needs at least one URL: %w", errdefs.ErrInvalidArgument)
 	}
-	for _, u := range opts.URLs {
-		if !validURL(u) {
-			return nil, fmt.Errorf("clusterkb URL %q is not an http(s) URL: %w", u, errdefs.ErrInvalidArgument)
+	urls := make([]string, len(opts.URLs))
+	for i, u := range opts.URLs {
+		b, err := peers.ParseBaseURL(u)
+		if err != nil {
+			return nil, fmt.Errorf("clusterkb: %w", err)
 		}
+		urls[i] = b
 	}
 	if opts.Timeout == 0 {
 		opts.Timeout = 500 * time.Millisecond
@@ -76,10 +79,6 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	}}
 	// Give the caller the last error, so it can tell why every replica failed.
 	rc.ErrorHandler = retryablehttp.PassthroughErrorHandler
-	urls := make([]string, len(opts.URLs))
-	for i, u := range opts.URLs {
-		urls[i] = strings.TrimRight(u, "/")
-	}
 	return &Client{urls: urls, node: opts.Node, http: rc}, nil
 }
 
@@ -116,9 +115,11 @@ func (c *Client) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 			continue // garbage from the KB: never a candidate
 		}
 		for _, cand := range cs {
-			if cand.Node == "" || cand.Size < 0 || !validURL(cand.URL) || cand.Node == c.node {
+			u, err := peers.ParseBaseURL(cand.URL)
+			if cand.Node == "" || cand.Size < 0 || err != nil || cand.Node == c.node {
 				continue
 			}
+			cand.URL = u
 			out[d] = append(out[d], cand)
 		}
 	}
@@ -181,7 +182,11 @@ func (c *Client) call(ctx context.Context, base, method, path string, in, out an
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := retryablehttp.NewRequestWithContext(ctx, method, base+path, body)
+	u, err := peers.JoinURL(base, path)
+	if err != nil {
+		return fmt.Errorf("clusterkb %s: %w", base, err)
+	}
+	req, err := retryablehttp.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
 		return fmt.Errorf("%s: %w", base, err)
 	}
@@ -225,8 +230,8 @@ func Heartbeat(ctx context.Context, c *Client, req RegisterRequest, period time.
 		}
 		var list []resolver.Neighbor
 		for _, n := range ns {
-			if n.Name != req.Name && validURL(n.URL) {
-				list = append(list, resolver.Neighbor{Name: n.Name, URL: n.URL})
+			if u, err := peers.ParseBaseURL(n.URL); err == nil && n.Name != req.Name {
+				list = append(list, resolver.Neighbor{Name: n.Name, URL: u})
 			}
 		}
 		neighbors.Set(list)

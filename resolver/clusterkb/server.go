@@ -301,8 +301,8 @@ func (k *KB) Follow(node, claimed string) (string, bool) {
 	if m != nil {
 		return url, true
 	}
-	if validURL(claimed) {
-		return claimed, true
+	if u, err := peers.ParseBaseURL(claimed); err == nil {
+		return u, true
 	}
 	return "", false
 }
@@ -316,9 +316,11 @@ func (k *KB) Register(ctx context.Context, req RegisterRequest) error {
 	if err := validName(req.Name); err != nil {
 		return err
 	}
-	if !validURL(req.URL) {
-		return fmt.Errorf("node %s: url %q is not an http(s) URL: %w", req.Name, req.URL, errdefs.ErrInvalidArgument)
+	u, err := peers.ParseBaseURL(req.URL)
+	if err != nil {
+		return fmt.Errorf("node %s: %w", req.Name, err)
 	}
+	req.URL = u // stored as scheme, host and port, as every other URL
 	var nb map[string]bool
 	if req.Neighbors != nil {
 		nb = make(map[string]bool, len(req.Neighbors))
@@ -502,9 +504,6 @@ func validName(name string) error {
 	return nil
 }
 
-// validURL reports whether s is a base URL a node may be reached at
-// (peers.ParseBaseURL: http or https, a host, no user info, query or
-// fragment).
 // checkIdentity refuses a registration of name by a client whose
 // certificate names another process, when the KB is Authenticated.
 func (k *KB) checkIdentity(r *http.Request, name string) error {
@@ -515,9 +514,4 @@ func (k *KB) checkIdentity(r *http.Request, name string) error {
 		return fmt.Errorf("%q may not register as %q: a node registers only as the name in its certificate: %w", who, name, errdefs.ErrPermissionDenied)
 	}
 	return nil
-}
-
-func validURL(s string) bool {
-	_, err := peers.ParseBaseURL(s)
-	return err == nil
 }

@@ -69,7 +69,8 @@ func FuzzKBRegister(f *testing.F) {
 		}) {
 			t.Fatalf("%q: registered name %q", body, req.Name)
 		}
-		if _, err := peers.ParseBaseURL(req.URL); err != nil {
+		want, err := peers.ParseBaseURL(req.URL)
+		if err != nil {
 			t.Fatalf("%q: registered URL %q: %v", body, req.URL, err)
 		}
 		var resp clusterkb.RegisterResponse
@@ -77,8 +78,8 @@ func FuzzKBRegister(f *testing.F) {
 			t.Fatalf("%q: answer %q (%v)", body, rec.Body, err)
 		}
 		i := slices.IndexFunc(kb.Nodes(), func(n clusterkb.NodeInfo) bool { return n.Name == req.Name })
-		if i < 0 || kb.Nodes()[i].URL != req.URL {
-			t.Fatalf("%q: registered, yet the KB lists %+v", body, kb.Nodes())
+		if i < 0 || kb.Nodes()[i].URL != want {
+			t.Fatalf("%q: registered, yet the KB lists %+v (want the URL normalised: %s)", body, kb.Nodes(), want)
 		}
 	})
 }
