@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/plugins/diff/walking"
 	"github.com/containerd/containerd/v2/plugins/services/content/contentserver"
 	"github.com/containerd/log"
+	digest "github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
 )
 
@@ -24,7 +25,11 @@ import (
 // directly from store (containerd's own file-system applier), so unpacking
 // does not read the layer back through the socket. With a ClaimStore, a
 // claimed layer is applied as its bytes arrive from the peers.
-func NewGRPCServer(store ctdcontent.Store) *grpc.Server {
+func NewGRPCServer(store ctdcontent.Store, opts ...GRPCOpt) *grpc.Server {
+	var o grpcOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	srv := grpc.NewServer(
 		grpc.MaxRecvMsgSize(16<<20),
 		grpc.MaxSendMsgSize(16<<20),
@@ -36,7 +41,7 @@ func NewGRPCServer(store ctdcontent.Store) *grpc.Server {
 		grpc.ReadBufferSize(1<<20),
 		grpc.WriteBufferSize(256<<10),
 	)
-	contentapi.RegisterContentServer(srv, &pipelinedContent{ContentServer: contentserver.New(store), store: store})
+	contentapi.RegisterContentServer(srv, &pipelinedContent{ContentServer: contentserver.New(store), store: store, onCommit: o.onCommit})
 	var unpackFrom ctdcontent.Provider = store
 	if ap, ok := store.(interface{ ApplyProvider() ctdcontent.Provider }); ok {
 		unpackFrom = ap.ApplyProvider()
@@ -46,6 +51,21 @@ func NewGRPCServer(store ctdcontent.Store) *grpc.Server {
 		walking.NewWalkingDiff(store),
 	))
 	return srv
+}
+
+// GRPCOpt configures NewGRPCServer.
+type GRPCOpt func(*grpcOptions)
+
+type grpcOptions struct {
+	onCommit func(dgst digest.Digest, size int64)
+}
+
+// WithCommitted has the server call f with each blob a client (containerd)
+// wrote through the content service and committed: the blobs containerd
+// fetched itself, as those coop fetched are in the store before containerd
+// writes them.
+func WithCommitted(f func(dgst digest.Digest, size int64)) GRPCOpt {
+	return func(o *grpcOptions) { o.onCommit = f }
 }
 
 // ListenUnix listens on a unix socket at path: its directory is created with

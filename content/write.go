@@ -29,7 +29,8 @@ const writeQueueDepth = 8
 // next message. Everything else is containerd's own content server.
 type pipelinedContent struct {
 	contentapi.ContentServer
-	store ctdcontent.Store
+	store    ctdcontent.Store
+	onCommit func(dgst digest.Digest, size int64)
 
 	// lastRecv keeps, per ingest ref, when its last data arrived, for a
 	// later session resuming it (see received below).
@@ -175,6 +176,9 @@ func (s *pipelinedContent) Write(session contentapi.Content_WriteServer) error {
 				}
 				committed = true
 				msg.Digest = wr.Digest().String()
+				if s.onCommit != nil {
+					s.onCommit(wr.Digest(), offset)
+				}
 			}
 		default:
 			return errgrpc.ToGRPC(fmt.Errorf("unknown write action %v: %w", req.Action, errdefs.ErrInvalidArgument))

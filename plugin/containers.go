@@ -38,6 +38,12 @@ func NewContainers(address string) (*Containers, error) {
 // Close closes the containerd connection.
 func (c *Containers) Close() error { return c.client.Close() }
 
+// Ping asks containerd its version: nil when it answers.
+func (c *Containers) Ping(ctx context.Context) error {
+	_, err := c.client.Version(ctx)
+	return err
+}
+
 // Record returns the record of container id in namespace ns.
 func (c *Containers) Record(ctx context.Context, ns, id string) (*peers.ContainerRecord, error) {
 	if err := identifiers.Validate(ns); err != nil {

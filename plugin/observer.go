@@ -28,6 +28,7 @@ type Observer struct {
 	client *containerd.Client
 	rec    content.Recorder
 	onHeld func(context.Context, digest.Digest)
+	onNew  func(context.Context, digest.Digest, int64)
 	shared map[string]bool // nil: every namespace
 	sizes  *content.ExpectedSizes
 
@@ -50,6 +51,10 @@ type ObserverOptions struct {
 	// only other namespaces hold is neither listed nor served. OnHeld is
 	// still called for every namespace. Empty: every namespace.
 	Namespaces []string
+	// OnCommitted, when set, is called for each blob containerd commits
+	// while the observer follows it (not for those it lists at start),
+	// before OnHeld.
+	OnCommitted func(ctx context.Context, d digest.Digest, size int64)
 	// Sizes, when set, learns the sizes of their blobs from the manifests
 	// and indexes containerd commits (in any namespace): a pull commits the
 	// manifest before it asks the mirror for the blobs.
@@ -75,7 +80,7 @@ func NewObserver(o ObserverOptions) (*Observer, error) {
 
 // newObserver returns an observer reading through c.
 func newObserver(c *containerd.Client, o ObserverOptions) *Observer {
-	obs := &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, sizes: o.Sizes, nss: map[digest.Digest]map[string]int64{}}
+	obs := &Observer{client: c, rec: o.Recorder, onHeld: o.OnHeld, onNew: o.OnCommitted, sizes: o.Sizes, nss: map[digest.Digest]map[string]int64{}}
 	if len(o.Namespaces) > 0 {
 		obs.shared = map[string]bool{}
 		for _, ns := range o.Namespaces {
@@ -135,6 +140,9 @@ func (o *Observer) follow(ctx context.Context) error {
 			case *eventsapi.ContentCreate:
 				if d, err := digest.Parse(e.Digest); err == nil {
 					o.learn(ctx, d, env.Namespace, e.Size)
+					if o.onNew != nil {
+						o.onNew(ctx, d, e.Size)
+					}
 					o.add(ctx, d, env.Namespace, e.Size)
 				}
 			case *eventsapi.ContentDelete:

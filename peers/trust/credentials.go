@@ -56,6 +56,15 @@ func (c *Credentials) Name() string {
 	return c.name
 }
 
+// NotAfter is when the process's certificate in use expires.
+func (c *Credentials) NotAfter() time.Time {
+	cert, _ := c.current(false)
+	if cert == nil || cert.Leaf == nil {
+		return time.Time{}
+	}
+	return cert.Leaf.NotAfter
+}
+
 // Check reads the files again if they changed and returns the error of the
 // last read, nil when the credentials in use are the files' own.
 func (c *Credentials) Check() error {

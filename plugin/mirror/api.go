@@ -99,6 +99,19 @@ func (t *downloads) finish(dgst digest.Digest, byNode map[string]int64, hedged i
 	x.Seconds = time.Since(x.Started).Seconds()
 }
 
+// inFlight counts the downloads not done.
+func (t *downloads) inFlight() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, x := range t.m {
+		if !x.Done {
+			n++
+		}
+	}
+	return n
+}
+
 // get returns copies of the downloads of dgsts (all when empty).
 func (t *downloads) get(dgsts []digest.Digest) []Download {
 	t.mu.Lock()

@@ -243,6 +243,13 @@ func (m *Mirror) Close() error {
 	return nil
 }
 
+// InFlight counts the blobs being fetched from peers now (mirror fetches
+// and claims).
+func (m *Mirror) InFlight() int { return m.downloads.inFlight() }
+
+// Estimates are what the mirror measured of each peer.
+func (m *Mirror) Estimates() *peers.Estimates { return m.downloader.Estimates() }
+
 // ServeHTTP routes /v2/ requests.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := log.WithLogger(r.Context(), log.G(r.Context()).WithField("mirror", r.Method+" "+r.URL.Path))

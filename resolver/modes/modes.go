@@ -176,8 +176,11 @@ func orList(names []string) string {
 // it and announce the node. New builds it, Run runs the loops, Close
 // releases the broker connection.
 type Index struct {
+	mode     string
 	resolver resolver.Resolver
-	local    *resolver.Index // periodic and push
+	source   resolver.NeighborSource
+	kb       *clusterkb.Client // nil without ClusterKB
+	local    *resolver.Index   // periodic and push
 	loops    []func(ctx context.Context) error
 	nc       *nats.Conn // made by New; nil without a broker
 	close    sync.Once
@@ -204,7 +207,7 @@ func New(ctx context.Context, o Options) (*Index, error) {
 	if err != nil {
 		return nil, err
 	}
-	ix := &Index{}
+	ix := &Index{mode: o.Mode}
 	source := o.NeighborSource
 	if source == nil {
 		source = resolver.Static(o.Neighbors)
@@ -269,6 +272,7 @@ func New(ctx context.Context, o Options) (*Index, error) {
 		_ = ix.Close()
 		return nil, err
 	}
+	ix.source, ix.kb = source, kbc
 	if o.NeighborSource == nil && len(o.Neighbors) == 0 && !o.NeighborsFromKB && o.Mode != None && o.Mode != KB {
 		log.G(ctx).WithField("index", o.Mode).Warn("no neighbours: every blob will come from the registry")
 	}
@@ -295,6 +299,25 @@ func (ix *Index) publisher(o Options) error {
 	}
 	ix.loops = append(ix.loops, pub.Run)
 	return nil
+}
+
+// Mode is the index's mode (Online, Periodic, Push, KB or None).
+func (ix *Index) Mode() string { return ix.mode }
+
+// Neighbors are the nodes this node may fetch from now (kb mode without
+// --neighbors: every member ClusterKB has).
+func (ix *Index) Neighbors() []resolver.Neighbor { return ix.source.Neighbors() }
+
+// KB is the ClusterKB client; nil without ClusterKB.
+func (ix *Index) KB() *clusterkb.Client { return ix.kb }
+
+// Broker says whether the index uses a broker and whether it is connected
+// to it now.
+func (ix *Index) Broker() (used, connected bool) {
+	if ix.nc == nil {
+		return false, false
+	}
+	return true, ix.nc.IsConnected()
 }
 
 // Resolver is the node's resolver.
