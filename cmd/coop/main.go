@@ -1,7 +1,8 @@
 // Command coop is coop's one binary: `coop node` runs beside containerd on
 // every node, `coop kb` runs ClusterKB and its broker, `coop migrate` moves a
-// container here from another node, `coop locate` asks who holds a blob, and
-// `coop containerd-config` prints or writes containerd's side of the setup.
+// container here from another node, `coop locate` asks who holds a blob,
+// `coop status` says whether coop works on a node, and `coop
+// containerd-config` prints or writes containerd's side of the setup.
 // Each subcommand is a file here that turns flags into a package's options.
 package main
 
@@ -33,6 +34,7 @@ func commands() []command {
 		{"kb", "run ClusterKB: the central neighbour index, with an embedded NATS broker", runKB},
 		{"migrate", "recreate a container of another node here, its image fetched cooperatively", runMigrate},
 		{"locate", "ask a node (or ClusterKB) which peers hold blobs now", runLocate},
+		{"status", "say whether coop works on this node: modes, neighbours, bytes, claims, last errors", runStatus},
 		{"ca", "set up the cluster CA (init) and a process's certificate (issue) for mutual TLS", runCA},
 		{"containerd-config", "print containerd's config for coop; --write also writes hosts.toml", runContainerdConfig},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/log"
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/plugin/node"
@@ -193,6 +194,9 @@ func runNode(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// The last warnings and errors, for coop status.
+	o.Errors = node.NewErrorLog(0)
+	log.L.Logger.AddHook(o.Errors)
 	n, err := node.New(ctx, o)
 	if err != nil {
 		return err

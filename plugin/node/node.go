@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
@@ -127,6 +128,9 @@ type Options struct {
 	TLS *trust.Credentials
 	// Insecure allows plain HTTP on a non-loopback peer listener.
 	Insecure bool
+	// Errors, when set, holds the last warnings and errors logged (the
+	// caller hooks it into the logger); the status shows them.
+	Errors *ErrorLog
 }
 
 // Validate checks o before anything is started: every contradiction and
@@ -255,6 +259,12 @@ type Node struct {
 	// budget bounds the unverified bytes of peer fetches.
 	sizes  *content.ExpectedSizes
 	budget *content.Budget
+	// started is when New ran; registryBytes counts the bytes of blobs
+	// containerd committed that did not come from peers.
+	started       time.Time
+	registryBytes atomic.Int64
+	errors        *ErrorLog
+	client        *peers.Client
 
 	store      *content.Store
 	observer   *plugin.Observer
@@ -281,7 +291,8 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{opts: o, reg: prometheus.NewRegistry(), inv: content.NewInventory(), sizes: content.NewExpectedSizes(0)}
+	n := &Node{opts: o, reg: prometheus.NewRegistry(), inv: content.NewInventory(), sizes: content.NewExpectedSizes(0),
+		started: time.Now(), errors: o.Errors}
 	defer func() {
 		if retErr != nil {
 			_ = n.Close()
@@ -295,6 +306,9 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "coop_manifest_sizes", Help: "Blob sizes known from the manifests and indexes committed on this node (peers reporting another size are not candidates).",
 	}, func() float64 { return float64(n.sizes.Len()) }))
+	n.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "coop_registry_bytes_total", Help: "Bytes of the blobs containerd committed that did not come from peers through coop (from registries).",
+	}, func() float64 { return float64(n.registryBytes.Load()) }))
 	n.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "coop_unverified_bytes", Help: "Bytes of the blobs being fetched from peers, not verified yet (bounded by --max-unverified and the free disk).",
 	}, func() float64 { return float64(n.budget.Used()) }))
@@ -323,7 +337,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if o.TLS != nil {
 		clientTLS = o.TLS.ClientConfig()
 	}
-	client := &peers.Client{Node: o.Name, HTTP: &http.Client{Transport: &http.Transport{
+	n.client = &peers.Client{Node: o.Name, HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 5 * time.Second,
 		MaxIdleConnsPerHost:   16,
@@ -331,7 +345,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		DisableCompression:    true,
 		TLSClientConfig:       clientTLS,
 	}}}
-	if n.index, err = modes.New(ctx, o.indexOptions(n.inv, client, n.peerSrv.Load, n.reg)); err != nil {
+	if n.index, err = modes.New(ctx, o.indexOptions(n.inv, n.client, n.peerSrv.Load, n.reg)); err != nil {
 		return nil, err
 	}
 	res := n.index.Resolver()
@@ -350,7 +364,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		return nil, err
 	}
 	if n.mirror, err = mirror.New(mirror.Options{
-		Resolver: res, Peers: client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
+		Resolver: res, Peers: n.client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
 		Sizes: n.sizes, MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
 	}); err != nil {
@@ -381,7 +395,7 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 	}
 	if n.observer, err = plugin.NewObserver(plugin.ObserverOptions{
 		Address: o.Containerd, Recorder: n.inv, OnHeld: n.dropLanded, Namespaces: o.ShareNamespaces,
-		Sizes: n.sizes,
+		Sizes: n.sizes, OnCommitted: n.committed,
 	}); err != nil {
 		return nil, fmt.Errorf("--containerd-address: %w", err)
 	}
@@ -391,6 +405,15 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 		return n.observer, nil
 	}
 	return plugin.NewUnionStore(n.store, n.observer), nil
+}
+
+// committed counts a blob containerd committed (observer mode) as from a
+// registry unless coop landed it from peers (its copy is still there: OnHeld
+// drops it next).
+func (n *Node) committed(ctx context.Context, d digest.Digest, size int64) {
+	if _, err := n.store.Info(ctx, d); err != nil {
+		n.registryBytes.Add(size)
+	}
 }
 
 // dropLanded removes coop's own copy of a blob containerd now holds (observer
@@ -424,7 +447,9 @@ func (n *Node) listen(ctx context.Context) error {
 		if n.sock, err = content.ListenUnix(ctx, o.ContentSocket); err != nil {
 			return err
 		}
-		n.grpcSrv = content.NewGRPCServer(cstore)
+		n.grpcSrv = content.NewGRPCServer(cstore, content.WithCommitted(func(_ digest.Digest, size int64) {
+			n.registryBytes.Add(size) // what coop fetched was there before
+		}))
 	}
 	if n.peerL, err = net.Listen("tcp", o.PeerListen); err != nil {
 		return fmt.Errorf("--peer-listen: %w", err)
@@ -441,7 +466,14 @@ func (n *Node) listen(ctx context.Context) error {
 	// other answer is bounded as a whole.
 	n.peerHTTP = peers.NewHTTPServer(peerHandler, peers.HTTPServerOptions{})
 	// The mirror holds containerd's blob answers open while it fetches.
-	n.mirrorHTTP = peers.NewHTTPServer(n.mirror, peers.HTTPServerOptions{WriteTimeout: -1})
+	mirrorHandler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == StatusPath {
+			n.serveStatus(w, r)
+			return
+		}
+		n.mirror.ServeHTTP(w, r)
+	})
+	n.mirrorHTTP = peers.NewHTTPServer(mirrorHandler, peers.HTTPServerOptions{WriteTimeout: -1})
 	if o.DebugListen != "" {
 		if n.debugL, err = net.Listen("tcp", o.DebugListen); err != nil {
 			return fmt.Errorf("--debug-listen: %w", err)

@@ -158,33 +158,48 @@ func freeAddr(t *testing.T) string {
 // TestNodesSpeakMutualTLS: two nodes with certificates of one CA find each
 // other's blobs over mutual TLS; the peer server refuses a client without a
 // certificate but for /healthz and /metrics.
-func TestNodesSpeakMutualTLS(t *testing.T) {
-	pki := t.TempDir()
-	if err := trust.InitCA(filepath.Join(pki, "ca"), trust.CAOptions{}); err != nil {
+// testPKI issues certificates of one CA.
+type testPKI struct {
+	t   *testing.T
+	dir string
+}
+
+func newTestPKI(t *testing.T) *testPKI {
+	p := &testPKI{t: t, dir: t.TempDir()}
+	if err := trust.InitCA(filepath.Join(p.dir, "ca"), trust.CAOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	creds := func(name string) *trust.Credentials {
-		dir := filepath.Join(pki, name)
-		if err := trust.Issue(filepath.Join(pki, "ca"), dir, trust.IssueOptions{Name: name}); err != nil {
-			t.Fatal(err)
-		}
-		c, err := trust.Load(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
+	return p
+}
+
+func (p *testPKI) creds(name string) *trust.Credentials {
+	dir := filepath.Join(p.dir, name)
+	if err := trust.Issue(filepath.Join(p.dir, "ca"), dir, trust.IssueOptions{Name: name}); err != nil {
+		p.t.Fatal(err)
 	}
-	start := func(o Options) *Node {
-		n, err := New(context.Background(), o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { _ = n.Run(ctx); close(done) }()
-		t.Cleanup(func() { cancel(); <-done; _ = n.Close() })
-		return n
+	c, err := trust.Load(dir)
+	if err != nil {
+		p.t.Fatal(err)
 	}
+	return c
+}
+
+// startNode runs a node until the test ends.
+func startNode(t *testing.T, o Options) *Node {
+	n, err := New(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = n.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; _ = n.Close() })
+	return n
+}
+
+func TestNodesSpeakMutualTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	creds, start := pki.creds, func(o Options) *Node { return startNode(t, o) }
 	ao := proxyOptions(t)
 	ao.Name, ao.TLS = "node-a", creds("node-a")
 	ao.PeerListen = freeAddr(t)
