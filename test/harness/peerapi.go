@@ -9,11 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/coopnet/coop/plugin/node"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -343,3 +345,30 @@ func (n *Node) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.Di
 const (
 	MetricClaims = "coop_claims_total"
 )
+
+// Status runs `coop status --json` against the node (in its network
+// namespace) and returns the status it printed and its exit status (0: fine,
+// 1: problems, 2: no node). err is set only when the command could not run or
+// printed no status.
+func (n *Node) Status(ctx context.Context) (node.Status, int, error) {
+	var s node.Status
+	if n.tools.Coop == "" {
+		return s, 0, errors.New("status needs bin/coop")
+	}
+	out, err := n.InNetNS(ctx, n.tools.Coop, "status", "--json", "--node", n.MirrorURL())
+	code := 0
+	if err != nil {
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) {
+			return s, 0, err
+		}
+		code = ee.ExitCode()
+	}
+	if code == 2 {
+		return s, code, nil
+	}
+	if jerr := json.Unmarshal([]byte(out), &s); jerr != nil {
+		return s, code, fmt.Errorf("coop status printed no status (%v): %w", err, jerr)
+	}
+	return s, code, nil
+}
