@@ -31,6 +31,7 @@ var ranks = []struct {
 	{"plugin/migrate", 42},
 	{"plugin/node", 43},
 	{"cmd", 50},
+	{"contrib/grafana", 55},
 	{"test", testRank},
 }
 
