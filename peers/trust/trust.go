@@ -7,6 +7,7 @@
 package trust
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -134,7 +135,9 @@ func Issue(caDir, outDir string, o IssueOptions) error {
 	return writePEM(filepath.Join(outDir, CAFile), "CERTIFICATE", caCert.Raw, 0o644)
 }
 
-func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+// loadCA reads the CA in dir: its certificate and its key (ECDSA, as
+// InitCA makes it, or RSA or Ed25519, as other tools make CAs).
+func loadCA(dir string) (*x509.Certificate, crypto.Signer, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, CAFile))
 	if err != nil {
 		return nil, nil, fmt.Errorf("CA certificate: %w", err)
@@ -147,9 +150,9 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("CA in %s: %w", dir, err)
 	}
-	key, ok := pair.PrivateKey.(*ecdsa.PrivateKey)
+	key, ok := pair.PrivateKey.(crypto.Signer)
 	if !ok {
-		return nil, nil, fmt.Errorf("CA key in %s is not ECDSA: %w", dir, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("CA key in %s cannot sign: %w", dir, errdefs.ErrInvalidArgument)
 	}
 	cert, err := x509.ParseCertificate(pair.Certificate[0])
 	if err != nil {

@@ -1,8 +1,14 @@
 package trust
 
 import (
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"io"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -182,5 +188,41 @@ func TestIssueAndLoadErrors(t *testing.T) {
 	}
 	if fi, err := os.Stat(filepath.Join(caDir, CAKey)); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("CA key mode %v (%v), want 0600", fi.Mode(), err)
+	}
+}
+
+// A CA made by another tool (an RSA key in PKCS#1, as Helm's genCA and many
+// others write it) issues certificates coop loads.
+func TestIssueFromRSACA(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "other-ca"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := t.TempDir()
+	if err := os.WriteFile(filepath.Join(ca, CAFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ca, CAKey), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	if err := Issue(ca, out, IssueOptions{Name: "node-a"}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Name() != "node-a" || time.Until(c.NotAfter()) < 300*24*time.Hour {
+		t.Fatalf("loaded %q until %v", c.Name(), c.NotAfter())
 	}
 }
