@@ -32,6 +32,8 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		output      = fs.String("output", "", "write the config here (atomically) instead of stdout")
 		mode        = fs.String("content-mode", node.ContentObserver, "coop node's --content-mode: observer (containerd keeps its store; only the mirror and CRI's config_path are set) or proxy (coop is containerd's content store and differ)")
 		write       = fs.Bool("write", false, "also write HOSTS_DIR/<registry>/hosts.toml for each --registry, merging existing files")
+		existing    = fs.Bool("existing", false, "with --write: also every registry that already has a directory in HOSTS_DIR (its own hosts.toml would bypass _default's mirror)")
+		quiet       = fs.Bool("quiet", false, "do not print the config (with --write: only the hosts.toml files are wanted)")
 		snaps, plat listFlag
 		registries  listFlag
 	)
@@ -84,6 +86,13 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		}
 		regs = append(regs, reg)
 	}
+	if *write && *existing {
+		more, err := existingRegistries(*hostsDir, regs)
+		if err != nil {
+			return err
+		}
+		regs = append(regs, more...)
+	}
 	if *write {
 		for _, r := range regs {
 			path, err := plugin.WriteHostsTOML(*hostsDir, r, mirrorURL)
@@ -100,6 +109,37 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		fmt.Fprintf(stderr, "wrote %s\n", *output)
 		return nil
 	}
+	if *quiet {
+		return nil
+	}
 	_, err = stdout.Write(cfg)
 	return err
+}
+
+// existingRegistries returns the registries with a directory in hostsDir
+// that regs does not name already.
+func existingRegistries(hostsDir string, regs []plugin.Registry) ([]plugin.Registry, error) {
+	ents, err := os.ReadDir(hostsDir)
+	if err != nil {
+		if os.IsNotExist(err) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("--existing: %w", err)
+	}
+	named := map[string]bool{}
+	for _, r := range regs {
+		named[r.Host] = true
+	}
+	var out []plugin.Registry
+	for _, e := range ents {
+		if !e.IsDir() || named[e.Name()] {
+			continue
+		}
+		r, err := plugin.ParseRegistry(e.Name())
+		if err != nil {
+			continue // not a registry's directory
+		}
+		out = append(out, r)
+	}
+	return out, nil
 }
