@@ -10,7 +10,7 @@ CRANE_VERSION := v0.22.1
 GOLANGCI_VERSION := v2.15.0
 CONFORMANCE_VERSION := v0.0.0-20260831232431-97274622c111
 
-.PHONY: help deps root build tools test test-unit test-integration lint demo bench clean
+.PHONY: help deps root build tools test test-unit test-integration lint demo bench clean image
 
 # Every fuzz target runs for FUZZTIME; override it: make fuzz FUZZTIME=1m.
 FUZZTIME ?= 10s
@@ -30,6 +30,21 @@ root:
 build: ## build bin/coop
 	@echo "build: bin/coop"
 	$(GO) build -o $(BIN)/coop ./cmd/coop
+
+# make image: coop's container image as an OCI layout in bin/image. The
+# version defaults to git describe, the tag to the version, every timestamp to
+# SOURCE_DATE_EPOCH (default: the commit's time). IMAGE_PUSH=registry/repo:tag
+# also pushes it with crane (built here if bin/crane is missing).
+IMAGE_VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+IMAGE_TAG ?= $(IMAGE_VERSION)
+IMAGE_PLATFORMS ?= linux/amd64,linux/arm64
+
+image: ## build coop's image (linux/amd64, linux/arm64; reproducible) as an OCI layout in bin/image; IMAGE_PUSH=registry/repo:tag pushes it
+	$(GO) run ./contrib/image --go $(GO) --out $(BIN)/image --platforms $(IMAGE_PLATFORMS) --version '$(IMAGE_VERSION)' --tag '$(IMAGE_TAG)'
+	@if [ -n "$(IMAGE_PUSH)" ]; then \
+	  test -x $(BIN)/crane || { echo "image: building crane $(CRANE_VERSION)"; GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION); } && \
+	  $(BIN)/crane push $(BIN)/image $(IMAGE_PUSH); \
+	fi
 
 tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane, the OCI conformance suite into bin/
 	@mkdir -p $(BIN)

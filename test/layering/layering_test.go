@@ -19,6 +19,7 @@ var ranks = []struct {
 	prefix string
 	rank   int
 }{
+	{"contrib/image", 5}, // builds coop's image with go build; imports nothing of coop
 	{"content", 10},
 	{"peers/trust", 15},
 	{"peers", 20},
