@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"time"
 
 	"github.com/coopnet/coop/peers/trust"
 )
@@ -44,6 +45,7 @@ func runCA(_ context.Context, args []string, stdout, stderr io.Writer) error {
 		out := fs.String("out", "", "where to write ca.crt, tls.crt and tls.key: the process's --tls-dir (required)")
 		dns := fs.String("dns", "", "extra DNS names the process is dialled at, comma-separated")
 		ips := fs.String("ip", "", "IP addresses the process is dialled at, comma-separated")
+		validity := fs.Duration("validity", 365*24*time.Hour, "how long the certificate is valid")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
 		}
@@ -51,7 +53,10 @@ func runCA(_ context.Context, args []string, stdout, stderr io.Writer) error {
 			usage()
 			return fmt.Errorf("want --name and --out: %w", errUsage)
 		}
-		o := trust.IssueOptions{Name: *name, DNSNames: splitList(*dns)}
+		if *validity <= 0 {
+			return fmt.Errorf("--validity %v: want a positive duration: %w", *validity, errUsage)
+		}
+		o := trust.IssueOptions{Name: *name, DNSNames: splitList(*dns), Validity: *validity}
 		for _, s := range splitList(*ips) {
 			ip := net.ParseIP(s)
 			if ip == nil {
