@@ -10,7 +10,7 @@ CRANE_VERSION := v0.22.1
 GOLANGCI_VERSION := v2.15.0
 CONFORMANCE_VERSION := v0.0.0-20260831232431-97274622c111
 
-.PHONY: help deps root build tools test test-unit test-integration lint demo bench clean image
+.PHONY: help deps root build tools k8s-tools test test-unit test-integration test-k8s lint demo bench clean image
 
 # Every fuzz target runs for FUZZTIME; override it: make fuzz FUZZTIME=1m.
 FUZZTIME ?= 10s
@@ -61,12 +61,18 @@ tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane
 	@test -x $(BIN)/conformance || echo "tools: building the OCI conformance suite"
 	@test -x $(BIN)/conformance || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/opencontainers/distribution-spec/conformance@$(CONFORMANCE_VERSION)
 
+k8s-tools: ## build Kubernetes v1.37.2 (apiserver, controller-manager, scheduler, kubelet, kubectl), etcd and helm into bin/k8s (the first time about 15 minutes)
+	@GO=$(GO) ./test/k8s/tools.sh $(BIN)
+
 test-unit: ## hermetic unit tests: no root, no network beyond loopback
 	@echo "test-unit: go test -race ./... (the first run compiles containerd's packages with the race detector: a few minutes)"
 	$(GO) test -race -count=1 ./...
 
-test-integration: root deps build tools ## real containerd + coop node tests (needs root)
+test-integration: root deps build tools k8s-tools ## real containerd + coop node tests, the Helm chart on a real API server (needs root)
 	COOP_BIN=$(BIN) $(GO) test -count=1 -timeout 20m -tags integration ./test/... -v
+
+test-k8s: root deps build tools k8s-tools ## only the Kubernetes tests (test/k8s)
+	COOP_BIN=$(BIN) $(GO) test -count=1 -timeout 20m -tags integration ./test/k8s -v
 
 test: root deps test-unit test-integration ## everything: unit, then the real-containerd tests (root)
 

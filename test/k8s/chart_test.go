@@ -1,0 +1,323 @@
+//go:build integration
+
+// Package k8s tests coop on Kubernetes: its Helm chart against a real API
+// server, and (TestCluster) the chart installed on a real cluster.
+package k8s
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coopnet/coop/test/harness"
+)
+
+const (
+	chartDir    = "../../contrib/helm/coop"
+	kubeVersion = "1.37.2"
+	namespace   = "coop-system"
+)
+
+// minimalCRDs lets the API server take the chart's cert-manager and
+// Prometheus operator objects (their own schemas are not available here:
+// only their group, version and kind are checked).
+const minimalCRDs = `
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: issuers.cert-manager.io}
+spec:
+  group: cert-manager.io
+  names: {kind: Issuer, plural: issuers}
+  scope: Namespaced
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: certificates.cert-manager.io}
+spec:
+  group: cert-manager.io
+  names: {kind: Certificate, plural: certificates}
+  scope: Namespaced
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, plural: servicemonitors}
+  scope: Namespaced
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+`
+
+func helm(ctx context.Context, t *testing.T, tools *harness.KubeTools, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, tools.Helm, args...)
+	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+t.TempDir(), "HELM_CONFIG_HOME="+t.TempDir(), "HELM_DATA_HOME="+t.TempDir())
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), &harness.CommandError{Args: append([]string{"helm"}, args...), Err: err, Stderr: errb.String()}
+	}
+	return out.String(), nil
+}
+
+// TestChart lints the chart, renders it with every mode and option that
+// changes its objects, has a real API server validate every rendering
+// (server-side dry run: the Kubernetes schemas, admission), refuses the
+// values it must refuse, and checks what the default rendering promises.
+func TestChart(t *testing.T) {
+	tools, err := harness.FindKubeTools()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if out, err := helm(ctx, t, tools, "lint", "--strict", "--kube-version", kubeVersion, chartDir); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+	cp, err := harness.StartControlPlane(ctx, tools, harness.ControlPlaneOptions{Dir: t.TempDir(), Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.Stop()
+	if _, err := cp.Kubectl(ctx, []byte(minimalCRDs), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, nil, "create", "namespace", namespace); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, nil, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name string
+		set  []string
+		// refused: helm template must fail with this in its message.
+		refused string
+		check   func(t *testing.T, objs []object)
+	}{
+		{name: "defaults", check: checkDefaults},
+		{name: "CA from a secret", set: []string{"tls.ca.source=secret", "tls.ca.secretName=my-ca"}, check: func(t *testing.T, objs []object) {
+			if find(objs, "Secret", "") != nil {
+				t.Error("a CA Secret is rendered although the operator gives one")
+			}
+			ds := find(objs, "DaemonSet", "")
+			if !strings.Contains(ds.raw, `"secretName":"my-ca"`) {
+				t.Error("the DaemonSet does not mount the operator's CA Secret")
+			}
+		}},
+		{name: "CA from cert-manager", set: []string{"tls.ca.source=cert-manager"}, check: func(t *testing.T, objs []object) {
+			if find(objs, "Certificate", "") == nil || find(objs, "Issuer", "") == nil {
+				t.Error("no cert-manager Issuer and Certificate")
+			}
+			if !strings.Contains(find(objs, "DaemonSet", "").raw, `"key":"tls.key","path":"ca.key"`) {
+				t.Error("the CA's tls.key is not mounted as ca.key")
+			}
+		}},
+		{name: "without TLS", set: []string{"tls.enabled=false"}, check: func(t *testing.T, objs []object) {
+			ds := find(objs, "DaemonSet", "")
+			if !slices.Contains(ds.args("node"), "--insecure") || strings.Contains(ds.raw, "--tls-dir") {
+				t.Errorf("node args %q: want --insecure and no --tls-dir", ds.args("node"))
+			}
+		}},
+		{name: "online index, pull feed, metrics, options", set: []string{"node.index=online", "kb.feed=pull", "metrics.serviceMonitor.enabled=true",
+			"node.shareNamespaces={k8s.io}", "node.serveContainers={k8s.io}", "node.allowRemoteStop=true", "node.extraArgs={--claim-parallel=2}",
+			"containerd.registries={docker.io,_default}", "image.digest=sha256:" + strings.Repeat("a", 64)}, check: func(t *testing.T, objs []object) {
+			if n := count(objs, "ServiceMonitor"); n != 2 {
+				t.Errorf("%d ServiceMonitors, want 2 (nodes and ClusterKB)", n)
+			}
+			ds := find(objs, "DaemonSet", "")
+			for _, want := range []string{"--index=online", "--share-namespaces=k8s.io", "--serve-containers=k8s.io", "--allow-remote-stop", "--claim-parallel=2"} {
+				if !slices.Contains(ds.args("node"), want) {
+					t.Errorf("node args %q lack %s", ds.args("node"), want)
+				}
+			}
+			if slices.ContainsFunc(ds.args("node"), func(a string) bool { return strings.HasPrefix(a, "--nats-url") }) {
+				t.Error("a pull-fed ClusterKB, yet the nodes publish to a broker")
+			}
+			if !strings.Contains(ds.raw, "@sha256:aaaa") {
+				t.Error("the image is not pulled by digest")
+			}
+		}},
+		{name: "nodes only, no index", set: []string{"kb.enabled=false", "node.index=none"}, check: func(t *testing.T, objs []object) {
+			if find(objs, "Deployment", "") != nil {
+				t.Error("ClusterKB rendered although disabled")
+			}
+		}},
+		{name: "proxy mode", set: []string{"node.contentMode=proxy"}, refused: "only observer mode"},
+		{name: "unknown index", set: []string{"node.index=gossip"}, refused: `node.index "gossip"`},
+		{name: "kb index without ClusterKB", set: []string{"kb.enabled=false"}, refused: "set kb.enabled"},
+		{name: "unknown CA source", set: []string{"tls.ca.source=vault"}, refused: `tls.ca.source "vault"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := []string{"template", "coop", chartDir, "--namespace", namespace, "--kube-version", kubeVersion}
+			for _, s := range tc.set {
+				args = append(args, "--set", s)
+			}
+			rendered, err := helm(ctx, t, tools, args...)
+			if tc.refused != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.refused) {
+					t.Fatalf("helm template with %q: %v; want a refusal naming %q", tc.set, err, tc.refused)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := cp.Kubectl(ctx, []byte(rendered), "apply", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-")
+			if err != nil {
+				t.Fatalf("the API server refused the rendering: %v", err)
+			}
+			objs, err := parseObjects(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, objs)
+		})
+	}
+}
+
+// checkDefaults: what the default rendering promises.
+func checkDefaults(t *testing.T, objs []object) {
+	ds := find(objs, "DaemonSet", "")
+	if ds == nil {
+		t.Fatal("no DaemonSet")
+	}
+	var spec struct {
+		Spec struct {
+			Template struct {
+				Spec struct {
+					HostNetwork    bool `json:"hostNetwork"`
+					InitContainers []struct {
+						Name string `json:"name"`
+					} `json:"initContainers"`
+					Containers []struct {
+						Name            string `json:"name"`
+						SecurityContext struct {
+							Privileged               *bool `json:"privileged"`
+							AllowPrivilegeEscalation *bool `json:"allowPrivilegeEscalation"`
+							Capabilities             struct {
+								Drop []string `json:"drop"`
+							} `json:"capabilities"`
+						} `json:"securityContext"`
+					} `json:"containers"`
+				} `json:"spec"`
+			} `json:"template"`
+		} `json:"spec"`
+	}
+	if err := json.Unmarshal([]byte(ds.raw), &spec); err != nil {
+		t.Fatal(err)
+	}
+	ps := spec.Spec.Template.Spec
+	if !ps.HostNetwork {
+		t.Error("coop node is not on the host network: containerd could not reach its mirror on loopback")
+	}
+	var inits []string
+	for _, c := range ps.InitContainers {
+		inits = append(inits, c.Name)
+	}
+	if !slices.Equal(inits, []string{"certificate", "containerd-hosts"}) {
+		t.Errorf("init containers %q, want certificate then containerd-hosts", inits)
+	}
+	sc := ps.Containers[0].SecurityContext
+	if (sc.Privileged != nil && *sc.Privileged) || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || !slices.Contains(sc.Capabilities.Drop, "ALL") {
+		t.Errorf("coop node's security context %+v: want no privilege and every capability dropped", sc)
+	}
+	for _, want := range []string{"--content-mode=observer", "--tls-dir=/tls", "--index=kb", "--neighbors-from-kb"} {
+		if !slices.Contains(ds.args("node"), want) {
+			t.Errorf("node args %q lack %s", ds.args("node"), want)
+		}
+	}
+	if find(objs, "Secret", "") == nil || find(objs, "Deployment", "") == nil || count(objs, "Service") != 2 {
+		t.Error("want the CA Secret, ClusterKB's Deployment and two Services")
+	}
+}
+
+// object is one object the API server returned.
+type object struct {
+	Kind     string `json:"kind"`
+	Metadata struct {
+		Name string `json:"name"`
+	} `json:"metadata"`
+	raw string
+}
+
+// args returns the args of the container named c.
+func (o *object) args(c string) []string {
+	var v struct {
+		Spec struct {
+			Template struct {
+				Spec struct {
+					Containers []struct {
+						Name string   `json:"name"`
+						Args []string `json:"args"`
+					} `json:"containers"`
+				} `json:"spec"`
+			} `json:"template"`
+		} `json:"spec"`
+	}
+	_ = json.Unmarshal([]byte(o.raw), &v)
+	for _, ct := range v.Spec.Template.Spec.Containers {
+		if ct.Name == c {
+			return ct.Args
+		}
+	}
+	return nil
+}
+
+// parseObjects reads kubectl's -o json output: one object, or a List.
+func parseObjects(out string) ([]object, error) {
+	var list struct {
+		Kind  string            `json:"kind"`
+		Items []json.RawMessage `json:"items"`
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		return nil, err
+	}
+	raws := list.Items
+	if list.Kind != "List" {
+		raws = []json.RawMessage{json.RawMessage(out)}
+	}
+	var objs []object
+	for _, r := range raws {
+		var o object
+		if err := json.Unmarshal(r, &o); err != nil {
+			return nil, err
+		}
+		var compact strings.Builder
+		var v any
+		_ = json.Unmarshal(r, &v)
+		b, _ := json.Marshal(v)
+		compact.Write(b)
+		o.raw = compact.String()
+		objs = append(objs, o)
+	}
+	return objs, nil
+}
+
+func find(objs []object, kind, name string) *object {
+	for i := range objs {
+		if objs[i].Kind == kind && (name == "" || objs[i].Metadata.Name == name) {
+			return &objs[i]
+		}
+	}
+	return nil
+}
+
+func count(objs []object, kind string) int {
+	n := 0
+	for _, o := range objs {
+		if o.Kind == kind {
+			n++
+		}
+	}
+	return n
+}
