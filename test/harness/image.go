@@ -12,7 +12,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -217,7 +219,7 @@ func (r *Registry) PushRandomImage(ctx context.Context, spec ImageSpec) (*Image,
 		return nil, err
 	}
 	img.Manifest = Blob{Digest: digest.FromBytes(mfBytes), Size: int64(len(mfBytes)), MediaType: ocispec.MediaTypeImageManifest}
-	if err := r.putManifest(ctx, spec.Repo, spec.Tag, mfBytes); err != nil {
+	if err := r.putManifest(ctx, spec.Repo, spec.Tag, ocispec.MediaTypeImageManifest, mfBytes); err != nil {
 		return nil, err
 	}
 	host := r.Host()
@@ -226,25 +228,70 @@ func (r *Registry) PushRandomImage(ctx context.Context, spec ImageSpec) (*Image,
 	return img, nil
 }
 
-func (r *Registry) putManifest(ctx context.Context, repo, tag string, b []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	u := r.URL() + "/v2/" + repo + "/manifests/" + tag
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u, bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", ocispec.MediaTypeImageManifest)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("push manifest %s: %w", u, err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("push manifest %s: %s: %s", u, resp.Status, strings.TrimSpace(string(body)))
+// putManifest stores a manifest of mediaType under repo:tag, in process
+// (the registry may listen in another network namespace).
+func (r *Registry) putManifest(ctx context.Context, repo, tag, mediaType string, b []byte) error {
+	req := httptest.NewRequestWithContext(ctx, http.MethodPut, "/v2/"+repo+"/manifests/"+tag, bytes.NewReader(b))
+	req.Header.Set("Content-Type", mediaType)
+	rec := httptest.NewRecorder()
+	r.handler.ServeHTTP(rec, req)
+	if rec.Code != http.StatusCreated && rec.Code != http.StatusOK {
+		return fmt.Errorf("push manifest %s:%s: %d: %s", repo, tag, rec.Code, strings.TrimSpace(rec.Body.String()))
 	}
 	return nil
+}
+
+// PushLayout pushes the image an OCI layout holds (its index.json's first
+// manifest or index, and everything under it) as repo:tag.
+func (r *Registry) PushLayout(ctx context.Context, dir, repo, tag string) (digest.Digest, error) {
+	var idx ocispec.Index
+	b, err := os.ReadFile(filepath.Join(dir, "index.json"))
+	if err != nil {
+		return "", err
+	}
+	if err := json.Unmarshal(b, &idx); err != nil || len(idx.Manifests) == 0 {
+		return "", fmt.Errorf("%s: no image in index.json (%v)", dir, err)
+	}
+	blob := func(d digest.Digest) ([]byte, error) {
+		return os.ReadFile(filepath.Join(dir, "blobs", d.Algorithm().String(), d.Encoded()))
+	}
+	var push func(desc ocispec.Descriptor, ref string) error
+	push = func(desc ocispec.Descriptor, ref string) error {
+		mb, err := blob(desc.Digest)
+		if err != nil {
+			return err
+		}
+		var doc struct {
+			Config    *ocispec.Descriptor  `json:"config"`
+			Layers    []ocispec.Descriptor `json:"layers"`
+			Manifests []ocispec.Descriptor `json:"manifests"`
+		}
+		if err := json.Unmarshal(mb, &doc); err != nil {
+			return err
+		}
+		for _, m := range doc.Manifests {
+			if err := push(m, m.Digest.String()); err != nil {
+				return err
+			}
+		}
+		children := doc.Layers
+		if doc.Config != nil {
+			children = append(children, *doc.Config)
+		}
+		for _, c := range children {
+			cb, err := blob(c.Digest)
+			if err != nil {
+				return err
+			}
+			r.putBlob(cb)
+		}
+		return r.putManifest(ctx, repo, ref, desc.MediaType, mb)
+	}
+	top := idx.Manifests[0]
+	if err := push(top, tag); err != nil {
+		return "", fmt.Errorf("push %s to %s:%s: %w", dir, repo, tag, err)
+	}
+	return top.Digest, nil
 }
 
 // randomLayer returns a gzip'd tar holding one file of size random bytes, and

@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -72,6 +71,9 @@ type ControlPlaneOptions struct {
 	// (what a Deployment or a DaemonSet needs); the API server alone
 	// validates manifests.
 	Controllers bool
+	// NetNS, when set, is the network namespace the control plane runs in
+	// (and kubectl and helm with it).
+	NetNS string
 	// Logf, if set, receives progress lines.
 	Logf func(format string, args ...any)
 }
@@ -214,7 +216,17 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 	return cp, nil
 }
 
+// command returns bin with args, inside the control plane's network
+// namespace when it has one.
+func (cp *ControlPlane) command(bin string, args ...string) (string, []string) {
+	if cp.opts.NetNS == "" {
+		return bin, args
+	}
+	return "nsenter", append([]string{"--net=" + cp.opts.NetNS, bin}, args...)
+}
+
 func (cp *ControlPlane) start(name, bin string, args ...string) error {
+	bin, args = cp.command(bin, args...)
 	p, err := startProcess(name, filepath.Join(cp.opts.Dir, name+".log"), os.Environ(), bin, args...)
 	if err != nil {
 		return err
@@ -223,20 +235,9 @@ func (cp *ControlPlane) start(name, bin string, args ...string) error {
 	return nil
 }
 
-// waitReady polls /readyz with the admin's certificate for up to a minute.
+// waitReady asks /readyz (through kubectl, from the control plane's
+// namespace) for up to a minute.
 func (cp *ControlPlane) waitReady(ctx context.Context) error {
-	cert, err := tls.LoadX509KeyPair(filepath.Join(cp.opts.Dir, "pki", "admin.crt"), filepath.Join(cp.opts.Dir, "pki", "admin.key"))
-	if err != nil {
-		return err
-	}
-	pool := x509.NewCertPool()
-	caPEM, err := os.ReadFile(cp.CACert)
-	if err != nil {
-		return err
-	}
-	pool.AppendCertsFromPEM(caPEM)
-	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12}}}
 	deadline := time.Now().Add(time.Minute)
 	var last error
 	for time.Now().Before(deadline) {
@@ -245,14 +246,9 @@ func (cp *ControlPlane) waitReady(ctx context.Context) error {
 				return fmt.Errorf("%s exited (%v): %s", p.name, werr, tailFile(p.logPath, 20))
 			}
 		}
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cp.URL+"/readyz", nil)
-		resp, err := c.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			err = fmt.Errorf("readyz: %s", resp.Status)
+		out, err := cp.Kubectl(ctx, nil, "get", "--raw=/readyz", "--request-timeout=2s")
+		if err == nil && strings.TrimSpace(out) == "ok" {
+			return nil
 		}
 		last = err
 		select {
@@ -266,7 +262,8 @@ func (cp *ControlPlane) waitReady(ctx context.Context) error {
 
 // Kubectl runs kubectl as the cluster admin and returns its stdout.
 func (cp *ControlPlane) Kubectl(ctx context.Context, stdin []byte, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, cp.tools.Kubectl, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
+	bin, full := cp.command(cp.tools.Kubectl, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
+	cmd := exec.CommandContext(ctx, bin, full...)
 	if stdin != nil {
 		cmd.Stdin = strings.NewReader(string(stdin))
 	}
@@ -274,6 +271,21 @@ func (cp *ControlPlane) Kubectl(ctx context.Context, stdin []byte, args ...strin
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {
 		return out.String(), &CommandError{Args: append([]string{"kubectl"}, args...), Err: err, Stderr: errb.String()}
+	}
+	return out.String(), nil
+}
+
+// Helm runs helm against the cluster and returns its stdout; its caches
+// live in the control plane's directory.
+func (cp *ControlPlane) Helm(ctx context.Context, args ...string) (string, error) {
+	bin, full := cp.command(cp.tools.Helm, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
+	cmd := exec.CommandContext(ctx, bin, full...)
+	home := filepath.Join(cp.opts.Dir, "helm")
+	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home+"/cache", "HELM_CONFIG_HOME="+home+"/config", "HELM_DATA_HOME="+home+"/data")
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return out.String(), &CommandError{Args: append([]string{"helm"}, args...), Err: err, Stderr: errb.String()}
 	}
 	return out.String(), nil
 }
