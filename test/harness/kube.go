@@ -176,7 +176,11 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 		return nil, err
 	}
 	p := func(name string) string { return filepath.Join(pki, name) }
-	if err := cp.start("kube-apiserver", tools.APIServer,
+	reconciler := "lease"
+	if ip := net.ParseIP(o.Address); ip != nil && ip.IsLoopback() {
+		reconciler = "none" // the kubernetes Service cannot point at loopback
+	}
+	if err := cp.start("kube-apiserver", tools.APIServer, "--endpoint-reconciler-type="+reconciler,
 		"--etcd-servers="+etcdURL,
 		"--bind-address="+o.Address, "--advertise-address="+o.Address, fmt.Sprintf("--secure-port=%d", apiPort),
 		"--service-cluster-ip-range="+o.ServiceCIDR,
