@@ -39,6 +39,8 @@ type ImageSpec struct {
 	// then gets a bottom layer with it and a web root, and runs a tiny HTTP
 	// server: busybox httpd -f -p 8080 -h /www (index.html says "coop").
 	Busybox string
+	// Cmd, when set, is the image's command instead of busybox httpd.
+	Cmd []string
 }
 
 // BusyboxPath is where Debian's busybox-static puts its binary.
@@ -181,6 +183,9 @@ func (r *Registry) PushRandomImage(ctx context.Context, spec ImageSpec) (*Image,
 		img.Layers = append(img.Layers, Blob{Digest: r.putBlob(blob), Size: int64(len(blob)), MediaType: ocispec.MediaTypeImageLayerGzip})
 		diffIDs = append(diffIDs, diffID)
 		cmd = []string{"/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"}
+		if len(spec.Cmd) > 0 {
+			cmd = spec.Cmd
+		}
 	}
 	for i, size := range spec.LayerSizes {
 		if err := ctx.Err(); err != nil {

@@ -120,9 +120,17 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 		return nil, err
 	}
 	cp.CACert, cp.CAKey = ca.certPath, ca.keyPath
-	apiPort, err := freePortOn(o.Address)
-	if err != nil {
-		return nil, err
+	// In a namespace of its own the standard ports are free; here, any.
+	apiPort, etcdPort, peerPort := 6443, 2379, 2380
+	if o.NetNS == "" {
+		ports, err := freePorts(3)
+		if err != nil {
+			return nil, err
+		}
+		for i, p := range []*int{&apiPort, &etcdPort, &peerPort} {
+			_, port, _ := net.SplitHostPort(ports[i])
+			*p, _ = strconv.Atoi(port)
+		}
 	}
 	cp.URL = "https://" + net.JoinHostPort(o.Address, strconv.Itoa(apiPort))
 	svcIP, err := firstServiceIP(o.ServiceCIDR)
@@ -159,14 +167,6 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 		logf = func(string, ...any) {}
 	}
 	start := time.Now()
-	etcdPort, err := freePortOn("127.0.0.1")
-	if err != nil {
-		return nil, err
-	}
-	peerPort, err := freePortOn("127.0.0.1")
-	if err != nil {
-		return nil, err
-	}
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", etcdPort)
 	if err := cp.start("etcd", tools.Etcd, "--name=coop-test", "--data-dir="+filepath.Join(o.Dir, "etcd"),
 		"--listen-client-urls="+etcdURL, "--advertise-client-urls="+etcdURL,
@@ -187,7 +187,7 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 		"--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
 		"--client-ca-file="+p("ca.crt"), "--tls-cert-file="+p("apiserver.crt"), "--tls-private-key-file="+p("apiserver.key"),
 		"--kubelet-client-certificate="+p("apiserver-kubelet.crt"), "--kubelet-client-key="+p("apiserver-kubelet.key"),
-		"--kubelet-certificate-authority="+p("ca.crt"),
+		"--kubelet-certificate-authority="+p("ca.crt"), "--kubelet-preferred-address-types=InternalIP,Hostname",
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file="+p("sa.pub"), "--service-account-signing-key-file="+p("sa.key"),
 		"--profiling=false", "--v=1"); err != nil {
@@ -206,7 +206,7 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 			"--use-service-account-credentials", "--root-ca-file="+p("ca.crt"),
 			"--service-account-private-key-file="+p("sa.key"),
 			"--cluster-signing-cert-file="+p("ca.crt"), "--cluster-signing-key-file="+p("ca.key"),
-			"--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle", "--v=1"); err != nil {
+			"--v=1"); err != nil {
 			return nil, err
 		}
 		if err := cp.start("kube-scheduler", tools.Scheduler,
@@ -460,14 +460,4 @@ func firstServiceIP(cidr string) (net.IP, error) {
 	copy(out, ip)
 	out[3]++
 	return out, nil
-}
-
-// freePortOn returns a port free on addr now.
-func freePortOn(addr string) (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(addr, "0"))
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
