@@ -161,6 +161,7 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		writeStall = DefaultWriteStall
 	}
 	m := newServerMetrics()
+	m.maxUploads.Set(float64(opts.MaxUploads))
 	if opts.Registerer != nil {
 		if err := m.register(opts.Registerer); err != nil {
 			return nil, fmt.Errorf("register peer server metrics: %w: %w", err, errdefs.ErrInvalidArgument)
@@ -387,6 +388,7 @@ type serverMetrics struct {
 	requests      *prometheus.CounterVec
 	servedBytes   prometheus.Counter
 	activeUploads prometheus.Gauge
+	maxUploads    prometheus.Gauge
 	busy          prometheus.Counter
 	busyClient    prometheus.Counter
 }
@@ -405,6 +407,10 @@ func newServerMetrics() *serverMetrics {
 			Name: "coop_peer_active_uploads",
 			Help: "Blobs the peer server is sending now.",
 		}),
+		maxUploads: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coop_peer_max_uploads",
+			Help: "Blobs the peer server sends at once at most (--max-uploads; 0: no bound).",
+		}),
 		busy: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coop_peer_busy_total",
 			Help: "Blob requests refused with 429 because --max-uploads were running.",
@@ -417,7 +423,7 @@ func newServerMetrics() *serverMetrics {
 }
 
 func (m *serverMetrics) register(reg prometheus.Registerer) error {
-	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.busy, m.busyClient}
+	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.maxUploads, m.busy, m.busyClient}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			for _, done := range cs[:i] {

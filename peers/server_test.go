@@ -328,7 +328,7 @@ func TestServerMetrics(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("metrics: %d", resp.StatusCode)
 	}
-	for _, name := range []string{"coop_peer_requests_total", "coop_peer_served_bytes_total", "coop_peer_active_uploads"} {
+	for _, name := range []string{"coop_peer_requests_total", "coop_peer_served_bytes_total", "coop_peer_active_uploads", "coop_peer_max_uploads"} {
 		if !bytes.Contains(body, []byte(name)) {
 			t.Errorf("metrics page lacks %s", name)
 		}
