@@ -10,6 +10,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
@@ -136,10 +138,14 @@ type Registry struct {
 func ParseRegistry(s string) (Registry, error) {
 	host, server, _ := strings.Cut(s, "=")
 	r := Registry{Host: host, Server: server}
-	if host == "" || strings.ContainsAny(host, "/\\") || host == "." || host == ".." {
+	if host == "" || strings.ContainsAny(host, "/\\") || host == "." || host == ".." || !utf8.ValidString(host) ||
+		strings.ContainsFunc(host, func(c rune) bool { return unicode.IsSpace(c) || unicode.IsControl(c) }) {
 		return r, fmt.Errorf("registry %q: want HOST[=URL]: %w", s, errdefs.ErrInvalidArgument)
 	}
 	if server != "" {
+		if !utf8.ValidString(server) {
+			return r, fmt.Errorf("registry %q: server is not valid UTF-8: %w", s, errdefs.ErrInvalidArgument)
+		}
 		u, err := url.Parse(server)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return r, fmt.Errorf("registry %q: server %q is not an http(s) URL: %w", s, server, errdefs.ErrInvalidArgument)

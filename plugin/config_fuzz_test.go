@@ -23,10 +23,11 @@ import (
 func FuzzMergeHostsTOML(f *testing.F) {
 	const mirror = "http://127.0.0.1:5051"
 	f.Fuzz(func(t *testing.T, existing []byte, server string) {
-		if _, err := ParseRegistry("registry.example=" + server); err != nil || !utf8.ValidString(server) {
-			// coop containerd-config refuses it first. (ParseRegistry takes
-			// invalid UTF-8, which TOML cannot hold: it is written changed.)
-			return
+		if _, err := ParseRegistry("registry.example=" + server); err != nil {
+			return // coop containerd-config refuses it first
+		}
+		if !utf8.ValidString(server) {
+			t.Fatalf("ParseRegistry took a server %q that is not UTF-8 (TOML cannot hold it)", server)
 		}
 		out, err := MergeHostsTOML(existing, mirror, server)
 		if err != nil {

@@ -148,8 +148,10 @@ func TestWriteHostsTOML(t *testing.T) {
 	if _, err := ParseRegistry("../x"); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("path trick accepted: %v", err)
 	}
-	if _, err := ParseRegistry("r=ftp://x"); !errdefs.IsInvalidArgument(err) {
-		t.Fatalf("bad server accepted: %v", err)
+	for _, bad := range []string{"r=ftp://x", "reg\xffistry", "reg istry", "r\n", "r=http://\xff"} {
+		if _, err := ParseRegistry(bad); !errdefs.IsInvalidArgument(err) {
+			t.Fatalf("ParseRegistry(%q) accepted: %v", bad, err)
+		}
 	}
 }
 

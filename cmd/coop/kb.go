@@ -100,7 +100,13 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 		clientTLS = creds.ClientConfig()
 		natsOpts = append(natsOpts, nats.Secure(clientTLS))
 	}
-	client := &peers.Client{Node: "coop-kb", HTTP: &http.Client{Transport: &http.Transport{
+	// ClusterKB's name: its certificate's (the broker's permissions and the
+	// nodes' logs go by it), else coop-kb.
+	name := "coop-kb"
+	if creds != nil {
+		name = creds.Name()
+	}
+	client := &peers.Client{Node: name, HTTP: &http.Client{Transport: &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
 		ResponseHeaderTimeout: 5 * time.Second,
 		MaxIdleConnsPerHost:   2,
@@ -109,10 +115,6 @@ func runKB(ctx context.Context, args []string, _, stderr io.Writer) error {
 	opts := clusterkb.Options{Feed: *feed, Period: *periodS, TTL: *ttl, Static: static, Reader: client, Registerer: reg, Gatherer: reg,
 		Authenticated: creds != nil}
 	if *feed == clusterkb.FeedPush {
-		name := "coop-kb"
-		if creds != nil {
-			name = creds.Name() // the broker's permissions go by it
-		}
 		nc, err := resolver.ConnectBroker(ctx, brokerURL, name, natsOpts...)
 		if err != nil {
 			return fmt.Errorf("broker %s: %w", brokerURL, err)
