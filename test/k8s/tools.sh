@@ -19,6 +19,13 @@ OUT=$BIN/k8s
 mkdir -p "$OUT"
 export GOFLAGS=-mod=mod CGO_ENABLED=0
 
+# quiet runs a go command, dropping its progress lines (downloads, added
+# and upgraded modules) but keeping anything else it says.
+quiet() {
+	"$@" 2>&1 | { grep -Ev '^go: (downloading|added|upgraded|finding) ' || true; }
+	return "${PIPESTATUS[0]}"
+}
+
 fresh() { # fresh NAME VERSION: the binary exists at that version
 	[[ -x $OUT/$1 && -f $OUT/$1.version && $(cat "$OUT/$1.version") == "$2" ]]
 }
@@ -32,7 +39,7 @@ need=()
 for b in "${kube[@]}"; do fresh "$b" "$KUBE_VERSION" || need+=("$b"); done
 if ((${#need[@]} > 0)); then
 	echo "k8s-tools: building ${need[*]} $KUBE_VERSION from the Go module proxy (the first time takes about 15 minutes on 2 cores)"
-	gomod=$($GO mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+	gomod=$($GO mod download -json "k8s.io/kubernetes@$KUBE_VERSION" 2>/dev/null | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
 	staging=${KUBE_VERSION/v1./v0.}
 	mkdir -p "$work/kube"
 	{
@@ -48,11 +55,11 @@ if ((${#need[@]} > 0)); then
 	(
 		cd "$work/kube"
 		$GO mod tidy >/dev/null 2>&1 || true
-		for b in "${need[@]}"; do $GO get "k8s.io/kubernetes/cmd/$b@$KUBE_VERSION" >/dev/null; done
+		for b in "${need[@]}"; do quiet $GO get "k8s.io/kubernetes/cmd/$b@$KUBE_VERSION"; done
 		ver=${KUBE_VERSION#v}
 		ld="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=${ver%%.*} -X k8s.io/component-base/version.gitMinor=$(echo "$ver" | cut -d. -f2)"
 		for b in "${need[@]}"; do
-			$GO build -trimpath -ldflags="$ld" -o "$OUT/$b" "k8s.io/kubernetes/cmd/$b"
+			quiet $GO build -trimpath -ldflags="$ld" -o "$OUT/$b" "k8s.io/kubernetes/cmd/$b"
 		done
 	)
 	for b in "${need[@]}"; do stamp "$b" "$KUBE_VERSION"; done
@@ -76,16 +83,16 @@ GO
 	(
 		cd "$work/etcd"
 		printf 'module coop.test/etcd\ngo 1.26\n' >go.mod
-		$GO get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
-		$GO mod tidy >/dev/null
-		$GO build -trimpath -ldflags="-s -w" -o "$OUT/etcd" .
+		quiet $GO get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+		quiet $GO mod tidy
+		quiet $GO build -trimpath -ldflags="-s -w" -o "$OUT/etcd" .
 	)
 	stamp etcd "$ETCD_VERSION"
 fi
 
 if ! fresh helm "$HELM_VERSION"; then
 	echo "k8s-tools: building helm $HELM_VERSION"
-	GOBIN=$OUT GOFLAGS= $GO install -trimpath -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+	GOBIN=$OUT GOFLAGS= quiet $GO install -trimpath -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 	stamp helm "$HELM_VERSION"
 fi
 echo "k8s-tools: $(cd "$OUT" && ls | grep -v '\.version$' | tr '\n' ' ')in $OUT"
