@@ -2,6 +2,7 @@ package content
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -58,6 +59,11 @@ func (e *ExpectedSizes) Size(dgst digest.Digest) (int64, bool) {
 	defer e.mu.Unlock()
 	s, ok := e.sizes[dgst]
 	return s, ok
+}
+
+// ExpectedSize is Size, for the mirror.
+func (e *ExpectedSizes) ExpectedSize(_ context.Context, dgst digest.Digest) (int64, bool) {
+	return e.Size(dgst)
 }
 
 // Len returns how many sizes are kept.

@@ -217,6 +217,61 @@ func (o *Observer) add(ctx context.Context, d digest.Digest, ns string, size int
 	o.held(ctx, d)
 }
 
+// childLabels are the label keys containerd gives a manifest or an index,
+// before it fetches their children, naming each child (ChildGCLabels): the
+// config, the layers l.0, l.1, ... and an index's manifests m.0, m.1, ...
+func childLabelFilters(d digest.Digest) []string {
+	fs := []string{fmt.Sprintf(`labels."containerd.io/gc.ref.content.config"==%q`, d.String())}
+	for i := range maxChildLabels {
+		fs = append(fs,
+			fmt.Sprintf(`labels."containerd.io/gc.ref.content.l.%d"==%q`, i, d.String()),
+			fmt.Sprintf(`labels."containerd.io/gc.ref.content.m.%d"==%q`, i, d.String()))
+	}
+	return fs
+}
+
+// maxChildLabels bounds the child labels looked up: layers of an image, or
+// manifests of an index, beyond it are not found this way (their sizes still
+// come from containerd's events).
+const maxChildLabels = 128
+
+// ExpectedSize returns the size the manifest being pulled gives d: from the
+// manifests containerd's events brought, else from a manifest in
+// containerd's store that names d. containerd labels a manifest with its
+// children before it fetches them, so a blob requested during a pull is
+// found even when the manifest's event has not arrived yet.
+func (o *Observer) ExpectedSize(ctx context.Context, d digest.Digest) (int64, bool) {
+	if o.sizes == nil {
+		return 0, false
+	}
+	if s, ok := o.sizes.Size(d); ok {
+		return s, true
+	}
+	nsList, err := o.client.NamespaceService().List(ctx)
+	if err != nil {
+		return 0, false
+	}
+	filters := childLabelFilters(d)
+	for _, ns := range nsList {
+		nctx := namespaces.WithNamespace(ctx, ns)
+		var parents []ctdcontent.Info
+		if err := o.client.ContentStore().Walk(nctx, func(info ctdcontent.Info) error {
+			parents = append(parents, info)
+			return nil
+		}, filters...); err != nil {
+			log.G(ctx).WithError(err).WithField("digest", d).Debug("cannot look up the manifests naming a blob")
+			continue
+		}
+		for _, p := range parents {
+			o.learn(nctx, p.Digest, ns, p.Size)
+		}
+		if s, ok := o.sizes.Size(d); ok {
+			return s, true
+		}
+	}
+	return 0, false
+}
+
 // learn reads a blob containerd committed to ns that may be a manifest or an
 // index and teaches the observer's sizes its children.
 func (o *Observer) learn(ctx context.Context, d digest.Digest, ns string, size int64) {

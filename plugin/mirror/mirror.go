@@ -80,16 +80,22 @@ type Options struct {
 	// to everyone). At least MinTokenLen characters; LoadOrCreateToken
 	// makes one. The read-only endpoints stay open to local users.
 	APIToken string
-	// Sizes are the sizes the manifests committed on the node give their
-	// blobs: a candidate reporting another size is dropped. nil: the
-	// candidates' size vote alone.
-	Sizes *content.ExpectedSizes
+	// Sizes tell the sizes the manifests being pulled give their blobs: a
+	// candidate reporting another size is dropped. nil: the candidates'
+	// size vote alone.
+	Sizes Sizes
 	// MaxBlobSize bounds the size of a blob fetched from peers when no
 	// manifest gave it. Default peers.DefaultMaxBlobSize.
 	MaxBlobSize int64
 	// Budget bounds the disk taken by fetches not verified yet: a fetch it
 	// cannot take is left to the registry. nil: no bound.
 	Budget *content.Budget
+}
+
+// Sizes tell the size a manifest committed on the node gives a blob
+// (content.ExpectedSizes; plugin.Observer also asks containerd).
+type Sizes interface {
+	ExpectedSize(ctx context.Context, dgst digest.Digest) (int64, bool)
 }
 
 // Mirror is the loopback OCI endpoint containerd tries before each registry
@@ -109,7 +115,7 @@ type Mirror struct {
 	downloads   *downloads
 	sources     *resolver.Sources
 	apiToken    string
-	sizes       *content.ExpectedSizes
+	sizes       Sizes
 	maxBlob     int64
 	budget      *content.Budget
 	srcMu       sync.Mutex
@@ -344,7 +350,10 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 // gives it, when one did; otherwise those that agree with the most common
 // size.
 func (m *Mirror) agreeOnSize(ctx context.Context, dgst digest.Digest, cs []peers.Candidate) []peers.Candidate {
-	want, ok := m.sizes.Size(dgst)
+	if m.sizes == nil {
+		return agreeOnSize(cs)
+	}
+	want, ok := m.sizes.ExpectedSize(ctx, dgst)
 	if !ok {
 		return agreeOnSize(cs)
 	}

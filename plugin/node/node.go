@@ -366,7 +366,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if n.mirror, err = mirror.New(mirror.Options{
 		Resolver: res, Peers: n.client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
-		Sizes: n.sizes, MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
+		Sizes: n.expectedSizes(), MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
 	}); err != nil {
 		return nil, err
 	}
@@ -405,6 +405,15 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 		return n.observer, nil
 	}
 	return plugin.NewUnionStore(n.store, n.observer), nil
+}
+
+// expectedSizes is where the mirror learns the size a manifest gives a
+// blob: in observer mode the observer, which also asks containerd.
+func (n *Node) expectedSizes() mirror.Sizes {
+	if n.observer != nil {
+		return n.observer
+	}
+	return n.sizes
 }
 
 // committed counts a blob containerd committed (observer mode) as from a

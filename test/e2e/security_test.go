@@ -508,11 +508,10 @@ func secHugeSize(e *env, tb *secTable) {
 // secSizeLie: a neighbour says every blob is 12 MiB, a plausible size.
 // The manifest the victim commits before the blobs gives their real sizes:
 // the liar is no candidate, its bytes are never asked for, the registry
-// serves. In proxy mode the manifest is committed through coop's own store,
-// before containerd asks for a layer; in observer mode coop learns it from
-// containerd's event, which may come after the first layer request (then the
-// digest check catches the lie): the observer victim's row checks the pull
-// and that the sizes were learned.
+// serves. In proxy mode the manifest is committed through coop's own store;
+// in observer mode coop learns it from containerd's event or, when a layer
+// is asked before the event arrives, from the manifest containerd already
+// labelled with its children.
 func secSizeLie(e *env, tb *secTable) {
 	reg := e.registry()
 	img := e.push(reg, "coop/sizelie", 8<<20, 4<<20)
@@ -535,17 +534,12 @@ func secSizeLie(e *env, tb *secTable) {
 			got = "the liar was never asked"
 		case learned < float64(len(img.Layers)):
 			got = fmt.Sprintf("only %v sizes learned from the manifest", learned)
-		case observer:
-			got = "pulled from the registry"
 		case gets > 0 || refused == 0:
 			got = fmt.Sprintf("the liar was a candidate (%d GETs, %v refusals)", gets, refused)
 		default:
 			got = "refused by the manifest's size; pulled from the registry"
 		}
 		want = "refused by the manifest's size; pulled from the registry"
-		if observer {
-			want = "pulled from the registry"
-		}
 		tb.add(secHostile, "a neighbour answers have with a plausible wrong size (12 MiB) for every blob ("+mode+" mode)", want, got,
 			strings.TrimSuffix(fmt.Sprintf("liar asked %d times, %d GETs; %v candidates refused by size; %v sizes known; %s",
 				liar.haves.Load(), gets, refused, learned, errDetail(err)), "; "))
