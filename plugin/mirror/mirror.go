@@ -350,8 +350,8 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 // gives it, when one did; otherwise those that agree with the most common
 // size.
 func (m *Mirror) agreeOnSize(ctx context.Context, dgst digest.Digest, cs []peers.Candidate) []peers.Candidate {
-	if m.sizes == nil {
-		return agreeOnSize(cs)
+	if len(cs) == 0 || m.sizes == nil {
+		return agreeOnSize(cs) // no candidate: no size to check, nothing to look up
 	}
 	want, ok := m.sizes.ExpectedSize(ctx, dgst)
 	if !ok {
