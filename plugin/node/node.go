@@ -265,6 +265,7 @@ type Node struct {
 	registryBytes atomic.Int64
 	errors        *ErrorLog
 	client        *peers.Client
+	status        statusCache
 
 	store      *content.Store
 	observer   *plugin.Observer

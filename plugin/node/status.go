@@ -236,11 +236,36 @@ func (n *Node) serveStatus(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "GET only", http.StatusMethodNotAllowed)
 		return
 	}
-	s := n.Status(r.Context(), r.URL.Query().Get("all") == "1")
+	s := n.status.get(r.Context(), r.URL.Query().Get("all") == "1", n.Status)
 	w.Header().Set("Content-Type", "application/json")
 	if err := json.NewEncoder(w).Encode(s); err != nil {
 		log.G(r.Context()).WithError(err).Debug("status answer not sent")
 	}
+}
+
+// statusReuse is how long a status made for StatusPath answers the next
+// requests: any local user may ask, and each status asks every neighbour
+// and ClusterKB.
+const statusReuse = time.Second
+
+// statusCache makes one status at a time and answers with it for
+// statusReuse.
+type statusCache struct {
+	mu   sync.Mutex
+	at   time.Time
+	all  bool
+	last Status
+}
+
+func (c *statusCache) get(ctx context.Context, all bool, build func(context.Context, bool) Status) Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.at.IsZero() && time.Since(c.at) < statusReuse && (c.all || !all) {
+		return c.last
+	}
+	// Not the caller's cancellation: the status answers the next callers.
+	c.last, c.at, c.all = build(context.WithoutCancel(ctx), all), time.Now(), all
+	return c.last
 }
 
 // gathered are the node's metrics at one moment.

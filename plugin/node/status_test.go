@@ -2,12 +2,17 @@ package node
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/modes"
 )
@@ -109,5 +114,42 @@ func TestErrorLog(t *testing.T) {
 	var none *ErrorLog
 	if none.Recent() != nil {
 		t.Fatal("a nil ErrorLog has entries")
+	}
+}
+
+// TestStatusBounded: any local user may ask for the status, and each status
+// asks every neighbour: many requests at once ask them once.
+func TestStatusBounded(t *testing.T) {
+	var asked atomic.Int64
+	nb := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == peers.HavePath {
+			asked.Add(1)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"node":"nb","epoch":"e","seq":1,"blobs":[]}`)
+	}))
+	defer nb.Close()
+	o := proxyOptions(t)
+	o.Index = modes.Options{Mode: modes.Online, Neighbors: []resolver.Neighbor{{Name: "nb", URL: nb.URL}}}
+	n := startNode(t, o)
+	const requests = 20
+	var wg sync.WaitGroup
+	for range requests {
+		wg.Go(func() {
+			resp, err := http.Get("http://" + n.MirrorAddr().String() + StatusPath)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("status: %s", resp.Status)
+			}
+		})
+	}
+	wg.Wait()
+	if got := asked.Load(); got == 0 || got > 3 {
+		t.Fatalf("%d status requests asked the neighbour %d times; want once (at most once a second)", requests, got)
 	}
 }
