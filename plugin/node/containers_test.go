@@ -8,7 +8,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/peers"
 )
 
@@ -16,11 +15,7 @@ import (
 // --share-namespaces are refused where they cannot be honoured or would
 // give containers' specs to anyone.
 func TestValidateSharing(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		change func(*Options)
-		want   string // "" means valid
-	}{
+	checkValidate(t, []validateCase{
 		{"records on loopback", func(o *Options) { o.Containerd, o.ServeContainers = "/x.sock", []string{"default", "k8s.io"} }, ""},
 		{"records and stop", func(o *Options) {
 			o.Containerd, o.ServeContainers, o.AllowRemoteStop = "/x.sock", []string{"default"}, true
@@ -38,22 +33,7 @@ func TestValidateSharing(t *testing.T) {
 		{"bad shared namespace", func(o *Options) {
 			o.ContentMode, o.Containerd, o.ShareNamespaces = ContentObserver, "/x.sock", []string{"-x"}
 		}, "--share-namespaces: namespace"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			o := proxyOptions(t)
-			tc.change(&o)
-			err := o.Validate()
-			if tc.want == "" {
-				if err != nil {
-					t.Fatalf("valid options refused: %v", err)
-				}
-				return
-			}
-			if err == nil || !strings.Contains(err.Error(), tc.want) || !errdefs.IsInvalidArgument(err) {
-				t.Fatalf("err %v: want an invalid argument mentioning %q", err, tc.want)
-			}
-		})
-	}
+	})
 }
 
 // TestServeContainersReachesServer: the node's peer server refuses records

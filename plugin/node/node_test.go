@@ -33,28 +33,19 @@ func proxyOptions(t *testing.T) Options {
 	}
 }
 
-func TestValidate(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		change func(*Options)
-		want   string // "" means valid
-	}{
-		{"valid", func(*Options) {}, ""},
-		{"no name", func(o *Options) { o.Name = "" }, "--name"},
-		{"unknown content mode", func(o *Options) { o.ContentMode = "copy" }, "--content-mode"},
-		{"observer without containerd", func(o *Options) { o.ContentMode = ContentObserver }, "--containerd-address"},
-		{"claim in observer mode", func(o *Options) { o.ContentMode, o.Containerd, o.Claim = ContentObserver, "/x.sock", true }, "--claim needs --content-mode proxy"},
-		{"claim without containerd", func(o *Options) { o.Claim = true }, "--claim needs --containerd-address"},
-		{"remote stop without containerd", func(o *Options) { o.AllowRemoteStop = true }, "--allow-remote-stop"},
-		{"mirror not on loopback", func(o *Options) { o.MirrorListen = "0.0.0.0:5051" }, "--mirror-listen"},
-		{"debug not on loopback", func(o *Options) { o.DebugListen = "0.0.0.0:6060" }, "--debug-listen"},
-		{"unknown policy", func(o *Options) { o.Policy = "best" }, "--policy"},
-		{"small buffer", func(o *Options) { o.DownloadBuffer = 1 }, "--download-buffer"},
-		{"no stall timeout", func(o *Options) { o.StallTimeout = 0 }, "--stall-timeout"},
-		{"no claim slots", func(o *Options) { o.ClaimParallel = 0 }, "--claim-parallel"},
-		{"negative upload limit", func(o *Options) { o.UploadLimit = -1 }, "--upload-limit"},
-		{"index push without broker", func(o *Options) { o.Index.Mode = modes.Push }, "--nats-url"},
-	} {
+// validateCase changes proxyOptions; want is what the error must mention
+// ("" means valid).
+type validateCase struct {
+	name   string
+	change func(*Options)
+	want   string
+}
+
+// checkValidate runs Validate on each case: a refusal is an invalid argument
+// naming its flag.
+func checkValidate(t *testing.T, cases []validateCase) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			o := proxyOptions(t)
 			tc.change(&o)
@@ -70,6 +61,26 @@ func TestValidate(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestValidate(t *testing.T) {
+	checkValidate(t, []validateCase{
+		{"valid", func(*Options) {}, ""},
+		{"no name", func(o *Options) { o.Name = "" }, "--name"},
+		{"unknown content mode", func(o *Options) { o.ContentMode = "copy" }, "--content-mode"},
+		{"observer without containerd", func(o *Options) { o.ContentMode = ContentObserver }, "--containerd-address"},
+		{"claim in observer mode", func(o *Options) { o.ContentMode, o.Containerd, o.Claim = ContentObserver, "/x.sock", true }, "--claim needs --content-mode proxy"},
+		{"claim without containerd", func(o *Options) { o.Claim = true }, "--claim needs --containerd-address"},
+		{"remote stop without containerd", func(o *Options) { o.AllowRemoteStop = true }, "--allow-remote-stop"},
+		{"mirror not on loopback", func(o *Options) { o.MirrorListen = "0.0.0.0:5051" }, "--mirror-listen"},
+		{"debug not on loopback", func(o *Options) { o.DebugListen = "0.0.0.0:6060" }, "--debug-listen"},
+		{"unknown policy", func(o *Options) { o.Policy = "best" }, "--policy"},
+		{"small buffer", func(o *Options) { o.DownloadBuffer = 1 }, "--download-buffer"},
+		{"no stall timeout", func(o *Options) { o.StallTimeout = 0 }, "--stall-timeout"},
+		{"no claim slots", func(o *Options) { o.ClaimParallel = 0 }, "--claim-parallel"},
+		{"negative upload limit", func(o *Options) { o.UploadLimit = -1 }, "--upload-limit"},
+		{"index push without broker", func(o *Options) { o.Index.Mode = modes.Push }, "--nats-url"},
+	})
 }
 
 // TestNodeLifecycle: New opens the listeners, Run serves the peer server and
