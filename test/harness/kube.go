@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,10 +13,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -266,32 +267,21 @@ func (cp *ControlPlane) waitReady(ctx context.Context) error {
 
 // Kubectl runs kubectl as the cluster admin and returns its stdout.
 func (cp *ControlPlane) Kubectl(ctx context.Context, stdin []byte, args ...string) (string, error) {
-	bin, full := cp.command(cp.tools.Kubectl, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
-	cmd := exec.CommandContext(ctx, bin, full...)
+	var in io.Reader
 	if stdin != nil {
-		cmd.Stdin = strings.NewReader(string(stdin))
+		in = bytes.NewReader(stdin)
 	}
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return out.String(), &CommandError{Args: append([]string{"kubectl"}, args...), Err: err, Stderr: errb.String()}
-	}
-	return out.String(), nil
+	bin, full := cp.command(cp.tools.Kubectl, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
+	return runCommandInput(ctx, os.Environ(), in, nil, bin, full...)
 }
 
 // Helm runs helm against the cluster and returns its stdout; its caches
 // live in the control plane's directory.
 func (cp *ControlPlane) Helm(ctx context.Context, args ...string) (string, error) {
-	bin, full := cp.command(cp.tools.Helm, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
-	cmd := exec.CommandContext(ctx, bin, full...)
 	home := filepath.Join(cp.opts.Dir, "helm")
-	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home+"/cache", "HELM_CONFIG_HOME="+home+"/config", "HELM_DATA_HOME="+home+"/data")
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return out.String(), &CommandError{Args: append([]string{"helm"}, args...), Err: err, Stderr: errb.String()}
-	}
-	return out.String(), nil
+	env := append(os.Environ(), "HELM_CACHE_HOME="+home+"/cache", "HELM_CONFIG_HOME="+home+"/config", "HELM_DATA_HOME="+home+"/data")
+	bin, full := cp.command(cp.tools.Helm, append([]string{"--kubeconfig=" + cp.Kubeconfig}, args...)...)
+	return runCommandInput(ctx, env, nil, nil, bin, full...)
 }
 
 // WriteKubeconfig writes a kubeconfig for the API server with the client

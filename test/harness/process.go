@@ -140,8 +140,14 @@ func (e *CommandError) Unwrap() error { return e.Err }
 // stdout (or returned when stdout is nil). Known noise on stderr (the cgroup
 // v1 deprecation warning every ctr prints here) is dropped.
 func runCommand(ctx context.Context, env []string, stdout io.Writer, bin string, args ...string) (string, error) {
+	return runCommandInput(ctx, env, nil, stdout, bin, args...)
+}
+
+// runCommandInput is runCommand with stdin (nil: none).
+func runCommandInput(ctx context.Context, env []string, stdin io.Reader, stdout io.Writer, bin string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = env
+	cmd.Stdin = stdin
 	var out bytes.Buffer
 	if stdout != nil {
 		cmd.Stdout = stdout

@@ -7,8 +7,7 @@ package k8s
 import (
 	"context"
 	"encoding/json"
-	"os"
-	"os/exec"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -26,46 +25,25 @@ const (
 // minimalCRDs lets the API server take the chart's cert-manager and
 // Prometheus operator objects (their own schemas are not available here:
 // only their group, version and kind are checked).
-const minimalCRDs = `
+func minimalCRDs() string {
+	var b strings.Builder
+	for _, c := range []struct{ group, kind, plural string }{
+		{"cert-manager.io", "Issuer", "issuers"},
+		{"cert-manager.io", "Certificate", "certificates"},
+		{"monitoring.coreos.com", "ServiceMonitor", "servicemonitors"},
+	} {
+		fmt.Fprintf(&b, `---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
-metadata: {name: issuers.cert-manager.io}
+metadata: {name: %[3]s.%[1]s}
 spec:
-  group: cert-manager.io
-  names: {kind: Issuer, plural: issuers}
+  group: %[1]s
+  names: {kind: %[2]s, plural: %[3]s}
   scope: Namespaced
   versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: certificates.cert-manager.io}
-spec:
-  group: cert-manager.io
-  names: {kind: Certificate, plural: certificates}
-  scope: Namespaced
-  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: servicemonitors.monitoring.coreos.com}
-spec:
-  group: monitoring.coreos.com
-  names: {kind: ServiceMonitor, plural: servicemonitors}
-  scope: Namespaced
-  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
-`
-
-func helm(ctx context.Context, t *testing.T, tools *harness.KubeTools, args ...string) (string, error) {
-	t.Helper()
-	cmd := exec.CommandContext(ctx, tools.Helm, args...)
-	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+t.TempDir(), "HELM_CONFIG_HOME="+t.TempDir(), "HELM_DATA_HOME="+t.TempDir())
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	if err != nil {
-		return out.String(), &harness.CommandError{Args: append([]string{"helm"}, args...), Err: err, Stderr: errb.String()}
+`, c.group, c.kind, c.plural)
 	}
-	return out.String(), nil
+	return b.String()
 }
 
 // TestChart lints the chart, renders it with every mode and option that
@@ -79,15 +57,15 @@ func TestChart(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if out, err := helm(ctx, t, tools, "lint", "--strict", "--kube-version", kubeVersion, chartDir); err != nil {
-		t.Fatalf("helm lint: %v\n%s", err, out)
-	}
 	cp, err := harness.StartControlPlane(ctx, tools, harness.ControlPlaneOptions{Dir: t.TempDir(), Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cp.Stop()
-	if _, err := cp.Kubectl(ctx, []byte(minimalCRDs), "apply", "-f", "-"); err != nil {
+	if out, err := cp.Helm(ctx, "lint", "--strict", "--kube-version", kubeVersion, chartDir); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+	if _, err := cp.Kubectl(ctx, []byte(minimalCRDs()), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := cp.Kubectl(ctx, nil, "create", "namespace", namespace); err != nil {
@@ -162,7 +140,7 @@ func TestChart(t *testing.T) {
 			for _, s := range tc.set {
 				args = append(args, "--set", s)
 			}
-			rendered, err := helm(ctx, t, tools, args...)
+			rendered, err := cp.Helm(ctx, args...)
 			if tc.refused != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.refused) {
 					t.Fatalf("helm template with %q: %v; want a refusal naming %q", tc.set, err, tc.refused)

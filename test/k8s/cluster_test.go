@@ -141,19 +141,7 @@ func TestCluster(t *testing.T) {
 	// A Deployment on n1 pulls from the registry. By digest: a tag is
 	// resolved by the registry alone (coop's mirror serves content, never
 	// names), and the registry goes away below.
-	deploy := fmt.Sprintf(`apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web, namespace: default}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      nodeSelector: {kubernetes.io/hostname: n1}
-      containers: [{name: web, image: %q}]
-`, web.DigestRef)
-	if _, err := cp.Kubectl(ctx, []byte(deploy), "apply", "-f", "-"); err != nil {
+	if _, err := cp.Kubectl(ctx, []byte(webDeployment(web.DigestRef, 1, "nodeSelector: {kubernetes.io/hostname: n1}")), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := cp.Kubectl(ctx, nil, "rollout", "status", "deploy/web", "--timeout=3m"); err != nil {
@@ -165,19 +153,7 @@ spec:
 	}
 
 	// Scaled out with the registry gone: one pod on each node.
-	spread := fmt.Sprintf(`apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web, namespace: default}
-spec:
-  replicas: 3
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      topologySpreadConstraints:
-        - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
-      containers: [{name: web, image: %q}]
-`, web.DigestRef)
+	spread := webDeployment(web.DigestRef, 3, "topologySpreadConstraints: [{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]")
 	if _, err := cp.Kubectl(ctx, []byte(spread), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
@@ -228,6 +204,23 @@ spec:
 		t.Errorf("n2's new coop pod: problems %q", s.Problems)
 	}
 	lap("coop pod on n2 restarted; web pods untouched")
+}
+
+// webDeployment is the test's Deployment "web" of image, with replicas and
+// one more line of pod spec (where its pods go).
+func webDeployment(image string, replicas int, placement string) string {
+	return fmt.Sprintf(`apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: %d
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      %s
+      containers: [{name: web, image: %q}]
+`, replicas, placement, image)
 }
 
 // coopPod is the name of the coop node pod on node.
