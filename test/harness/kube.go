@@ -243,26 +243,18 @@ func (cp *ControlPlane) start(name, bin string, args ...string) error {
 // waitReady asks /readyz (through kubectl, from the control plane's
 // namespace) for up to a minute.
 func (cp *ControlPlane) waitReady(ctx context.Context) error {
-	deadline := time.Now().Add(time.Minute)
-	var last error
-	for time.Now().Before(deadline) {
-		for _, p := range cp.procs {
-			if ok, werr := p.exited(); ok {
-				return fmt.Errorf("%s exited (%v): %s", p.name, werr, tailFile(p.logPath, 20))
-			}
-		}
+	api := cp.procs[len(cp.procs)-1]
+	err := waitReadyEvery(ctx, time.Minute, 200*time.Millisecond, api, func(ctx context.Context) error {
 		out, err := cp.Kubectl(ctx, nil, "get", "--raw=/readyz", "--request-timeout=2s")
-		if err == nil && strings.TrimSpace(out) == "ok" {
-			return nil
+		if err == nil && strings.TrimSpace(out) != "ok" {
+			err = fmt.Errorf("readyz: %q", out)
 		}
-		last = err
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("%w; its log: %s", err, tailFile(api.logPath, 20))
 	}
-	return fmt.Errorf("API server not ready within a minute: %v; its log: %s", last, tailFile(filepath.Join(cp.opts.Dir, "kube-apiserver.log"), 20))
+	return nil
 }
 
 // Kubectl runs kubectl as the cluster admin and returns its stdout.

@@ -163,8 +163,12 @@ func StartKubeNode(ctx context.Context, o KubeNodeOptions) (_ *KubeNode, retErr 
 	if n.containerd, err = n.startInNode("containerd", o.Tools.Containerd, "--config", cfgPath); err != nil {
 		return nil, err
 	}
-	if err := n.waitFile(ctx, filepath.Join(dirs["run"], "containerd.sock"), 30*time.Second); err != nil {
-		return nil, err
+	sock := filepath.Join(dirs["run"], "containerd.sock")
+	if err := waitReady(ctx, 30*time.Second, n.containerd, func(context.Context) error {
+		_, err := os.Stat(sock)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("node %s: %w; containerd: %s", o.Name, err, tailFile(n.containerd.logPath, 20))
 	}
 	cgroupRoot := "/coop-" + o.Name
 	if err := n.makeCgroups(cgroupRoot); err != nil {
@@ -209,8 +213,8 @@ localStorageCapacityIsolation: false
 		"--root-dir=/var/lib/kubelet", "--cert-dir="+dirs["pki"], "--hostname-override="+o.Name, "--node-ip="+o.IP, "--v=1"); err != nil {
 		return nil, err
 	}
-	if err := n.waitReady(ctx); err != nil {
-		return nil, err
+	if err := waitReadyEvery(ctx, 2*time.Minute, time.Second, n.kubelet, n.ready); err != nil {
+		return nil, fmt.Errorf("node %s: %w; kubelet: %s", o.Name, err, tailFile(n.kubelet.logPath, 20))
 	}
 	logf("kube node %s Ready in %v", o.Name, time.Since(start).Round(10*time.Millisecond))
 	return n, nil
@@ -271,24 +275,6 @@ func (n *KubeNode) waitOwnMountNS(ctx context.Context) error {
 	return fmt.Errorf("node %s: no mount namespace of its own", n.opts.Name)
 }
 
-func (n *KubeNode) waitFile(ctx context.Context, path string, d time.Duration) error {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if _, err := os.Stat(path); err == nil {
-			return nil
-		}
-		if ok, werr := n.containerd.exited(); ok {
-			return fmt.Errorf("node %s: containerd exited (%v): %s", n.opts.Name, werr, tailFile(n.containerd.logPath, 20))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("node %s: no %s within %v", n.opts.Name, path, d)
-}
-
 // makeCgroups creates the kubelet's cgroup root in every cgroup v1
 // hierarchy (KUBERNETES.md, 1), cpuset's with its parent's cpus and mems.
 func (n *KubeNode) makeCgroups(root string) error {
@@ -317,28 +303,13 @@ func (n *KubeNode) makeCgroups(root string) error {
 	return nil
 }
 
-// waitReady waits up to two minutes for the node's Ready condition.
-func (n *KubeNode) waitReady(ctx context.Context) error {
-	deadline := time.Now().Add(2 * time.Minute)
-	var last string
-	for time.Now().Before(deadline) {
-		for _, p := range []*process{n.containerd, n.kubelet} {
-			if ok, werr := p.exited(); ok {
-				return fmt.Errorf("node %s: %s exited (%v): %s", n.opts.Name, p.name, werr, tailFile(p.logPath, 20))
-			}
-		}
-		out, err := n.opts.ControlPlane.Kubectl(ctx, nil, "get", "node", n.opts.Name, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
-		if err == nil && strings.TrimSpace(out) == "True" {
-			return nil
-		}
-		last = fmt.Sprintf("%q %v", out, err)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Second):
-		}
+// ready is nil once the node's Ready condition is True.
+func (n *KubeNode) ready(ctx context.Context) error {
+	out, err := n.opts.ControlPlane.Kubectl(ctx, nil, "get", "node", n.opts.Name, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
+	if err == nil && strings.TrimSpace(out) != "True" {
+		err = fmt.Errorf("node %s Ready: %q", n.opts.Name, out)
 	}
-	return fmt.Errorf("node %s not Ready within 2 minutes (%s); kubelet: %s", n.opts.Name, last, tailFile(n.kubelet.logPath, 20))
+	return err
 }
 
 // Stop ends the kubelet, then containerd (and the pods' processes with its

@@ -762,6 +762,12 @@ func (n *Node) Stop() error {
 
 // waitReady polls check until it succeeds, p exits, or timeout.
 func waitReady(ctx context.Context, timeout time.Duration, p *process, check func(context.Context) error) error {
+	return waitReadyEvery(ctx, timeout, 50*time.Millisecond, p, check)
+}
+
+// waitReadyEvery is waitReady polling every interval (a check that runs a
+// program, such as kubectl, is worth fewer tries).
+func waitReadyEvery(ctx context.Context, timeout, interval time.Duration, p *process, check func(context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var last error
@@ -775,7 +781,7 @@ func waitReady(ctx context.Context, timeout time.Duration, p *process, check fun
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%s not ready after %v: %v", p.name, timeout, last)
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
 }
