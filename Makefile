@@ -39,14 +39,15 @@ IMAGE_VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
 IMAGE_TAG ?= $(IMAGE_VERSION)
 IMAGE_PLATFORMS ?= linux/amd64,linux/arm64
 
-image: ## build coop's image (linux/amd64, linux/arm64; reproducible) as an OCI layout in bin/image; IMAGE_PUSH=registry/repo:tag pushes it
+image: $(if $(IMAGE_PUSH),$(BIN)/crane) ## build coop's image (linux/amd64, linux/arm64; reproducible) as an OCI layout in bin/image; IMAGE_PUSH=registry/repo:tag pushes it
 	$(GO) run ./contrib/image --go $(GO) --out $(BIN)/image --platforms $(IMAGE_PLATFORMS) --version '$(IMAGE_VERSION)' --tag '$(IMAGE_TAG)'
-	@if [ -n "$(IMAGE_PUSH)" ]; then \
-	  test -x $(BIN)/crane || { echo "image: building crane $(CRANE_VERSION)"; GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION); } && \
-	  $(BIN)/crane push $(BIN)/image $(IMAGE_PUSH); \
-	fi
+	$(if $(IMAGE_PUSH),$(BIN)/crane push $(BIN)/image $(IMAGE_PUSH))
 
-tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane, the OCI conformance suite into bin/
+$(BIN)/crane:
+	@echo "tools: building crane $(CRANE_VERSION)"
+	@GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
+
+tools: $(BIN)/crane ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane, the OCI conformance suite into bin/
 	@mkdir -p $(BIN)
 	@test -x $(BIN)/containerd -a -x $(BIN)/ctr -a -x $(BIN)/containerd-shim-runc-v2 && \
 	  $(BIN)/containerd --version | grep -q ' $(patsubst v%,%,$(CONTAINERD_VERSION))+' || { \
@@ -56,8 +57,6 @@ tools: ## build containerd, ctr, the runc shim (go.mod's version), crictl, crane
 	    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2; }
 	@test -x $(BIN)/crictl || echo "tools: building crictl $(CRICTL_VERSION)"
 	@test -x $(BIN)/crictl || GOBIN=$(BIN) GOFLAGS= $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
-	@test -x $(BIN)/crane || echo "tools: building crane $(CRANE_VERSION)"
-	@test -x $(BIN)/crane || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
 	@test -x $(BIN)/conformance || echo "tools: building the OCI conformance suite"
 	@test -x $(BIN)/conformance || GOBIN=$(BIN) GOFLAGS= $(GO) install github.com/opencontainers/distribution-spec/conformance@$(CONFORMANCE_VERSION)
 
