@@ -7,7 +7,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -89,9 +88,10 @@ type ControlPlane struct {
 	Kubeconfig string
 	// URL is the API server's URL.
 	URL string
-	// CA signs every certificate of the cluster (PEM files in Dir/pki).
-	CACert, CAKey string
-	procs         []*process
+	// CACert is the cluster CA's certificate (PEM, in Dir/pki).
+	CACert string
+	ca     *kubeCA
+	procs  []*process
 }
 
 // StartControlPlane starts etcd and the API server (and the controllers)
@@ -120,7 +120,7 @@ func StartControlPlane(ctx context.Context, tools *KubeTools, o ControlPlaneOpti
 	if err != nil {
 		return nil, err
 	}
-	cp.CACert, cp.CAKey = ca.certPath, ca.keyPath
+	cp.CACert, cp.ca = ca.certPath, ca
 	// In a namespace of its own the standard ports are free; here, any.
 	apiPort, etcdPort, peerPort := 6443, 2379, 2380
 	if o.NetNS == "" {
@@ -381,31 +381,11 @@ func (ca *kubeCA) issue(dir, name string, c kubeCert) error {
 // IssueKubelet writes dir/kubelet.crt and .key for node name (the Node
 // authorizer's system:node:<name>, serving its IP too) and a kubeconfig.
 func (cp *ControlPlane) IssueKubelet(dir, name string, ip net.IP) (kubeconfig string, err error) {
-	ca, err := loadKubeCA(cp.CACert, cp.CAKey)
-	if err != nil {
-		return "", err
-	}
-	if err := ca.issue(dir, "kubelet", kubeCert{cn: "system:node:" + name, org: "system:nodes", server: true, ips: []net.IP{ip}, dns: []string{name}}); err != nil {
+	if err := cp.ca.issue(dir, "kubelet", kubeCert{cn: "system:node:" + name, org: "system:nodes", server: true, ips: []net.IP{ip}, dns: []string{name}}); err != nil {
 		return "", err
 	}
 	kubeconfig = filepath.Join(dir, "kubelet.kubeconfig")
 	return kubeconfig, cp.WriteKubeconfig(kubeconfig, filepath.Join(dir, "kubelet.crt"), filepath.Join(dir, "kubelet.key"))
-}
-
-func loadKubeCA(certPath, keyPath string) (*kubeCA, error) {
-	pair, err := tls.LoadX509KeyPair(certPath, keyPath)
-	if err != nil {
-		return nil, err
-	}
-	cert, err := x509.ParseCertificate(pair.Certificate[0])
-	if err != nil {
-		return nil, err
-	}
-	key, ok := pair.PrivateKey.(*ecdsa.PrivateKey)
-	if !ok {
-		return nil, errors.New("test CA key is not ECDSA")
-	}
-	return &kubeCA{cert: cert, key: key, certPath: certPath, keyPath: keyPath}, nil
 }
 
 // writeServiceAccountKey writes the service-account signing key pair.
