@@ -67,10 +67,6 @@ type ClaimOptions struct {
 	// budget cannot take is not claimed (the registry serves it). nil: no
 	// bound beyond the downloader's maximum blob size.
 	Budget *Budget
-	// Sizes are the sizes the manifests committed here give their blobs: a
-	// blob whose peers report another size is not claimed. nil: the peers'
-	// size vote alone.
-	Sizes *ExpectedSizes
 }
 
 // ClaimStore is a Store that also claims missing blobs peers hold: Info says
@@ -87,7 +83,6 @@ type ClaimStore struct {
 	slots   int
 	tail    int64
 	budget  *Budget
-	sizes   *ExpectedSizes
 
 	// bg is the store's own lifetime, not a caller's: the downloads and
 	// the background forgets run under it, and Close cancels it.
@@ -129,7 +124,7 @@ func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*Claim
 		return nil, fmt.Errorf("claim store needs a store and a claim source: %w", errdefs.ErrInvalidArgument)
 	}
 	cs := &ClaimStore{
-		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget, sizes: opts.Sizes,
+		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget,
 		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20,
 		claims: map[digest.Digest]*claim{}, failed: map[digest.Digest]time.Time{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -322,10 +317,6 @@ func (cs *ClaimStore) Info(ctx context.Context, dgst digest.Digest) (ctdcontent.
 	}
 	size, ok := cs.src.Claimable(dgst)
 	if !ok || size <= 0 {
-		return info, err
-	}
-	if want, known := cs.sizes.Size(dgst); known && want != size {
-		log.G(ctx).WithField("digest", dgst).WithField("peers_size", size).WithField("manifest_size", want).Warn("peers report another size than the manifest: not claimed")
 		return info, err
 	}
 	c, cerr := cs.newClaimLocked(dgst, size)

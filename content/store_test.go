@@ -3,12 +3,15 @@ package content
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"testing"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/content/testsuite"
 	"github.com/containerd/errdefs"
 	digest "github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 func TestContentSuite(t *testing.T) {
@@ -142,5 +145,31 @@ func TestInventorySince(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A store with ExpectedSizes learns the sizes of the blobs a manifest names
+// when the manifest is committed to it, and nothing from other blobs.
+func TestStoreLearnsSizes(t *testing.T) {
+	ctx := context.Background()
+	sizes := NewExpectedSizes(0)
+	s, err := NewStore(ctx, t.TempDir(), NewInventory(), WithExpectedSizes(sizes))
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := digest.FromString("layer")
+	m, err := json.Marshal(ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest,
+		Config: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromString("cfg"), Size: 2},
+		Layers: []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: layer, Size: 12345}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range [][]byte{[]byte("{not a manifest"), []byte("\x1f\x8b layer bytes"), m} {
+		if err := ctdcontent.WriteBlob(ctx, s, "b", bytes.NewReader(b), ocispec.Descriptor{Digest: digest.FromBytes(b), Size: int64(len(b))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, ok := sizes.Size(layer); !ok || got != 12345 || sizes.Len() != 2 {
+		t.Fatalf("learned %d (%v) for the layer, %d sizes in all; want 12345 and 2 (config, layer)", got, ok, sizes.Len())
 	}
 }

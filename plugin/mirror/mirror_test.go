@@ -33,6 +33,12 @@ import (
 // staticResolver returns fixed candidates.
 type staticResolver map[digest.Digest][]peers.Candidate
 
+// Known makes staticResolver a Knower: claims ask it.
+func (s staticResolver) Known(dgsts []digest.Digest) map[digest.Digest][]peers.Candidate {
+	got, _ := s.Locate(context.Background(), dgsts)
+	return got
+}
+
 func (s staticResolver) Locate(_ context.Context, dgsts []digest.Digest) (map[digest.Digest][]peers.Candidate, error) {
 	if err := resolver.ValidateDigests(dgsts); err != nil {
 		return nil, err
@@ -836,13 +842,14 @@ func TestMirrorBlobSizes(t *testing.T) {
 		status    int
 		wantAsked bool // the honest peer was asked for bytes
 		refused   float64
+		claim     int64 // the size Claimable gives; 0: not claimable
 	}{
-		{name: "liars win the vote without a manifest", liars: 2, status: 404},
-		{name: "the manifest outvotes the liars", liars: 2, manifest: size, status: 200, wantAsked: true, refused: 2},
+		{name: "liars win the vote without a manifest", liars: 2, status: 404, claim: size + 1},
+		{name: "the manifest outvotes the liars", liars: 2, manifest: size, status: 200, wantAsked: true, refused: 2, claim: size},
 		{name: "the manifest refuses every peer", manifest: size - 1, status: 404, refused: 1},
 		{name: "above the maximum blob size", maxBlob: size - 1, status: 404},
-		{name: "beyond the budget", budget: size - 1, status: 404},
-		{name: "within every bound", maxBlob: size, budget: size, status: 200, wantAsked: true},
+		{name: "beyond the budget", budget: size - 1, status: 404, claim: size}, // the claim store has its own budget
+		{name: "within every bound", maxBlob: size, budget: size, status: 200, wantAsked: true, claim: size},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var asked atomic.Int64
@@ -902,6 +909,11 @@ func TestMirrorBlobSizes(t *testing.T) {
 			}
 			if got := testutil.ToFloat64(m.sizeRefused); got != tc.refused {
 				t.Fatalf("coop_mirror_size_refused_total = %v, want %v", got, tc.refused)
+			}
+			// A claim follows the same size rules as a fetch.
+			m.failed = map[digest.Digest]time.Time{}
+			if sz, ok := m.Claimable(d); ok != (tc.claim != 0) || sz != tc.claim {
+				t.Fatalf("Claimable = %d, %v; want %d", sz, ok, tc.claim)
 			}
 			if budget.Used() != 0 {
 				t.Fatalf("budget holds %d bytes after the request", budget.Used())

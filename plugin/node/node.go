@@ -448,7 +448,7 @@ func (n *Node) listen(ctx context.Context) error {
 		if o.Claim {
 			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
 				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
-				Budget: n.budget, Sizes: n.sizes,
+				Budget: n.budget,
 			}); err != nil {
 				return err
 			}
