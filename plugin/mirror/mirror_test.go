@@ -921,3 +921,42 @@ func TestMirrorBlobSizes(t *testing.T) {
 		})
 	}
 }
+
+// TestClaimableSkipsFailedPeers: once a peer fails a transfer, the blobs it
+// holds are not claimed from it (the pull would fail); a busy peer is not
+// failing.
+func TestClaimableSkipsFailedPeers(t *testing.T) {
+	data := make([]byte, 1<<20)
+	_, _ = rand.Read(data)
+	d, other := digest.FromBytes(data), digest.FromString("another blob")
+	for _, tc := range []struct {
+		mode      string
+		claimable bool
+	}{
+		{"dead", false},
+		{"busy", true},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tc.mode == "busy" {
+					w.Header().Set("Retry-After", "1")
+					w.WriteHeader(http.StatusTooManyRequests)
+					return
+				}
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}))
+			defer peer.Close()
+			cands := []peers.Candidate{{Node: "p", URL: peer.URL, Size: int64(len(data))}}
+			m, _ := newTestMirror(t, staticResolver{d: cands, other: {{Node: "p", URL: peer.URL, Size: 10}}})
+			if _, ok := m.Claimable(other); !ok {
+				t.Fatal("not claimable before any failure")
+			}
+			if err := m.FetchClaim(context.Background(), d, int64(len(data)), io.Discard); err == nil {
+				t.Fatal("a claim from a failing peer succeeded")
+			}
+			if _, ok := m.Claimable(other); ok != tc.claimable {
+				t.Fatalf("after a %s peer: another blob of it claimable %v, want %v", tc.mode, ok, tc.claimable)
+			}
+		})
+	}
+}
