@@ -265,7 +265,7 @@ type Node struct {
 	registryBytes atomic.Int64
 	errors        *ErrorLog
 	client        *peers.Client
-	status        statusCache
+	status        statusFlight
 
 	store      *content.Store
 	observer   *plugin.Observer

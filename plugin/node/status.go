@@ -236,36 +236,58 @@ func (n *Node) serveStatus(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "GET only", http.StatusMethodNotAllowed)
 		return
 	}
-	s := n.status.get(r.Context(), r.URL.Query().Get("all") == "1", n.Status)
+	s, err := n.status.get(r.Context(), r.URL.Query().Get("all") == "1", n.Status)
+	if err != nil {
+		return // the client went away
+	}
 	w.Header().Set("Content-Type", "application/json")
 	if err := json.NewEncoder(w).Encode(s); err != nil {
 		log.G(r.Context()).WithError(err).Debug("status answer not sent")
 	}
 }
 
-// statusReuse is how long a status made for StatusPath answers the next
-// requests: any local user may ask, and each status asks every neighbour
-// and ClusterKB.
-const statusReuse = time.Second
-
-// statusCache makes one status at a time and answers with it for
-// statusReuse.
-type statusCache struct {
+// statusFlight makes one status at a time: any local user may ask, and
+// each status asks every neighbour and ClusterKB, so requests that arrive
+// while one is being made share it. A status made is never served again:
+// the next request after it sees the node as it is then.
+type statusFlight struct {
 	mu   sync.Mutex
-	at   time.Time
-	all  bool
-	last Status
+	call *statusCall
 }
 
-func (c *statusCache) get(ctx context.Context, all bool, build func(context.Context, bool) Status) Status {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.at.IsZero() && time.Since(c.at) < statusReuse && (c.all || !all) {
-		return c.last
+type statusCall struct {
+	all  bool
+	done chan struct{}
+	s    Status
+}
+
+func (f *statusFlight) get(ctx context.Context, all bool, build func(context.Context, bool) Status) (Status, error) {
+	for {
+		f.mu.Lock()
+		c := f.call
+		if c == nil {
+			c = &statusCall{all: all, done: make(chan struct{})}
+			f.call = c
+			f.mu.Unlock()
+			// Not the caller's cancellation: others may share it.
+			c.s = build(context.WithoutCancel(ctx), all)
+			f.mu.Lock()
+			f.call = nil
+			f.mu.Unlock()
+			close(c.done)
+			return c.s, nil
+		}
+		f.mu.Unlock()
+		select {
+		case <-c.done:
+			if c.all || !all {
+				return c.s, nil
+			}
+			// It lacked the members: make one that has them.
+		case <-ctx.Done():
+			return Status{}, ctx.Err()
+		}
 	}
-	// Not the caller's cancellation: the status answers the next callers.
-	c.last, c.at, c.all = build(context.WithoutCancel(ctx), all), time.Now(), all
-	return c.last
 }
 
 // gathered are the node's metrics at one moment.

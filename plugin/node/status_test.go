@@ -118,12 +118,13 @@ func TestErrorLog(t *testing.T) {
 }
 
 // TestStatusBounded: any local user may ask for the status, and each status
-// asks every neighbour: many requests at once ask them once.
+// asks every neighbour: requests that arrive while one is made share it.
 func TestStatusBounded(t *testing.T) {
 	var asked atomic.Int64
 	nb := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == peers.HavePath {
 			asked.Add(1)
+			time.Sleep(300 * time.Millisecond) // a slow neighbour: the requests below arrive meanwhile
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{"node":"nb","epoch":"e","seq":1,"blobs":[]}`)
@@ -149,7 +150,7 @@ func TestStatusBounded(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if got := asked.Load(); got == 0 || got > 3 {
-		t.Fatalf("%d status requests asked the neighbour %d times; want once (at most once a second)", requests, got)
+	if got := asked.Load(); got == 0 || got > 2 {
+		t.Fatalf("%d status requests at once asked the neighbour %d times; want once", requests, got)
 	}
 }
