@@ -243,7 +243,6 @@ func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int6
 		return err // nil when committed meanwhile
 	}
 	st, err := m.downloader.Download(ctx, dgst, size, cands, w)
-	m.notePeerFailures(st)
 	if err == nil {
 		err = w.Commit(ctx, size, dgst)
 		w.Close()

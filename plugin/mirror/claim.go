@@ -17,13 +17,12 @@ var _ content.ClaimSource = (*Mirror)(nil)
 // Claimable says whether the node knows, without asking the network, live
 // peers holding dgst (the index of periodic and push modes, a migration's
 // source, a recent locate), and the size they agree on. A blob whose peer
-// transfer failed recently is not claimable, nor is one from a peer that
-// failed a transfer recently (a claim has no fallback inside its pull).
+// transfer failed recently is not claimable.
 func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 	if m.recentlyFailed(dgst) {
 		return 0, false
 	}
-	cs := m.agreeOnSize(context.Background(), dgst, m.withoutFailedPeers(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst]))
+	cs := m.agreeOnSize(context.Background(), dgst, resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])
 	if len(cs) == 0 || cs[0].Size > m.maxBlob {
 		return 0, false
 	}
@@ -47,7 +46,6 @@ func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64,
 	m.noteLoads(cs)
 	m.downloads.start(dgst, size)
 	st, err := m.downloader.Download(ctx, dgst, size, cs, w)
-	m.notePeerFailures(st)
 	if err != nil {
 		m.markFailed(dgst)
 		m.downloads.finish(dgst, st.BytesByNode, st.Hedged, err)

@@ -124,9 +124,6 @@ type Mirror struct {
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
-	// failedPeers holds when each peer last failed a transfer: a claim
-	// has no fallback inside the pull, so it is not made on them for ttl.
-	failedPeers map[string]time.Time
 
 	requests *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
@@ -158,7 +155,6 @@ func New(opts Options) (*Mirror, error) {
 		budget:      opts.Budget,
 		srcs:        map[string]migrationSource{},
 		failed:      map[digest.Digest]time.Time{},
-		failedPeers: map[string]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
 			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
@@ -403,41 +399,6 @@ func (m *Mirror) recentlyFailed(dgst digest.Digest) bool {
 		return false
 	}
 	return ok
-}
-
-// notePeerFailures records the peers a download dropped for an error (a
-// busy peer, 429, is not failing).
-func (m *Mirror) notePeerFailures(st peers.DownloadStats) {
-	if len(st.Failed) == 0 {
-		return
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	now := time.Now()
-	for node, t := range m.failedPeers {
-		if now.Sub(t) > m.ttl {
-			delete(m.failedPeers, node)
-		}
-	}
-	for node, err := range st.Failed {
-		var busy *peers.BusyError
-		if !errors.As(err, &busy) {
-			m.failedPeers[node] = now
-		}
-	}
-}
-
-// withoutFailedPeers drops the candidates that failed a transfer within ttl.
-func (m *Mirror) withoutFailedPeers(cs []peers.Candidate) []peers.Candidate {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := cs[:0:0]
-	for _, c := range cs {
-		if t, ok := m.failedPeers[c.Node]; !ok || time.Since(t) > m.ttl {
-			out = append(out, c)
-		}
-	}
-	return out
 }
 
 func (m *Mirror) markFailed(dgst digest.Digest) {
