@@ -63,6 +63,11 @@ type ClaimOptions struct {
 	Tail int64
 	// Registerer receives the claim metrics; nil registers nothing.
 	Registerer prometheus.Registerer
+	// MinSize is the smallest blob claimed. A claim lets a layer unpack as
+	// it streams in; a small blob (a manifest, a config) gains nothing from
+	// it, and a claim that fails fails its pull, while the mirror's path
+	// falls back to the registry. 0: every size.
+	MinSize int64
 	// Budget bounds the disk taken by claims not verified yet: a blob the
 	// budget cannot take is not claimed (the registry serves it). nil: no
 	// bound beyond the downloader's maximum blob size.
@@ -83,6 +88,7 @@ type ClaimStore struct {
 	slots   int
 	tail    int64
 	budget  *Budget
+	minSize int64
 
 	// bg is the store's own lifetime, not a caller's: the downloads and
 	// the background forgets run under it, and Close cancels it.
@@ -124,7 +130,7 @@ func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*Claim
 		return nil, fmt.Errorf("claim store needs a store and a claim source: %w", errdefs.ErrInvalidArgument)
 	}
 	cs := &ClaimStore{
-		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget,
+		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget, minSize: opts.MinSize,
 		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20,
 		claims: map[digest.Digest]*claim{}, failed: map[digest.Digest]time.Time{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -316,7 +322,7 @@ func (cs *ClaimStore) Info(ctx context.Context, dgst digest.Digest) (ctdcontent.
 		delete(cs.failed, dgst)
 	}
 	size, ok := cs.src.Claimable(dgst)
-	if !ok || size <= 0 {
+	if !ok || size <= 0 || size < cs.minSize {
 		return info, err
 	}
 	c, cerr := cs.newClaimLocked(dgst, size)

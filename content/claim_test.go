@@ -727,3 +727,16 @@ func TestClaimSizeChecks(t *testing.T) {
 		})
 	}
 }
+
+// A blob under MinSize is not claimed: Info says not found.
+func TestClaimMinSize(t *testing.T) {
+	src := newFakeSource()
+	small, big := src.add(randomBytes(t, 1<<10)), src.add(randomBytes(t, 4<<10))
+	cs, _, _ := newClaimStore(t, src, ClaimOptions{MinSize: 2 << 10})
+	if _, err := cs.Info(context.Background(), small); !errdefs.IsNotFound(err) {
+		t.Fatalf("Info of a blob under the minimum: %v, want not found", err)
+	}
+	if info, err := cs.Info(context.Background(), big); err != nil || info.Size != 4<<10 {
+		t.Fatalf("Info of a blob above the minimum: %+v, %v; want claimed", info, err)
+	}
+}

@@ -408,6 +408,10 @@ func (n *Node) openStores(ctx context.Context) (peers.BlobStore, error) {
 	return plugin.NewUnionStore(n.store, n.observer), nil
 }
 
+// claimMinSize is the smallest blob claimed: manifests and configs go the
+// mirror's way, which falls back to the registry when peers fail.
+const claimMinSize = 1 << 20
+
 // expectedSizes is where the mirror learns the size a manifest gives a
 // blob: in observer mode the observer, which also asks containerd.
 func (n *Node) expectedSizes() mirror.Sizes {
@@ -448,7 +452,7 @@ func (n *Node) listen(ctx context.Context) error {
 		if o.Claim {
 			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
 				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
-				Budget: n.budget,
+				Budget: n.budget, MinSize: claimMinSize,
 			}); err != nil {
 				return err
 			}
