@@ -37,6 +37,7 @@ func commands() []command {
 		{"status", "say whether coop works on this node: modes, neighbours, bytes, claims, last errors", runStatus},
 		{"ca", "set up the cluster CA (init) and a process's certificate (issue) for mutual TLS", runCA},
 		{"containerd-config", "print containerd's config for coop; --write also writes hosts.toml", runContainerdConfig},
+		{"install", "set a host up to run coop node under systemd before containerd (proxy and claim modes)", runInstall},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "coop", Version)
 			return err
