@@ -5,6 +5,7 @@
 package k8s
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -130,7 +131,13 @@ func TestChart(t *testing.T) {
 				t.Error("ClusterKB rendered although disabled")
 			}
 		}},
-		{name: "proxy mode", set: []string{"node.contentMode=proxy"}, refused: "only observer mode"},
+		{name: "host mode", set: []string{"node.contentMode=proxy"}, check: checkHostMode(hostMode{restart: "systemd"})},
+		{name: "host mode, claim, files only", set: []string{"node.contentMode=proxy", "node.claim=true", "node.host.restart=none"},
+			check: checkHostMode(hostMode{claim: true, restart: "none"})},
+		{name: "host mode, uninstall", set: []string{"node.contentMode=proxy", "node.host.uninstall=true"}, check: checkHostMode(hostMode{restart: "systemd", uninstall: true})},
+		{name: "claim in observer mode", set: []string{"node.claim=true"}, refused: "node.claim needs node.contentMode proxy"},
+		{name: "unknown content mode", set: []string{"node.contentMode=bogus"}, refused: `node.contentMode "bogus"`},
+		{name: "unknown host restart", set: []string{"node.host.restart=bogus"}, refused: `node.host.restart "bogus"`},
 		{name: "unknown index", set: []string{"node.index=gossip"}, refused: `node.index "gossip"`},
 		{name: "kb index without ClusterKB", set: []string{"kb.enabled=false"}, refused: "set kb.enabled"},
 		{name: "unknown CA source", set: []string{"tls.ca.source=vault"}, refused: `tls.ca.source "vault"`},
@@ -216,6 +223,157 @@ func checkDefaults(t *testing.T, objs []object) {
 	}
 	if find(objs, "Secret", "") == nil || find(objs, "Deployment", "") == nil || count(objs, "Service") != 2 {
 		t.Error("want the CA Secret, ClusterKB's Deployment and two Services")
+	}
+}
+
+// hostMode is what a proxy (host mode) rendering was asked for.
+type hostMode struct {
+	claim     bool
+	restart   string
+	uninstall bool
+}
+
+// checkHostMode: what a proxy rendering promises. One privileged install
+// container, root, with the host's / at /host, that installs coop node on
+// the host (every path in its node args a host path) and waits; the
+// certificate is issued into a host directory, where the host's coop reads
+// it; no volume of the pod's coop node is left.
+func checkHostMode(want hostMode) func(t *testing.T, objs []object) {
+	return func(t *testing.T, objs []object) {
+		ds := find(objs, "DaemonSet", "")
+		if ds == nil {
+			t.Fatal("no DaemonSet")
+		}
+		type mount struct {
+			Name             string `json:"name"`
+			MountPath        string `json:"mountPath"`
+			MountPropagation string `json:"mountPropagation"`
+		}
+		type container struct {
+			Name            string          `json:"name"`
+			Args            []string        `json:"args"`
+			ReadinessProbe  json.RawMessage `json:"readinessProbe"`
+			LivenessProbe   json.RawMessage `json:"livenessProbe"`
+			SecurityContext struct {
+				Privileged *bool  `json:"privileged"`
+				RunAsUser  *int64 `json:"runAsUser"`
+			} `json:"securityContext"`
+			VolumeMounts []mount `json:"volumeMounts"`
+		}
+		var spec struct {
+			Spec struct {
+				Template struct {
+					Spec struct {
+						HostNetwork     bool `json:"hostNetwork"`
+						SecurityContext struct {
+							RunAsUser *int64 `json:"runAsUser"`
+						} `json:"securityContext"`
+						InitContainers []container `json:"initContainers"`
+						Containers     []container `json:"containers"`
+						Volumes        []struct {
+							Name     string `json:"name"`
+							HostPath *struct {
+								Path string `json:"path"`
+							} `json:"hostPath"`
+						} `json:"volumes"`
+					} `json:"spec"`
+				} `json:"template"`
+			} `json:"spec"`
+		}
+		if err := json.Unmarshal([]byte(ds.raw), &spec); err != nil {
+			t.Fatal(err)
+		}
+		ps := spec.Spec.Template.Spec
+		if !ps.HostNetwork {
+			t.Error("not on the host network: the readiness probe would not reach the host's coop node")
+		}
+		if len(ps.Containers) != 1 || ps.Containers[0].Name != "install" {
+			t.Fatalf("%d containers, the first %q: want the install container alone", len(ps.Containers), ps.Containers[0].Name)
+		}
+		in := ps.Containers[0]
+		if sc := in.SecurityContext; sc.Privileged == nil || !*sc.Privileged {
+			t.Error("the install container is not privileged: it could not write the host's files nor run its systemctl")
+		}
+		if uid := cmp.Or(in.SecurityContext.RunAsUser, ps.SecurityContext.RunAsUser); uid == nil || *uid != 0 {
+			t.Error("the install container does not run as root")
+		}
+		if !slices.Contains(in.VolumeMounts, mount{Name: "host", MountPath: "/host", MountPropagation: "HostToContainer"}) {
+			t.Errorf("install mounts %+v: want the host volume at /host, HostToContainer", in.VolumeMounts)
+		}
+		if len(in.LivenessProbe) != 0 {
+			t.Error("a liveness probe: a new pod would not mend the host's coop node")
+		}
+		if want.uninstall != (len(in.ReadinessProbe) == 0) {
+			t.Errorf("readiness probe %s; want one unless uninstalling (uninstall %v)", in.ReadinessProbe, want.uninstall)
+		}
+
+		// install [flags] -- node [node flags]
+		sep := slices.Index(in.Args, "--")
+		if sep < 0 || in.Args[0] != "install" || sep+1 >= len(in.Args) || in.Args[sep+1] != "node" {
+			t.Fatalf("install args %q: want install [flags] -- node [flags]", in.Args)
+		}
+		flags, nodeArgs := in.Args[:sep], in.Args[sep+1:]
+		for _, w := range []string{"--host-root=/host", "--hosts-dir=/etc/containerd/certs.d", "--config-dir=/etc/coop", "--restart=" + want.restart, "--wait"} {
+			if !slices.Contains(flags, w) {
+				t.Errorf("install flags %q lack %s", flags, w)
+			}
+		}
+		if slices.Contains(flags, "--uninstall") != want.uninstall {
+			t.Errorf("install flags %q: --uninstall %v, want %v", flags, !want.uninstall, want.uninstall)
+		}
+		for _, w := range []string{"--content-mode=proxy", "--tls-dir=/etc/coop/tls", "--root=/var/lib/coop",
+			"--containerd-address=/run/containerd/containerd.sock", "--content-socket=/run/coop/content.sock", "--name=$(NODE_NAME)"} {
+			if !slices.Contains(nodeArgs, w) {
+				t.Errorf("node args %q lack %s", nodeArgs, w)
+			}
+		}
+		for _, w := range []string{"--claim", "--claim-parallel=3"} {
+			if slices.Contains(nodeArgs, w) != want.claim {
+				t.Errorf("node args %q: %s %v, want %v", nodeArgs, w, !want.claim, want.claim)
+			}
+		}
+
+		hostPaths := map[string]string{}
+		defined := map[string]bool{}
+		for _, v := range ps.Volumes {
+			defined[v.Name] = true
+			if v.HostPath != nil {
+				hostPaths[v.Name] = v.HostPath.Path
+			}
+		}
+		if hostPaths["host"] != "/" {
+			t.Errorf("the host volume is hostPath %q, want /", hostPaths["host"])
+		}
+		var certificate *container
+		used := map[string]bool{}
+		for i, c := range append(slices.Clone(ps.InitContainers), ps.Containers...) {
+			if i < len(ps.InitContainers) && c.Name == "certificate" {
+				certificate = &ps.InitContainers[i]
+			}
+			for _, m := range c.VolumeMounts {
+				used[m.Name] = true
+				if !defined[m.Name] {
+					t.Errorf("%s mounts volume %q, which is not defined", c.Name, m.Name)
+				}
+			}
+		}
+		for v := range defined {
+			if !used[v] {
+				t.Errorf("volume %q is defined but mounted nowhere", v)
+			}
+		}
+		if certificate == nil {
+			t.Fatal("no certificate init container")
+		}
+		out := ""
+		for _, m := range certificate.VolumeMounts {
+			if slices.Contains(certificate.Args, "--out="+m.MountPath) {
+				out = m.Name
+			}
+		}
+		if hostPaths[out] != "/etc/coop/tls" {
+			t.Errorf("the certificate init writes into volume %q (hostPath %q), want hostPath /etc/coop/tls", out, hostPaths[out])
+		}
 	}
 }
 

@@ -48,6 +48,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
       - {key: ca.crt, path: ca.crt}
       - {key: ca.key, path: ca.key}
     {{- end }}
+{{- end -}}
+
+{{/* The pod's certificate, issued by its init container. */}}
+{{- define "coop.tlsVolume" -}}
 - name: tls
   emptyDir: {medium: Memory, sizeLimit: 1Mi}
 {{- end -}}
@@ -58,4 +62,72 @@ allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities: {drop: [ALL]}
 seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+
+{{/* Where the host's coop node (proxy mode) finds its certificate. */}}
+{{- define "coop.hostTLSDir" -}}{{ trimSuffix "/" .Values.node.host.configDir }}/tls{{- end -}}
+
+{{/*
+coop node's args, "node" first, for the pod's coop node (observer mode) and
+for the host's (proxy mode: coop install writes them to node.toml). Takes a
+dict: ctx (the root context) and root, containerdAddress, tlsDir: those
+paths as that coop node sees them. $(NODE_NAME) and $(NODE_IP) are the
+container's environment, expanded by Kubernetes.
+*/}}
+{{- define "coop.nodeArgs" -}}
+{{- $v := .ctx.Values }}
+{{- $n := $v.node }}
+{{- $scheme := include "coop.scheme" .ctx }}
+{{- $kb := $v.kb.endpoint | default (include "coop.kbHost" .ctx) -}}
+- node
+- --name=$(NODE_NAME)
+- --root={{ .root }}
+- --content-mode={{ $n.contentMode }}
+- --containerd-address={{ .containerdAddress }}
+{{- if eq $n.contentMode "proxy" }}
+- --content-socket={{ $n.contentSocket }}
+{{- if $n.claim }}
+- --claim
+- --claim-parallel={{ $n.claimParallel }}
+{{- end }}
+{{- end }}
+- --peer-listen=:{{ $n.peerPort }}
+- --advertise={{ $scheme }}://$(NODE_IP):{{ $n.peerPort }}
+- --mirror-listen=127.0.0.1:{{ $n.mirrorPort }}
+- --index={{ $n.index }}
+- --period={{ $n.period }}
+- --peer-timeout={{ $n.peerTimeout }}
+- --policy={{ $n.policy }}
+- --max-uploads={{ $n.maxUploads }}
+- --upload-limit={{ int64 $n.uploadLimit }}
+- --download-buffer={{ $n.downloadBuffer }}
+- --max-blob-size={{ $n.maxBlobSize }}
+- --max-unverified={{ $n.maxUnverified }}
+- --stall-timeout={{ $n.stallTimeout }}
+- --log-level={{ $n.logLevel }}
+{{- if $v.kb.enabled }}
+- --kb={{ $scheme }}://{{ $kb }}:{{ $v.kb.port }}
+- --neighbors-from-kb
+{{- if or (eq $v.kb.feed "push") (eq $n.index "push") }}
+- --nats-url=nats://{{ $kb }}:{{ $v.kb.natsPort }}
+{{- end }}
+{{- end }}
+{{- with $n.shareNamespaces }}
+- --share-namespaces={{ join "," . }}
+{{- end }}
+{{- with $n.serveContainers }}
+- --serve-containers={{ join "," . }}
+{{- end }}
+{{- if $n.allowRemoteStop }}
+- --allow-remote-stop
+{{- end }}
+{{- if $v.tls.enabled }}
+- --tls-dir={{ .tlsDir }}
+{{- else }}
+- --insecure
+{{- end }}
+{{- range $n.extraArgs }}
+- {{ . | quote }}
+{{- end }}
 {{- end -}}
