@@ -90,6 +90,11 @@ type Options struct {
 	// Budget bounds the disk taken by fetches not verified yet: a fetch it
 	// cannot take is left to the registry. nil: no bound.
 	Budget *content.Budget
+	// LocateChildren: before a manifest or index fetched from peers is
+	// served, its children are located in one request, so that the
+	// claims of its blobs, decided without a round trip, know their peers
+	// (claim mode with an index that asks the network: online, kb).
+	LocateChildren bool
 }
 
 // Sizes tell the size a manifest committed on the node gives a blob
@@ -118,9 +123,11 @@ type Mirror struct {
 	sizes       Sizes
 	maxBlob     int64
 	budget      *content.Budget
-	srcMu       sync.Mutex
-	srcs        map[string]migrationSource
-	srcClosed   bool
+	// locateChildren: see Options.LocateChildren.
+	locateChildren bool
+	srcMu          sync.Mutex
+	srcs           map[string]migrationSource
+	srcClosed      bool
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
@@ -139,22 +146,23 @@ var _ http.Handler = (*Mirror)(nil)
 // New returns a Mirror. Close ends the fetches it starts.
 func New(opts Options) (*Mirror, error) {
 	m := &Mirror{
-		resolver:    opts.Resolver,
-		peers:       opts.Peers,
-		store:       opts.Store,
-		stall:       5 * time.Second,
-		minRate:     64 << 10,
-		ttl:         2 * time.Minute,
-		headerDelay: 5 * time.Second,
-		fetches:     newFetchGroup(),
-		downloads:   newDownloads(),
-		sources:     opts.Sources,
-		apiToken:    opts.APIToken,
-		sizes:       opts.Sizes,
-		maxBlob:     peers.DefaultMaxBlobSize,
-		budget:      opts.Budget,
-		srcs:        map[string]migrationSource{},
-		failed:      map[digest.Digest]time.Time{},
+		resolver:       opts.Resolver,
+		peers:          opts.Peers,
+		store:          opts.Store,
+		stall:          5 * time.Second,
+		minRate:        64 << 10,
+		ttl:            2 * time.Minute,
+		headerDelay:    5 * time.Second,
+		fetches:        newFetchGroup(),
+		downloads:      newDownloads(),
+		sources:        opts.Sources,
+		apiToken:       opts.APIToken,
+		sizes:          opts.Sizes,
+		maxBlob:        peers.DefaultMaxBlobSize,
+		budget:         opts.Budget,
+		locateChildren: opts.LocateChildren,
+		srcs:           map[string]migrationSource{},
+		failed:         map[digest.Digest]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
 			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
@@ -424,6 +432,9 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 		}
 		m.requests.WithLabelValues("manifest", "hit").Inc()
 		m.bytes.WithLabelValues(c.Node).Add(float64(len(b)))
+		if m.locateChildren && r.Method == http.MethodGet {
+			m.locateChildrenOf(ctx, b)
+		}
 		m.downloads.start(dgst, int64(len(b)))
 		m.downloads.finish(dgst, map[string]int64{c.Node: int64(len(b))}, 0, nil)
 		w.Header().Set("Content-Type", mt)
@@ -436,6 +447,24 @@ func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *ht
 	}
 	m.requests.WithLabelValues("manifest", "miss").Inc()
 	writeOCIError(ctx, w, http.StatusNotFound, peers.CodeManifestUnknown, "no peer holds this manifest")
+}
+
+// locateChildrenOf asks the resolver (which remembers the answers) where
+// the children of manifest b are; a failure only means no claims.
+func (m *Mirror) locateChildrenOf(ctx context.Context, b []byte) {
+	children := content.ManifestChildren(b)
+	if len(children) == 0 {
+		return
+	}
+	dgsts := make([]digest.Digest, 0, len(children))
+	for _, c := range children {
+		dgsts = append(dgsts, c.Digest)
+	}
+	lctx, cancel := context.WithTimeout(ctx, m.stall)
+	defer cancel()
+	if _, err := m.resolver.Locate(lctx, dgsts); err != nil {
+		log.G(ctx).WithError(err).Debug("locate a manifest's children")
+	}
 }
 
 // writeOCIError answers with the OCI distribution error body, through the

@@ -7,13 +7,16 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -917,6 +920,79 @@ func TestMirrorBlobSizes(t *testing.T) {
 			}
 			if budget.Used() != 0 {
 				t.Fatalf("budget holds %d bytes after the request", budget.Used())
+			}
+		})
+	}
+}
+
+// recordingResolver records the digests each Locate asks for.
+type recordingResolver struct {
+	staticResolver
+	mu    sync.Mutex
+	asked [][]digest.Digest
+}
+
+func (r *recordingResolver) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.Digest][]peers.Candidate, error) {
+	r.mu.Lock()
+	r.asked = append(r.asked, dgsts)
+	r.mu.Unlock()
+	return r.staticResolver.Locate(ctx, dgsts)
+}
+
+// TestMirrorLocatesChildren: with LocateChildren, a manifest served from
+// peers has its children located in one request before it is answered (a
+// claim of them, decided next without a round trip, then knows its peers);
+// without it, or for a HEAD, only the manifest is located.
+func TestMirrorLocatesChildren(t *testing.T) {
+	cfg, l1, l2 := digest.FromString("config"), digest.FromString("layer1"), digest.FromString("layer2")
+	data := []byte(fmt.Sprintf(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":%q,"size":6},
+"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":%q,"size":6},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":%q,"size":6}]}`, cfg, l1, l2))
+	d := digest.FromBytes(data)
+	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		_, _ = w.Write(data)
+	}))
+	defer peer.Close()
+	for _, tc := range []struct {
+		name   string
+		locate bool
+		method string
+		want   int // Locate calls
+	}{
+		{"on, GET", true, "GET", 2},
+		{"on, HEAD", true, "HEAD", 1},
+		{"off", false, "GET", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := &recordingResolver{staticResolver: staticResolver{d: {{Node: "p", URL: peer.URL, Size: int64(len(data))}}}}
+			store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, LocateChildren: tc.locate})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			srv := httptest.NewServer(m)
+			defer srv.Close()
+			req, _ := http.NewRequest(tc.method, srv.URL+"/v2/x/manifests/"+d.String(), nil)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+			res.mu.Lock()
+			defer res.mu.Unlock()
+			if len(res.asked) != tc.want {
+				t.Fatalf("Locate called %d times (%v), want %d", len(res.asked), res.asked, tc.want)
+			}
+			if tc.want == 2 && !slices.Equal(res.asked[1], []digest.Digest{cfg, l1, l2}) {
+				t.Errorf("children located: %v", res.asked[1])
 			}
 		})
 	}

@@ -368,6 +368,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		Resolver: res, Peers: n.client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
 		Sizes: n.expectedSizes(), MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
+		LocateChildren: o.Claim && !n.index.Local(),
 	}); err != nil {
 		return nil, err
 	}
