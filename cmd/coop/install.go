@@ -190,7 +190,7 @@ func (in *installer) checkPaths() error {
 	return nil
 }
 
-func (in *installer) install(ctx context.Context) error {
+func (in *installer) install(ctx context.Context) (retErr error) {
 	o := in.o
 	if err := in.checkPaths(); err != nil {
 		return err
@@ -282,21 +282,22 @@ func (in *installer) install(ctx context.Context) error {
 
 	// 3. Restart what changed. Switching containerd's store moves the
 	// blobs while containerd is stopped, so that nothing is pulled again
-	// and nothing is written meanwhile.
+	// and nothing is written meanwhile; containerd's config is written
+	// only once they are across, so a run that failed is done again whole.
 	from, to := in.host(filepath.Join(ctrdRoot(base), builtinContentDir)), in.host(o.Node.Root)
 	if !proxy || !state.Switched {
 		from = ""
 	}
 	if o.Restart == "none" {
-		if err := in.writeConfig(ctrdCfgPath, merged, ctrdChanged); err != nil {
-			return err
-		}
 		if from != "" {
 			// containerd still runs on its store: link, not move.
 			if state.BlobsMoved, err = moveBlobs(from, to, true); err != nil {
 				return err
 			}
 			in.logf("linked %d blobs of containerd's store into coop's (%s)", state.BlobsMoved, o.Node.Root)
+		}
+		if err := in.writeConfig(ctrdCfgPath, merged, ctrdChanged); err != nil {
+			return err
 		}
 		state.Restart = nil
 		if coopChanged || state.Switched {
@@ -320,15 +321,22 @@ func (in *installer) install(ctx context.Context) error {
 		if err := in.run(ctx, "systemctl", "stop", containerdUnit); err != nil {
 			return err
 		}
-	}
-	if err := in.writeConfig(ctrdCfgPath, merged, ctrdChanged); err != nil {
-		return err
-	}
-	if from != "" {
+		// containerd comes back whatever happens below: on its old
+		// config if the switch failed, waiting for coop otherwise.
+		defer func() {
+			if retErr != nil {
+				if err := in.run(context.WithoutCancel(ctx), "systemctl", "start", containerdUnit); err != nil {
+					in.logf("%v", err)
+				}
+			}
+		}()
 		if state.BlobsMoved, err = moveBlobs(from, to, false); err != nil {
 			return err
 		}
 		in.logf("moved %d blobs of containerd's store into coop's (%s)", state.BlobsMoved, o.Node.Root)
+	}
+	if err := in.writeConfig(ctrdCfgPath, merged, ctrdChanged); err != nil {
+		return err
 	}
 	if coopChanged || state.Switched {
 		if err := in.run(ctx, "systemctl", "restart", unitName); err != nil {
@@ -510,9 +518,10 @@ func writeIfChanged(path string, data []byte, perm os.FileMode) (bool, error) {
 
 // moveBlobs moves every blob under from/blobs/<algorithm>/<hex> (a
 // containerd local store) into to/blobs/, or hard-links it with link. A blob
-// already there is dropped from from (kept with link). It moves within one
-// filesystem only: a store on another one is refused before anything moved.
+// already there is dropped from from (kept with link). Across filesystems
+// (or mounts) it copies, each blob through a temporary file and a rename.
 func moveBlobs(from, to string, link bool) (int, error) {
+	copying := false
 	algs, err := os.ReadDir(filepath.Join(from, "blobs"))
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil
@@ -546,13 +555,19 @@ func moveBlobs(from, to string, link bool) (int, error) {
 				}
 				continue
 			}
-			if link {
+			switch {
+			case copying:
+				err = copyBlob(src, dst, !link)
+			case link:
 				err = os.Link(src, dst)
-			} else {
+			default:
 				err = os.Rename(src, dst)
 			}
 			if errors.Is(err, syscall.EXDEV) {
-				return n, fmt.Errorf("containerd's store %s and coop's %s are on different filesystems: put coop's --root next to containerd's root: %w", from, to, err)
+				// Another filesystem (or mount): copied, then removed
+				// when moving.
+				copying = true
+				err = copyBlob(src, dst, !link)
 			}
 			if err != nil {
 				return n, err
@@ -561,6 +576,39 @@ func moveBlobs(from, to string, link bool) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// copyBlob copies src to dst atomically, then removes src with remove.
+func copyBlob(src, dst string, remove bool) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	f, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if _, err := io.Copy(f, in); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(0o444); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		return err
+	}
+	if remove {
+		return os.Remove(src)
+	}
+	return nil
 }
 
 func validAlgorithm(s string) bool {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -318,5 +319,55 @@ func TestMergedConfigIdempotent(t *testing.T) {
 	b, err := plugin.MergeContainerdConfig(a, o)
 	if err != nil || !bytes.Equal(a, b) {
 		t.Fatalf("a second merge changed the config (%v):\n%s\n---\n%s", err, a, b)
+	}
+}
+
+// TestInstallFailedSwitchIsRedone: a switch whose blobs could not move
+// leaves containerd's config alone, so the next run switches again.
+func TestInstallFailedSwitchIsRedone(t *testing.T) {
+	h := newFakeHost(t)
+	write(t, filepath.Join(h.root, "var/lib/coop/blobs"), "not a directory")
+	if err := h.install(t, "systemd", false, proxyArgs...); err == nil {
+		t.Fatal("the switch succeeded with coop's blobs directory a file")
+	}
+	if got := h.read(t, "etc/containerd/config.toml"); got != testCtrdConfig {
+		t.Errorf("containerd's config written by a failed switch:\n%s", got)
+	}
+	if last := h.calls[len(h.calls)-1]; last != "systemctl start containerd.service" {
+		t.Errorf("containerd left stopped: calls %q", h.calls)
+	}
+	if err := os.Remove(filepath.Join(h.root, "var/lib/coop/blobs")); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.install(t, "systemd", false, proxyArgs...); err != nil {
+		t.Fatal(err)
+	}
+	if s := h.state(t); !s.Switched || s.BlobsMoved != 2 {
+		t.Errorf("second run: state %+v", s)
+	}
+}
+
+// TestMoveBlobsAcrossFilesystems copies when a rename or link cannot cross.
+func TestMoveBlobsAcrossFilesystems(t *testing.T) {
+	other, err := os.MkdirTemp("/dev/shm", "coop-install-")
+	if err != nil {
+		t.Skip("no /dev/shm:", err)
+	}
+	defer os.RemoveAll(other)
+	for _, link := range []bool{false, true} {
+		from := t.TempDir()
+		to := filepath.Join(other, strconv.FormatBool(link))
+		write(t, filepath.Join(from, "blobs/sha256", testBlob), "blob")
+		n, err := moveBlobs(from, to, link)
+		if err != nil || n != 1 {
+			t.Fatalf("link %v: moved %d, %v", link, n, err)
+		}
+		if b, err := os.ReadFile(filepath.Join(to, "blobs/sha256", testBlob)); err != nil || string(b) != "blob" {
+			t.Errorf("link %v: copy %q, %v", link, b, err)
+		}
+		_, err = os.Stat(filepath.Join(from, "blobs/sha256", testBlob))
+		if link == (err != nil) {
+			t.Errorf("link %v: the source after the copy: %v", link, err)
+		}
 	}
 }

@@ -56,6 +56,14 @@ type KubeNode struct {
 	containerd *process
 	kubelet    *process
 	cgroups    []string
+	// containerdConfig is containerd's config.toml, the node's
+	// /etc/containerd/config.toml.
+	containerdConfig string
+	// hostCoop is coop node run as its systemd unit says, once coop
+	// install asked for it (ApplyInstall); installed the install.state
+	// applied last.
+	hostCoop  *process
+	installed time.Time
 }
 
 // Node paths inside the node's mount namespace.
@@ -81,7 +89,8 @@ func StartKubeNode(ctx context.Context, o KubeNodeOptions) (_ *KubeNode, retErr 
 	}
 	start := time.Now()
 	dirs := map[string]string{}
-	for _, d := range []string{"run", "kubelet", "certs.d", "coop", "cni", "pods", "containerd", "state", "tmp", "opt", "runc", "fake", "pki"} {
+	for _, d := range []string{"run", "kubelet", "etc-containerd", "certs.d", "coop", "cni", "pods", "containerd", "state", "tmp", "opt", "runc", "fake", "pki",
+		"etc-coop", "run-coop", "units", "bin"} {
 		dirs[d] = filepath.Join(o.Dir, d)
 		if err := os.MkdirAll(dirs[d], 0o755); err != nil {
 			return nil, err
@@ -106,7 +115,10 @@ func StartKubeNode(ctx context.Context, o KubeNodeOptions) (_ *KubeNode, retErr 
 	script := []string{
 		"set -e",
 		"hostname " + o.Name,
-		"mkdir -p /run/netns /run/containerd /var/lib/kubelet /etc/containerd/certs.d /var/lib/coop /etc/cni/net.d /var/log/pods",
+		// The node's own mounts propagate to its pods' hostPath volumes
+		// (HostToContainer), never out of the node.
+		"mount --make-rshared /",
+		"mkdir -p /run/netns /run/containerd /var/lib/kubelet /etc/containerd /var/lib/coop /etc/cni/net.d /var/log/pods /etc/coop /run/coop",
 		// Pod network namespaces stay in the node (KUBERNETES.md, 4).
 		"mount -t tmpfs tmpfs /run/netns",
 		// The kubelet writes these machine-wide otherwise (3).
@@ -116,7 +128,15 @@ func StartKubeNode(ctx context.Context, o KubeNodeOptions) (_ *KubeNode, retErr 
 		"mount --bind " + dirs["run"] + " /run/containerd",
 		"mount --bind " + dirs["kubelet"] + " /var/lib/kubelet",
 		"mount --make-rshared /var/lib/kubelet",
+		// containerd's config and hosts directory, and what coop install
+		// writes on a host (README, Kubernetes: proxy and claim modes).
+		"mount --bind " + dirs["etc-containerd"] + " /etc/containerd",
+		"mkdir -p /etc/containerd/certs.d",
 		"mount --bind " + dirs["certs.d"] + " /etc/containerd/certs.d",
+		"mount --bind " + dirs["etc-coop"] + " /etc/coop",
+		"mount --bind " + dirs["run-coop"] + " /run/coop",
+		"mount --bind " + dirs["units"] + " /etc/systemd/system",
+		"mount --bind " + dirs["bin"] + " /usr/local/bin",
 		"mount --bind " + dirs["coop"] + " /var/lib/coop",
 		"mount --bind " + dirs["cni"] + " /etc/cni/net.d",
 		"mount --bind " + dirs["pods"] + " /var/log/pods",
@@ -156,19 +176,13 @@ func StartKubeNode(ctx context.Context, o KubeNodeOptions) (_ *KubeNode, retErr 
       bin_dirs = ["/usr/lib/cni"]
       conf_dir = "/etc/cni/net.d"
 `, o.SandboxImage)
-	cfgPath := filepath.Join(o.Dir, "containerd.toml")
+	cfgPath := filepath.Join(dirs["etc-containerd"], "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return nil, err
 	}
-	if n.containerd, err = n.startInNode("containerd", o.Tools.Containerd, "--config", cfgPath); err != nil {
+	n.containerdConfig = cfgPath
+	if err := n.startContainerd(ctx); err != nil {
 		return nil, err
-	}
-	sock := filepath.Join(dirs["run"], "containerd.sock")
-	if err := waitReady(ctx, 30*time.Second, n.containerd, func(context.Context) error {
-		_, err := os.Stat(sock)
-		return err
-	}); err != nil {
-		return nil, fmt.Errorf("node %s: %w; containerd: %s", o.Name, err, tailFile(n.containerd.logPath, 20))
 	}
 	cgroupRoot := "/coop-" + o.Name
 	if err := n.makeCgroups(cgroupRoot); err != nil {
@@ -320,6 +334,9 @@ func (n *KubeNode) Stop() {
 	}
 	if n.containerd != nil {
 		_ = n.containerd.stop(10 * time.Second)
+	}
+	if n.hostCoop != nil {
+		_ = n.hostCoop.stop(10 * time.Second)
 	}
 	// The pods' processes (in the node's cgroups) and the shims (in its
 	// mount namespace) outlive containerd: end them.

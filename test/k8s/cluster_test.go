@@ -91,6 +91,11 @@ func TestCluster(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Claim mode's image: layers of 1 MiB or more are claimed.
+	web2, err := reg.PushRandomImage(ctx, harness.ImageSpec{Repo: "coop/web2", Tag: "1", LayerSizes: []int64{5 << 20, 2 << 20}, Busybox: harness.BusyboxPath})
+	if err != nil {
+		t.Fatal(err)
+	}
 	lap("images built and pushed")
 
 	dir, err := os.MkdirTemp("", "coopk8s")
@@ -204,23 +209,163 @@ func TestCluster(t *testing.T) {
 		t.Errorf("n2's new coop pod: problems %q", s.Problems)
 	}
 	lap("coop pod on n2 restarted; web pods untouched")
+	if t.Failed() {
+		return
+	}
+	testClaimMode(ctx, t, cp, reg, nodes, pause, web2, lap)
+}
+
+// testClaimMode upgrades the chart to claim mode: on each node, in turn,
+// the chart's pod runs coop install (--restart none: the test nodes have no
+// systemd, ApplyInstall does its part), which moves containerd's blobs into
+// coop's store; coop node then runs on the host and containerd on coop's
+// store. Then: the pods of the observer phase run on; a Deployment on n1
+// pulls from the registry; scaled out with the registry gone, n2 and n3
+// claim its layers from n1; coop killed on n2 under running pods comes back
+// and nothing breaks.
+func testClaimMode(ctx context.Context, t *testing.T, cp *harness.ControlPlane, reg *harness.Registry, nodes map[string]*harness.KubeNode, pause, web2 *harness.Image, lap func(string)) {
+	if err := reg.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// systemd's part, for each node whose pod has installed.
+	applyCtx, stopApply := context.WithCancel(ctx)
+	applied := make(chan error, 1)
+	go func() {
+		defer close(applied)
+		for {
+			for _, n := range nodes {
+				if _, err := n.ApplyInstall(applyCtx); err != nil && applyCtx.Err() == nil {
+					applied <- err
+					return
+				}
+			}
+			select {
+			case <-applyCtx.Done():
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+		}
+	}()
+	out, err := cp.Helm(ctx, "upgrade", "coop", chartDir, "--namespace", namespace, "--reuse-values",
+		"--set", "node.contentMode=proxy", "--set", "node.claim=true", "--set", "node.host.restart=none",
+		"--wait", "--timeout", "4m")
+	if err == nil {
+		// helm's wait takes a DaemonSet with maxUnavailable pods not
+		// Ready yet.
+		out, err = cp.Kubectl(ctx, nil, "-n", namespace, "rollout", "status", "ds/coop-node", "--timeout=3m")
+	}
+	stopApply()
+	if aerr := <-applied; aerr != nil {
+		t.Fatalf("applying coop install: %v", aerr)
+	}
+	if err != nil {
+		t.Fatalf("helm upgrade to claim mode: %v\n%s\n%s", err, out, describe(ctx, cp))
+	}
+	lap("chart upgraded to claim mode: coop installed on 3 hosts, containerd on coop's store")
+	for name, n := range nodes {
+		if _, err := os.Stat(filepath.Join(n.Dir(), "units", "coop-node.service")); err != nil {
+			t.Errorf("%s: no unit: %v", name, err)
+		}
+		// containerd's blobs are coop's now: the sandbox image's among them.
+		for _, l := range pause.Layers {
+			if _, err := os.Stat(filepath.Join(n.Dir(), "coop", "blobs", "sha256", l.Digest.Encoded())); err != nil {
+				t.Errorf("%s: the sandbox image's layer is not in coop's store: %v", name, err)
+			}
+		}
+	}
+	checkWebPods(ctx, t, cp, "web", "after containerd moved onto coop's store")
+
+	if _, err := cp.Kubectl(ctx, []byte(deployment("web2", web2.DigestRef, 1, "nodeSelector: {kubernetes.io/hostname: n1}")), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, nil, "rollout", "status", "deploy/web2", "--timeout=3m"); err != nil {
+		t.Fatalf("web2 on n1: %v\n%s", err, describe(ctx, cp))
+	}
+	lap("web2 Running on n1 (from the registry, into coop's store)")
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	spread := deployment("web2", web2.DigestRef, 3, "topologySpreadConstraints: [{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web2}}}]")
+	if _, err := cp.Kubectl(ctx, []byte(spread), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, nil, "rollout", "status", "deploy/web2", "--timeout=3m"); err != nil {
+		t.Fatalf("web2 scaled out with the registry down: %v\n%s", err, describe(ctx, cp))
+	}
+	lap("web2 Running on 3 nodes with the registry down")
+	// Claimed: the new layers of 1 MiB or more (the busybox layer came
+	// with the sandbox image).
+	var claimable int
+	for _, l := range web2.Layers {
+		if l.Size >= 1<<20 && !slices.ContainsFunc(pause.Layers, func(p harness.Blob) bool { return p.Digest == l.Digest }) {
+			claimable++
+		}
+	}
+	for _, name := range []string{"n2", "n3"} {
+		s := coopStatusIn(ctx, t, cp, name, "install")
+		if s.ContentMode != "proxy" || s.Claims["done"] < int64(claimable) || s.Claims["failed"] > 0 {
+			t.Errorf("%s: coop status says mode %q, claims %+v; want proxy and %d claims done, none failed", name, s.ContentMode, s.Claims, claimable)
+		}
+		if len(s.Problems) > 0 {
+			t.Errorf("%s: coop status problems %q", name, s.Problems)
+		}
+	}
+
+	// coop killed on n2 under running pods: systemd starts it again,
+	// containerd reconnects, the pods run on.
+	if err := nodes["n2"].RestartHostCoop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, nil, "-n", namespace, "rollout", "status", "ds/coop-node", "--timeout=2m"); err != nil {
+		t.Fatalf("coop node after a restart on n2: %v\n%s", err, describe(ctx, cp))
+	}
+	checkWebPods(ctx, t, cp, "web", "after coop's restart on n2")
+	checkWebPods(ctx, t, cp, "web2", "after coop's restart on n2")
+	if s := coopStatusIn(ctx, t, cp, "n2", "install"); len(s.Problems) > 0 {
+		t.Errorf("n2's coop after its restart: problems %q", s.Problems)
+	}
+	lap("coop on n2 killed and restarted; web and web2 pods untouched")
+}
+
+// checkWebPods fails unless every pod of app runs with no restart.
+func checkWebPods(ctx context.Context, t *testing.T, cp *harness.ControlPlane, app, when string) {
+	t.Helper()
+	out, err := cp.Kubectl(ctx, nil, "get", "pods", "-l", "app="+app, "-o", `jsonpath={range .items[*]}{.spec.nodeName}={.status.phase}/{.status.containerStatuses[0].restartCount} {end}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(strings.Fields(out)) == 0 {
+		t.Errorf("%s pods %s: none", app, when)
+	}
+	for _, f := range strings.Fields(out) {
+		if !strings.HasSuffix(f, "=Running/0") {
+			t.Errorf("%s pods %s: %s, want every one Running with no restart", app, when, out)
+			break
+		}
+	}
 }
 
 // webDeployment is the test's Deployment "web" of image, with replicas and
 // one more line of pod spec (where its pods go).
 func webDeployment(image string, replicas int, placement string) string {
+	return deployment("web", image, replicas, placement)
+}
+
+// deployment is a Deployment name of image, with replicas and one more line
+// of pod spec; its pods are labelled app=name.
+func deployment(name, image string, replicas int, placement string) string {
 	return fmt.Sprintf(`apiVersion: apps/v1
 kind: Deployment
-metadata: {name: web, namespace: default}
+metadata: {name: %[1]s, namespace: default}
 spec:
-  replicas: %d
-  selector: {matchLabels: {app: web}}
+  replicas: %[2]d
+  selector: {matchLabels: {app: %[1]s}}
   template:
-    metadata: {labels: {app: web}}
+    metadata: {labels: {app: %[1]s}}
     spec:
-      %s
-      containers: [{name: web, image: %q}]
-`, replicas, placement, image)
+      %[3]s
+      containers: [{name: %[1]s, image: %[4]q}]
+`, name, replicas, placement, image)
 }
 
 // coopPod is the name of the coop node pod on node.
@@ -237,8 +382,15 @@ func coopPod(ctx context.Context, t *testing.T, cp *harness.ControlPlane, node s
 // coopStatus runs coop status --json in node's coop pod.
 func coopStatus(ctx context.Context, t *testing.T, cp *harness.ControlPlane, nodeName string) node.Status {
 	t.Helper()
+	return coopStatusIn(ctx, t, cp, nodeName, "node")
+}
+
+// coopStatusIn runs coop status --json in the container of node's coop pod
+// ("install" in proxy mode: it asks the coop node on the host).
+func coopStatusIn(ctx context.Context, t *testing.T, cp *harness.ControlPlane, nodeName, container string) node.Status {
+	t.Helper()
 	var s node.Status
-	out, err := cp.Kubectl(ctx, nil, "-n", namespace, "exec", coopPod(ctx, t, cp, nodeName), "-c", "node", "--", "coop", "status", "--json")
+	out, err := cp.Kubectl(ctx, nil, "-n", namespace, "exec", coopPod(ctx, t, cp, nodeName), "-c", container, "--", "coop", "status", "--json")
 	if jerr := json.Unmarshal([]byte(out), &s); jerr != nil {
 		t.Fatalf("coop status on %s: %v, %v: %s", nodeName, err, jerr, out)
 	}
