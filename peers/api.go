@@ -37,6 +37,9 @@ type Candidate struct {
 	Size int64 `json:"size"`
 	// Load is the node's load when the index knows it.
 	Load *Load `json:"load,omitempty"`
+	// Partial: the node is still downloading the blob; it serves the
+	// chunks it has (PartialPath).
+	Partial bool `json:"partial,omitempty"`
 }
 
 // InventoryResponse is the body of GET /coop/v1/inventory. With

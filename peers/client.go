@@ -120,6 +120,10 @@ func (c *Client) FetchRange(ctx context.Context, baseURL string, dgst digest.Dig
 		case http.StatusTooManyRequests:
 			secs, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
 			return nil, &BusyError{Peer: baseURL, RetryAfter: time.Duration(secs) * time.Second}
+		case http.StatusServiceUnavailable:
+			if resp.Header.Get(NotYetHeader) != "" {
+				return nil, &NotYetError{Peer: baseURL}
+			}
 		}
 		return nil, fmt.Errorf("peer %s: blob %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
 	}
@@ -227,6 +231,48 @@ func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint6
 		return nil, fmt.Errorf("peer %s: inventory: %w", baseURL, err)
 	}
 	return &ir, nil
+}
+
+// maxPartialResponse bounds a PartialStatus answer: two bitmaps of
+// MaxPartialChunks bits in base64, and the rest.
+const maxPartialResponse = 64 << 10
+
+// PartialStatus asks the peer which chunks of dgst (of size bytes) it has:
+// a blob it is still downloading, or Whole. A peer with neither answers
+// ErrNotFound.
+func (c *Client) PartialStatus(ctx context.Context, baseURL string, dgst digest.Digest, size int64) (*PartialStatus, error) {
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("digest %q: %v: %w", dgst, err, errdefs.ErrInvalidArgument)
+	}
+	u, err := JoinURL(baseURL, PartialPath, dgst.String())
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return nil, fmt.Errorf("peer %s: partial %s: %w", baseURL, dgst, errdefs.ErrNotFound)
+	default:
+		return nil, fmt.Errorf("peer %s: partial %s: %s: %w", baseURL, dgst, resp.Status, errdefs.ErrUnavailable)
+	}
+	var st PartialStatus
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxPartialResponse)).Decode(&st); err != nil {
+		return nil, fmt.Errorf("peer %s: partial %s: bad answer: %v: %w", baseURL, dgst, err, errdefs.ErrDataLoss)
+	}
+	if err := st.Validate(dgst, size); err != nil {
+		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
+	}
+	return &st, nil
 }
 
 // Container reads the record of container id in namespace ns at the peer.

@@ -7,9 +7,11 @@ import (
 	"io"
 	"net/http"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // answerTransport answers every request 200 with body.
@@ -86,6 +88,36 @@ func FuzzClientContainer(f *testing.F) {
 		}
 		if rec.Image == "" || rec.Target.Digest.Validate() != nil || !json.Valid(rec.Spec) {
 			t.Fatalf("%q: accepted %+v", body, rec)
+		}
+	})
+}
+
+// FuzzClientPartialStatus checks the client's reading of a chunk map: an
+// answer it accepts is for the blob asked, within the bounds, with bitmaps
+// of the right length (or Whole); one it refuses is ErrDataLoss.
+func FuzzClientPartialStatus(f *testing.F) {
+	ctx := context.Background()
+	d := "sha256:" + strings.Repeat("ab", 32)
+	f.Add([]byte(`{"node":"a","digest":"`+d+`","size":200000,"chunk_size":65536,"have":"Dw==","fetching":"AA=="}`), int64(200000))
+	f.Add([]byte(`{"node":"a","digest":"`+d+`","size":5,"whole":true}`), int64(5))
+	f.Add([]byte(`{"digest":"`+d+`","size":1e18,"chunk_size":1}`), int64(0))
+	f.Fuzz(func(t *testing.T, body []byte, size int64) {
+		c := &Client{HTTP: &http.Client{Transport: answerTransport(body)}, Node: "t"}
+		st, err := c.PartialStatus(ctx, "http://peer", digest.Digest(d), size)
+		if err != nil {
+			if !errdefs.IsDataLoss(err) {
+				t.Fatalf("%q: error %v is not data loss", body, err)
+			}
+			return
+		}
+		if st.Digest != digest.Digest(d) || (size > 0 && st.Size != size) || st.Size <= 0 {
+			t.Fatalf("%q: accepted %+v", body, st)
+		}
+		if !st.Whole {
+			n := Chunks(st.Size, st.ChunkSize)
+			if st.ChunkSize < MinPartialChunk || n > MaxPartialChunks || len(st.Have) != (n+7)/8 {
+				t.Fatalf("%q: accepted %+v", body, st)
+			}
 		}
 	})
 }

@@ -63,6 +63,18 @@ type DownloadOptions struct {
 	// OnBytes, if set, is called with every n bytes of dgst received from node
 	// (hedged duplicates included).
 	OnBytes func(dgst digest.Digest, node string, n int)
+	// Partials, when set, make every download a swarm member (see
+	// Partials): its chunks (of ChunkSize) are spooled there, where peers
+	// can take them before the blob is whole, and candidates marked
+	// Partial serve it the chunks they have. nil: no swarm.
+	Partials *Partials
+	// Refresh, when set with Partials, is asked now and then during a
+	// download for the blob's candidates again: partial holders appear as
+	// other nodes start the same blob.
+	Refresh func(ctx context.Context, dgst digest.Digest) []Candidate
+	// PartialPoll is how often a swarm download reads its partial peers'
+	// chunk maps. Default 250ms; Refresh is asked every fourth time.
+	PartialPoll time.Duration
 	// MaxSize bounds the size of a blob downloaded: a larger size, which
 	// only a broken or hostile peer would report, fails with
 	// ErrInvalidArgument before anything is planned. Default
@@ -131,7 +143,21 @@ func (dl *Downloader) Estimates() *Estimates { return dl.opts.Estimates }
 // A size of 0 or less, or above MaxSize, fails with ErrInvalidArgument; no
 // candidate of that size, with ErrNotFound.
 func (dl *Downloader) Download(ctx context.Context, dgst digest.Digest, size int64, cands []Candidate, w io.Writer) (DownloadStats, error) {
-	d, err := newDownload(dl, dgst, size, cands, dl.opts)
+	if dl.opts.Partials != nil && (dl.opts.Policy == "" || dl.opts.Policy == PolicyStripe) {
+		if s, err := newSwarm(dl, dgst, size, cands); err != nil {
+			return DownloadStats{}, err
+		} else if s != nil {
+			return s.run(ctx, w)
+		}
+		// Downloading here already: without a spool.
+	}
+	whole := make([]Candidate, 0, len(cands))
+	for _, c := range cands {
+		if !c.Partial {
+			whole = append(whole, c)
+		}
+	}
+	d, err := newDownload(dl, dgst, size, whole, dl.opts)
 	if err != nil {
 		return DownloadStats{}, err
 	}
@@ -539,57 +565,63 @@ func (d *download) pickLocked(peer string) (*chunk, bool) {
 // fetchChunk reads one chunk from the peer, cutting it off when it stalls
 // or trickles.
 func (d *download) fetchChunk(ctx context.Context, c Candidate, ch *chunk, a *attempt) ([]byte, time.Duration, error) {
+	return d.dl.fetchRange(ctx, c, d.dgst, d.size, ch.off, ch.n, d.opts, a)
+}
+
+// fetchRange reads length bytes of dgst at off from the peer into a pooled
+// buffer, cutting it off when it stalls or trickles.
+func (dl *Downloader) fetchRange(ctx context.Context, c Candidate, dgst digest.Digest, size, off, length int64, opts DownloadOptions, a *attempt) ([]byte, time.Duration, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	body, err := d.f.FetchRange(ctx, c.URL, d.dgst, ch.off, ch.n, d.size)
+	body, err := dl.f.FetchRange(ctx, c.URL, dgst, off, length, size)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer body.Close()
 	ttfb := time.Since(a.started)
-	buf := d.dl.getBuf(ch.n)
+	buf := dl.getBuf(length)
 	var n int64
 	window, windowBytes := time.Now(), int64(0)
-	for n < ch.n {
+	for n < length {
 		fired := make(chan struct{})
-		timer := time.AfterFunc(d.opts.Stall, func() {
+		timer := time.AfterFunc(opts.Stall, func() {
 			defer close(fired)
 			cancel()
 			body.Close()
 		})
-		k, rerr := body.Read(buf[n:ch.n])
+		k, rerr := body.Read(buf[n:length])
 		if !timer.Stop() {
 			// The timer fired (perhaps just as data came): the body is
 			// closed, so this peer is done for this chunk. Its function
 			// runs in a goroutine of its own: wait for it.
 			<-fired
-			return buf, ttfb, fmt.Errorf("offset %d: stalled for %v: %w", ch.off+n, d.opts.Stall, errdefs.ErrUnavailable)
+			return buf, ttfb, fmt.Errorf("offset %d: stalled for %v: %w", off+n, opts.Stall, errdefs.ErrUnavailable)
 		}
 		if k > 0 {
 			n += int64(k)
 			a.got.Store(n)
 			windowBytes += int64(k)
-			if d.opts.OnBytes != nil {
-				d.opts.OnBytes(d.dgst, c.Node, k)
+			if opts.OnBytes != nil {
+				opts.OnBytes(dgst, c.Node, k)
 			}
 		}
-		if el := time.Since(window); d.opts.MinRate > 0 && el >= d.opts.Stall {
-			if float64(windowBytes) < float64(d.opts.MinRate)*el.Seconds() {
-				return buf, ttfb, fmt.Errorf("offset %d: %d bytes in %v: too slow: %w", ch.off+n, windowBytes, el.Round(time.Millisecond), errdefs.ErrUnavailable)
+		if el := time.Since(window); opts.MinRate > 0 && el >= opts.Stall {
+			if float64(windowBytes) < float64(opts.MinRate)*el.Seconds() {
+				return buf, ttfb, fmt.Errorf("offset %d: %d bytes in %v: too slow: %w", off+n, windowBytes, el.Round(time.Millisecond), errdefs.ErrUnavailable)
 			}
 			window, windowBytes = time.Now(), 0
 		}
 		if rerr != nil {
-			if n == ch.n && errors.Is(rerr, io.EOF) {
+			if n == length && errors.Is(rerr, io.EOF) {
 				break
 			}
 			if errors.Is(rerr, io.EOF) {
 				rerr = io.ErrUnexpectedEOF
 			}
-			return buf, ttfb, fmt.Errorf("offset %d: %w", ch.off+n, rerr)
+			return buf, ttfb, fmt.Errorf("offset %d: %w", off+n, rerr)
 		}
 	}
-	return buf[:ch.n], ttfb, nil
+	return buf[:length], ttfb, nil
 }
 
 // getBuf returns a chunk buffer of n bytes, reused when one is free.

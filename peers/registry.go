@@ -78,6 +78,9 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 	info, err := s.store.Info(ctx, dgst)
 	if err != nil {
 		if errdefs.IsNotFound(err) {
+			if p := s.partials.Get(dgst); p != nil {
+				return s.servePartial(w, r, p)
+			}
 			return newError(http.StatusNotFound, CodeBlobUnknown, errdefs.ErrNotFound, "blob %s", dgst)
 		}
 		return fmt.Errorf("blob %s info: %w", dgst, err)

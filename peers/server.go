@@ -64,6 +64,15 @@ type ServerOptions struct {
 	// long, which frees its upload slot: the write deadline moves on while
 	// bytes flow (see NewStallWriter). Default DefaultWriteStall.
 	WriteStall time.Duration
+	// Partials, when set, are the blobs this node is downloading: a ranged
+	// GET of chunks already here is served from them, of chunks being
+	// fetched after they arrive (at most PartialWait), and PartialPath
+	// tells which chunks are here (a swarm, see Partials).
+	Partials *Partials
+	// PartialWait bounds the wait for a chunk being fetched before the
+	// answer says "not yet" (503 with NotYetHeader). Default
+	// DefaultPartialWait.
+	PartialWait time.Duration
 }
 
 const (
@@ -72,6 +81,9 @@ const (
 	DefaultMaxUploadsPerClient = 4
 	// DefaultWriteStall is the default ServerOptions.WriteStall.
 	DefaultWriteStall = 15 * time.Second
+	// DefaultPartialWait is the default ServerOptions.PartialWait: below
+	// a peer client's wait for response headers.
+	DefaultPartialWait = 3 * time.Second
 )
 
 // ClientIP returns the IP address a request came from (the host of its
@@ -90,6 +102,7 @@ const (
 	kindManifest  = string(KindManifest)
 	kindInventory = "inventory"
 	kindHave      = "have"
+	kindPartial   = "partial"
 	kindOther     = "other"
 )
 
@@ -112,6 +125,8 @@ type Server struct {
 	maxPerClient int // 0: no bound
 	clientKey    func(*http.Request) string
 	writeStall   time.Duration
+	partials     *Partials
+	partialWait  time.Duration
 	slotsMu      sync.Mutex     // taking and giving back an upload slot
 	byClient     map[string]int // upload slots held, by client key
 	active       atomic.Int64   // blob bodies being sent
@@ -160,6 +175,10 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	if writeStall == 0 {
 		writeStall = DefaultWriteStall
 	}
+	partialWait := opts.PartialWait
+	if partialWait <= 0 {
+		partialWait = DefaultPartialWait
+	}
 	m := newServerMetrics()
 	m.maxUploads.Set(float64(opts.MaxUploads))
 	if opts.Registerer != nil {
@@ -172,6 +191,8 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		maxPerClient: perClient,
 		clientKey:    clientKey,
 		writeStall:   writeStall,
+		partials:     opts.Partials,
+		partialWait:  partialWait,
 		byClient:     map[string]int{},
 		containers:   opts.Containers,
 		containerNSs: slices.Clone(opts.ContainerNamespaces),
@@ -248,6 +269,9 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request) (string, error
 		return kindOther, allow(w, r, serveHealth, http.MethodGet, http.MethodHead)
 	case MetricsPath:
 		return kindOther, allow(w, r, s.serveMetrics, http.MethodGet, http.MethodHead)
+	}
+	if ref, ok := strings.CutPrefix(p, PartialPath+"/"); ok {
+		return kindPartial, allow(w, r, func(w http.ResponseWriter, r *http.Request) error { return s.servePartialStatus(w, r, ref) }, http.MethodGet)
 	}
 	if strings.HasPrefix(p, ContainersPath+"/") {
 		return kindOther, s.serveContainer(w, r, strings.TrimPrefix(p, ContainersPath+"/"))
@@ -391,6 +415,7 @@ type serverMetrics struct {
 	maxUploads    prometheus.Gauge
 	busy          prometheus.Counter
 	busyClient    prometheus.Counter
+	partial       *prometheus.CounterVec
 }
 
 func newServerMetrics() *serverMetrics {
@@ -419,11 +444,15 @@ func newServerMetrics() *serverMetrics {
 			Name: "coop_peer_client_busy_total",
 			Help: "Blob requests refused with 429 because their client had as many uploads running as one client may.",
 		}),
+		partial: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coop_peer_partial_requests_total",
+			Help: "Ranged blob requests for a blob still downloading here, by result (served: the chunks were here or arrived in time; not_yet: 503 with X-Coop-Not-Yet).",
+		}, []string{"result"}),
 	}
 }
 
 func (m *serverMetrics) register(reg prometheus.Registerer) error {
-	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.maxUploads, m.busy, m.busyClient}
+	cs := []prometheus.Collector{m.requests, m.servedBytes, m.activeUploads, m.maxUploads, m.busy, m.busyClient, m.partial}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			for _, done := range cs[:i] {

@@ -1,0 +1,486 @@
+package peers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	digest "github.com/opencontainers/go-digest"
+)
+
+// PartialFetcher also reads a peer's chunk map (Client does): a swarm
+// download then takes chunks from peers still downloading the blob.
+type PartialFetcher interface {
+	RangeFetcher
+	PartialStatus(ctx context.Context, baseURL string, dgst digest.Digest, size int64) (*PartialStatus, error)
+}
+
+// notYetBackoff is how long a peer that answered "not yet" for a chunk is
+// not asked for it again.
+const notYetBackoff = 300 * time.Millisecond
+
+// swarm is one download in a swarm: chunks land in a spool file (a Partial
+// that peers read) in any order, and the writer takes them in order.
+//
+// Which chunk a peer is asked for: a peer still downloading the blob
+// serves the chunks it has (or is fetching: it answers once they arrive),
+// the rarest first among the peers known, then at random; a peer holding
+// the whole blob (the source) serves only the chunks no partial peer has
+// or is fetching, at random, so that in a rollout every node asks the
+// source for other chunks and each chunk leaves it about once. The writer's
+// next chunk is hedged on another peer when its only attempt runs long.
+type swarm struct {
+	dl     *Downloader
+	pf     PartialFetcher // nil: no partial peers
+	dgst   digest.Digest
+	size   int64
+	opts   DownloadOptions
+	est    *Estimates
+	part   *Partial
+	n      int
+	window int
+
+	mu       sync.Mutex
+	cond     *sync.Cond
+	peers    map[string]*swarmPeer
+	order    []*swarmPeer
+	inflight []int       // attempts running, by chunk
+	started  []time.Time // first attempt's start, by chunk
+	from     []string    // the peer each chunk came from
+	next     int         // the writer's next chunk
+	stats    DownloadStats
+	done     bool
+	active   int
+	rng      *rand.Rand
+	lastByte atomic.Int64 // unix nanoseconds of the last byte received
+}
+
+type swarmPeer struct {
+	c              Candidate
+	whole          bool
+	have, fetching bitmap
+	notYet         map[int]time.Time
+	running        bool
+	failed         error
+}
+
+// newSwarm starts a swarm download, or returns nil when dgst is being
+// downloaded here already.
+func newSwarm(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate) (*swarm, error) {
+	opts := dl.opts
+	if size <= 0 {
+		return nil, fmt.Errorf("download of a %d-byte blob: %w", size, errdefs.ErrInvalidArgument)
+	}
+	if opts.MaxSize <= 0 {
+		opts.MaxSize = DefaultMaxBlobSize
+	}
+	if size > opts.MaxSize {
+		return nil, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, opts.MaxSize, errdefs.ErrInvalidArgument)
+	}
+	if opts.ChunkSize <= 0 {
+		opts.ChunkSize = 4 << 20
+	}
+	// A chunk map stays within MaxPartialChunks.
+	chunk := max(opts.ChunkSize, MinPartialChunk, (size+MaxPartialChunks-1)/MaxPartialChunks)
+	opts.ChunkSize = chunk
+	if opts.Buffer <= 0 {
+		opts.Buffer = 64 << 20
+	}
+	if opts.MaxPeers <= 0 {
+		opts.MaxPeers = 8
+	}
+	if opts.Stall <= 0 {
+		opts.Stall = 5 * time.Second
+	}
+	if opts.MinRate == 0 {
+		opts.MinRate = 64 << 10
+	}
+	if opts.PartialPoll <= 0 {
+		opts.PartialPoll = 250 * time.Millisecond
+	}
+	ok := false
+	for _, c := range cands {
+		ok = ok || c.Size == size
+	}
+	if !ok {
+		return nil, fmt.Errorf("blob %s: no candidate of size %d: %w", dgst, size, errdefs.ErrNotFound)
+	}
+	part, started, err := opts.Partials.Start(dgst, size, chunk)
+	if err != nil || !started {
+		return nil, err
+	}
+	n := part.Chunks()
+	s := &swarm{dl: dl, dgst: dgst, size: size, opts: opts, est: opts.Estimates, part: part, n: n,
+		window:   max(int(opts.Buffer/chunk), 2),
+		peers:    map[string]*swarmPeer{},
+		inflight: make([]int, n), started: make([]time.Time, n), from: make([]string, n),
+		stats: DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}},
+		rng:   rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+	}
+	if s.est == nil {
+		s.est = NewEstimates()
+	}
+	s.pf, _ = dl.f.(PartialFetcher)
+	s.lastByte.Store(time.Now().UnixNano())
+	onBytes := opts.OnBytes
+	s.opts.OnBytes = func(d digest.Digest, node string, n int) {
+		s.lastByte.Store(time.Now().UnixNano())
+		if onBytes != nil {
+			onBytes(d, node, n)
+		}
+	}
+	s.cond = sync.NewCond(&s.mu)
+	s.mu.Lock()
+	s.addLocked(cands)
+	s.mu.Unlock()
+	return s, nil
+}
+
+// addLocked adds the candidates not known yet (of the right size; partial
+// ones only when their chunk maps can be read).
+func (s *swarm) addLocked(cands []Candidate) {
+	for _, c := range cands {
+		if c.Size != s.size || (c.Partial && s.pf == nil) {
+			continue
+		}
+		if p, ok := s.peers[c.Node]; ok {
+			if !c.Partial && !p.whole && p.failed == nil {
+				p.whole = true // it finished
+			}
+			continue
+		}
+		p := &swarmPeer{c: c, whole: !c.Partial, notYet: map[int]time.Time{}}
+		if !p.whole {
+			p.have, p.fetching = newBitmap(s.n), newBitmap(s.n)
+		}
+		s.peers[c.Node] = p
+		s.order = append(s.order, p)
+	}
+}
+
+func (s *swarm) run(ctx context.Context, w io.Writer) (DownloadStats, error) {
+	defer s.part.End()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	s.mu.Lock()
+	s.startWorkersLocked(ctx, &wg)
+	s.mu.Unlock()
+	wg.Go(func() { s.watch(ctx, &wg) })
+	defer func() {
+		s.mu.Lock()
+		s.done = true
+		s.cond.Broadcast()
+		s.mu.Unlock()
+		cancel()
+		wg.Wait()
+	}()
+	buf := s.dl.getBuf(s.opts.ChunkSize)
+	defer s.dl.putBuf(buf)
+	for {
+		s.mu.Lock()
+		if s.next >= s.n {
+			stats := s.statsLocked()
+			s.mu.Unlock()
+			return stats, nil
+		}
+		for !s.part.Has(s.next) && ctx.Err() == nil && !s.stuckLocked() {
+			s.cond.Wait()
+		}
+		if !s.part.Has(s.next) {
+			err := ctx.Err()
+			if err == nil {
+				err = s.failureLocked()
+			}
+			stats := s.statsLocked()
+			s.mu.Unlock()
+			return stats, err
+		}
+		i, from := s.next, s.from[s.next]
+		s.mu.Unlock()
+		off, n := s.part.Span(i)
+		if _, err := s.part.ReadAt(buf[:n], off); err != nil {
+			return s.lockedStats(), fmt.Errorf("spool of %s: %w", s.dgst, err)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return s.lockedStats(), fmt.Errorf("local write: %w", err)
+		}
+		s.mu.Lock()
+		s.stats.BytesByNode[from] += n
+		s.next++
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	}
+}
+
+// stuckLocked says whether the download cannot go on: no worker left, or
+// no byte arrived for twice the stall timeout (peers answering only "not
+// yet", say).
+func (s *swarm) stuckLocked() bool {
+	return s.active == 0 || s.sinceByte() > 2*s.opts.Stall
+}
+
+// sinceByte is the time since the last byte arrived from any peer.
+func (s *swarm) sinceByte() time.Duration {
+	return time.Duration(time.Now().UnixNano() - s.lastByte.Load())
+}
+
+func (s *swarm) lockedStats() DownloadStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.statsLocked()
+}
+
+func (s *swarm) statsLocked() DownloadStats {
+	st := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: s.stats.Hedged}
+	for k, v := range s.stats.BytesByNode {
+		st.BytesByNode[k] = v
+	}
+	for k, v := range s.stats.Failed {
+		st.Failed[k] = v
+	}
+	return st
+}
+
+func (s *swarm) failureLocked() error {
+	var errs []error
+	for _, p := range s.order {
+		if p.failed != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p.c.Node, p.failed))
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, fmt.Errorf("no chunk arrived for %v", 2*s.opts.Stall))
+	}
+	return fmt.Errorf("blob %s: %w: %w", s.dgst, ErrAllPeersFailed, errors.Join(errs...))
+}
+
+// startWorkersLocked starts a worker for every usable peer not running,
+// up to MaxPeers running.
+func (s *swarm) startWorkersLocked(ctx context.Context, wg *sync.WaitGroup) {
+	for _, p := range s.order {
+		if s.active >= s.opts.MaxPeers {
+			return
+		}
+		if p.running || p.failed != nil {
+			continue
+		}
+		p.running = true
+		s.active++
+		wg.Go(func() { s.worker(ctx, p, wg) })
+	}
+}
+
+// watch reads the partial peers' chunk maps every PartialPoll, asks Refresh
+// for more candidates every fourth time, and wakes idle workers.
+func (s *swarm) watch(ctx context.Context, wg *sync.WaitGroup) {
+	t := time.NewTicker(s.opts.PartialPoll)
+	defer t.Stop()
+	for tick := 1; ; tick++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if s.opts.Refresh != nil && tick%4 == 0 {
+			rctx, cancel := context.WithTimeout(ctx, 4*s.opts.PartialPoll)
+			cands := s.opts.Refresh(rctx, s.dgst)
+			cancel()
+			s.mu.Lock()
+			s.addLocked(cands)
+			s.startWorkersLocked(ctx, wg)
+			s.mu.Unlock()
+		}
+		s.poll(ctx)
+		s.mu.Lock()
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	}
+}
+
+// poll reads every live partial peer's chunk map, at once.
+func (s *swarm) poll(ctx context.Context) {
+	if s.pf == nil {
+		return
+	}
+	s.mu.Lock()
+	var ps []*swarmPeer
+	for _, p := range s.order {
+		if !p.whole && p.failed == nil {
+			ps = append(ps, p)
+		}
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, p := range ps {
+		wg.Go(func() {
+			pctx, cancel := context.WithTimeout(ctx, 4*s.opts.PartialPoll)
+			st, err := s.pf.PartialStatus(pctx, p.c.URL, s.dgst, s.size)
+			cancel()
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			switch {
+			case err != nil && errdefs.IsNotFound(err):
+				// Its download ended without the blob: it failed there.
+				p.have, p.fetching = newBitmap(s.n), newBitmap(s.n)
+			case err != nil:
+				// Unreachable now: its chunks are not counted on.
+				p.fetching = newBitmap(s.n)
+			case st.Whole:
+				p.whole = true
+			case st.ChunkSize != s.opts.ChunkSize:
+				// Another chunk grid: its maps mean nothing here.
+			default:
+				p.have, p.fetching = bitmapFromBytes(st.Have, s.n), bitmapFromBytes(st.Fetching, s.n)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// holdersLocked counts the live partial peers that have chunk i or are
+// fetching it.
+func (s *swarm) holdersLocked(i int) int {
+	k := 0
+	for _, p := range s.order {
+		if !p.whole && p.failed == nil && (p.have.has(i) || p.fetching.has(i)) {
+			k++
+		}
+	}
+	return k
+}
+
+// pickLocked returns the chunk peer p should fetch now, -1 for none, and
+// whether it hedges an attempt running elsewhere.
+func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
+	if s.done {
+		return -1, false
+	}
+	end := min(s.n, s.next+s.window)
+	now := time.Now()
+	// Nothing arrived for a while: the partial peers' chunks are not
+	// counted on (their downloads may hang), the source serves any.
+	starved := s.sinceByte() > s.opts.Stall
+	var best []int
+	bestScore := -1
+	for i := s.next; i < end; i++ {
+		if s.inflight[i] > 0 || s.part.Has(i) {
+			continue
+		}
+		var score int // higher is better
+		if p.whole {
+			if !starved && s.holdersLocked(i) > 0 {
+				continue // a partial peer has it or soon will
+			}
+			score = 1
+		} else {
+			if t, ok := p.notYet[i]; ok && now.Sub(t) < notYetBackoff {
+				continue
+			}
+			switch {
+			case p.have.has(i):
+				score = 2 * s.n
+			case p.fetching.has(i):
+				score = s.n
+			default:
+				continue
+			}
+			score -= s.holdersLocked(i) // the rarest first
+		}
+		switch {
+		case score > bestScore:
+			best, bestScore = append(best[:0], i), score
+		case score == bestScore:
+			best = append(best, i)
+		}
+	}
+	if len(best) > 0 {
+		return best[s.rng.IntN(len(best))], false
+	}
+	// Nothing to start: hedge the writer's next chunk when its only
+	// attempt runs long and this peer can serve it.
+	i := s.next
+	if i < s.n && s.inflight[i] == 1 && !s.part.Has(i) && now.Sub(s.started[i]) > s.opts.Stall/2 &&
+		(p.whole || p.have.has(i)) {
+		return i, true
+	}
+	return -1, false
+}
+
+// worker fetches chunks from one peer until the blob is done or the peer
+// fails.
+func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
+	s.est.begin(p.c.Node)
+	defer s.est.end(p.c.Node)
+	for {
+		s.mu.Lock()
+		i, hedge := s.pickLocked(p)
+		for i < 0 && !s.done && ctx.Err() == nil {
+			s.cond.Wait()
+			i, hedge = s.pickLocked(p)
+		}
+		if i < 0 {
+			s.active--
+			p.running = false
+			s.cond.Broadcast()
+			s.mu.Unlock()
+			return
+		}
+		if s.inflight[i] == 0 {
+			s.started[i] = time.Now()
+		}
+		s.inflight[i]++
+		if hedge {
+			s.stats.Hedged++
+		}
+		s.mu.Unlock()
+		s.part.Fetching(i, true)
+
+		off, n := s.part.Span(i)
+		a := &attempt{peer: p.c.Node, started: time.Now()}
+		data, ttfb, err := s.dl.fetchRange(ctx, p.c, s.dgst, s.size, off, n, s.opts, a)
+		if err == nil && !s.part.Has(i) {
+			err = s.part.Put(i, data)
+			if err == nil {
+				s.mu.Lock()
+				s.from[i] = p.c.Node
+				s.mu.Unlock()
+				s.est.Observe(p.c.Node, n, time.Since(a.started), ttfb)
+			}
+		}
+		s.dl.putBuf(data)
+
+		s.mu.Lock()
+		s.inflight[i]--
+		if s.inflight[i] == 0 && !s.part.Has(i) {
+			s.part.Fetching(i, false)
+		}
+		switch {
+		case err == nil, s.done, ctx.Err() != nil:
+			s.cond.Broadcast()
+			s.mu.Unlock()
+			continue
+		case IsNotYet(err):
+			p.notYet[i] = time.Now()
+			s.cond.Broadcast()
+			s.mu.Unlock()
+			continue
+		}
+		// The peer failed: drop it for this blob, bring in another.
+		p.failed, p.running = err, false
+		s.stats.Failed[p.c.Node] = err
+		s.active--
+		s.startWorkersLocked(ctx, wg)
+		s.cond.Broadcast()
+		s.mu.Unlock()
+		log.G(ctx).WithError(err).WithField("peer", p.c.Node).WithField("digest", s.dgst).Info("peer dropped for this blob")
+		return
+	}
+}
