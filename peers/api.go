@@ -130,13 +130,15 @@ type HaveRequest struct {
 }
 
 // HaveResponse is the answer to a HaveRequest: the blobs held among those
-// asked, with their sizes.
+// asked, with their sizes, and those being downloaded (Partial: their
+// chunks are served as they arrive, see PartialPath).
 type HaveResponse struct {
-	Node  string         `json:"node"`
-	Load  *Load          `json:"load,omitempty"`
-	Epoch string         `json:"epoch"`
-	Seq   uint64         `json:"seq"`
-	Blobs []content.Blob `json:"blobs"`
+	Node    string         `json:"node"`
+	Load    *Load          `json:"load,omitempty"`
+	Epoch   string         `json:"epoch"`
+	Seq     uint64         `json:"seq"`
+	Blobs   []content.Blob `json:"blobs"`
+	Partial []content.Blob `json:"partial,omitempty"`
 }
 
 // Validate checks an inventory answer's epoch, digests and sizes.

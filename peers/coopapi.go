@@ -102,6 +102,18 @@ func (s *Server) serveHave(w http.ResponseWriter, r *http.Request) error {
 	if blobs == nil {
 		blobs = []content.Blob{}
 	}
+	var partial []content.Blob
+	if s.partials != nil {
+		held := make(map[digest.Digest]bool, len(blobs))
+		for _, b := range blobs {
+			held[b.Digest] = true
+		}
+		for _, d := range req.Digests {
+			if p := s.partials.Get(d); p != nil && !held[d] {
+				partial = append(partial, content.Blob{Digest: d, Size: p.Size()})
+			}
+		}
+	}
 	l := s.Load()
-	return writeJSON(w, r, HaveResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: seq, Blobs: blobs})
+	return writeJSON(w, r, HaveResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: seq, Blobs: blobs, Partial: partial})
 }

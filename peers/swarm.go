@@ -22,6 +22,12 @@ type PartialFetcher interface {
 	PartialStatus(ctx context.Context, baseURL string, dgst digest.Digest, size int64) (*PartialStatus, error)
 }
 
+// SwarmChunk is the chunk of a swarm download (at most): small enough that
+// nodes starting one blob at once ask the source for different chunks,
+// large enough that a request costs little. Every node must use the same
+// to use each other's chunk maps.
+const SwarmChunk = 1 << 20
+
 // notYetBackoff is how long a peer that answered "not yet" for a chunk is
 // not asked for it again.
 const notYetBackoff = 300 * time.Millisecond
@@ -84,8 +90,8 @@ func newSwarm(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate)
 	if size > opts.MaxSize {
 		return nil, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, opts.MaxSize, errdefs.ErrInvalidArgument)
 	}
-	if opts.ChunkSize <= 0 {
-		opts.ChunkSize = 4 << 20
+	if opts.ChunkSize <= 0 || opts.ChunkSize > SwarmChunk {
+		opts.ChunkSize = SwarmChunk
 	}
 	// A chunk map stays within MaxPartialChunks.
 	chunk := max(opts.ChunkSize, MinPartialChunk, (size+MaxPartialChunks-1)/MaxPartialChunks)
@@ -289,7 +295,9 @@ func (s *swarm) watch(ctx context.Context, wg *sync.WaitGroup) {
 			return
 		case <-t.C:
 		}
-		if s.opts.Refresh != nil && tick%4 == 0 {
+		// Others starting the blob at the same time show up after
+		// the first tick.
+		if s.opts.Refresh != nil && tick%4 == 1 {
 			rctx, cancel := context.WithTimeout(ctx, 4*s.opts.PartialPoll)
 			cands := s.opts.Refresh(rctx, s.dgst)
 			cancel()

@@ -100,6 +100,12 @@ func (o *Online) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.
 			}
 			out[b.Digest] = append(out[b.Digest], peers.Candidate{Node: n.Name, URL: n.URL, Size: b.Size, Load: hr.Load})
 		}
+		for _, b := range hr.Partial {
+			if !asked[b.Digest] || b.Size <= 0 {
+				continue
+			}
+			out[b.Digest] = append(out[b.Digest], peers.Candidate{Node: n.Name, URL: n.URL, Size: b.Size, Load: hr.Load, Partial: true})
+		}
 	}
 	if err := parent.Err(); err != nil {
 		return nil, err

@@ -63,6 +63,7 @@ type nodeConfig struct {
 	ShareNSs      string  `toml:"share_namespaces"`
 	Claim         bool    `toml:"claim"`
 	ClaimParallel int     `toml:"claim_parallel"`
+	Swarm         bool    `toml:"swarm"`
 	TLSDir        string  `toml:"tls_dir"`
 	Insecure      bool    `toml:"insecure"`
 }
@@ -79,6 +80,7 @@ func defaultNodeConfig() nodeConfig {
 		Period:        "10s",
 		MaxUploads:    16,
 		ClaimParallel: 3,
+		Swarm:         true,
 		Policy:        peers.PolicyStripe,
 		ContentMode:   node.ContentObserver,
 		Containerd:    defaultContainerdAddress,
@@ -118,6 +120,7 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "observer (default): leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address); proxy: be containerd's content store (content + diff proxy plugins; needed by --claim)")
 	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
+	fs.BoolVar(&c.Swarm, "swarm", c.Swarm, "share the blobs being downloaded: serve their chunks to peers as they arrive, take chunks from peers still downloading them (stripe policy; --swarm=false: only whole blobs)")
 	fs.StringVar(&c.ServeCtrs, "serve-containers", c.ServeCtrs, "NS[,NS...]: containerd namespaces whose container records (image and OCI spec, environment included) cluster nodes may read for coop migrate; others are refused (empty: records off)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container of --serve-containers here (coop migrate --stop-source)")
 	fs.StringVar(&c.ShareNSs, "share-namespaces", c.ShareNSs, "NS[,NS...]: serve and advertise only the blobs containerd holds in these namespaces (observer mode; empty: every blob)")
@@ -213,7 +216,7 @@ func (c nodeConfig) options() (node.Options, error) {
 		Containerd: c.Containerd, PeerListen: c.PeerListen, Advertise: c.Advertise,
 		MirrorListen: c.MirrorListen, DebugListen: c.DebugListen,
 		UploadLimit: c.UploadLimit, MaxUploads: c.MaxUploads, Policy: c.Policy,
-		Claim: c.Claim, ClaimParallel: c.ClaimParallel, AllowRemoteStop: c.AllowStop,
+		Claim: c.Claim, ClaimParallel: c.ClaimParallel, AllowRemoteStop: c.AllowStop, Swarm: c.Swarm,
 		Insecure: c.Insecure,
 		Index: modes.Options{
 			Mode: c.Index, NeighborsFromKB: c.NeighborsKB, NATSURL: c.NATSURL,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
@@ -24,6 +25,11 @@ func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 	}
 	cs := m.agreeOnSize(context.Background(), dgst, resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])
 	if len(cs) == 0 || cs[0].Size > m.maxBlob {
+		return 0, false
+	}
+	// A claim has no fallback inside its pull: only with a peer holding
+	// the whole blob (partial ones then help).
+	if !slices.ContainsFunc(cs, func(c peers.Candidate) bool { return !c.Partial }) {
 		return 0, false
 	}
 	return cs[0].Size, true

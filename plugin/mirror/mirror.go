@@ -90,6 +90,11 @@ type Options struct {
 	// Budget bounds the disk taken by fetches not verified yet: a fetch it
 	// cannot take is left to the registry. nil: no bound.
 	Budget *content.Budget
+	// Partials, when set, make every download a swarm member: the blob's
+	// chunks are served to peers as they arrive, and peers still
+	// downloading it serve theirs (peers.Partials). Needs the stripe
+	// policy.
+	Partials *peers.Partials
 	// LocateChildren: before a manifest or index fetched from peers is
 	// served, its children are located in one request, so that the
 	// claims of its blobs, decided without a round trip, know their peers
@@ -222,6 +227,10 @@ func New(opts Options) (*Mirror, error) {
 		MinRate:   opts.MinRate,
 		Estimates: opts.Estimates,
 		MaxSize:   m.maxBlob,
+		Partials:  opts.Partials,
+		Refresh: func(ctx context.Context, dgst digest.Digest) []peers.Candidate {
+			return m.candidates(ctx, dgst)
+		},
 		OnBytes: func(dgst digest.Digest, node string, n int) {
 			m.bytes.WithLabelValues(node).Add(float64(n))
 			m.downloads.add(dgst, node, n)
@@ -423,6 +432,9 @@ func (m *Mirror) markFailed(dgst digest.Digest) {
 
 func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {
 	for _, c := range m.candidates(ctx, dgst) {
+		if c.Partial {
+			continue // a manifest is served whole or not at all
+		}
 		fctx, cancel := context.WithTimeout(ctx, m.stall)
 		b, mt, err := m.peers.FetchManifest(fctx, c.URL, dgst)
 		cancel()

@@ -105,6 +105,11 @@ type Options struct {
 	Claim bool
 	// ClaimParallel is how many claimed blobs download at once.
 	ClaimParallel int
+	// Swarm shares the blobs being downloaded: their chunks are served to
+	// peers as they arrive, and peers still downloading a blob serve
+	// theirs (peers.Partials, under Root/partials). Needs the stripe
+	// policy.
+	Swarm bool
 	// ServeContainers are the containerd namespaces whose container records
 	// the peer server gives to migration destinations (coop migrate): a
 	// record holds the container's OCI spec, its environment included
@@ -327,10 +332,16 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 			records = n.containers
 		}
 	}
+	var partials *peers.Partials
+	if o.Swarm && o.Policy == peers.PolicyStripe {
+		if partials, err = peers.NewPartials(filepath.Join(o.Root, "partials")); err != nil {
+			return nil, err
+		}
+	}
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
 		Containers: records, ContainerNamespaces: o.ServeContainers, AllowStop: o.AllowRemoteStop,
 		Node: o.Name, Store: served, Inventory: n.inv, Registerer: n.reg, Gatherer: n.reg, MaxUploads: o.MaxUploads,
-		ClientKey: clientKey,
+		ClientKey: clientKey, Partials: partials,
 	}); err != nil {
 		return nil, err
 	}
@@ -368,7 +379,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		Resolver: res, Peers: n.client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
 		Sizes: n.expectedSizes(), MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
-		LocateChildren: o.Claim && !n.index.Local(),
+		LocateChildren: o.Claim && !n.index.Local(), Partials: partials,
 	}); err != nil {
 		return nil, err
 	}

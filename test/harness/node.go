@@ -76,6 +76,10 @@ type NodeOptions struct {
 	// caller must be able to reach ListenIP.
 	NetNS    string
 	ListenIP string
+	// PeerPort, with ListenIP, is the peer server's port (default a free
+	// one): nodes in namespaces of their own can then be neighbours of
+	// each other before they start.
+	PeerPort int
 	// Observer keeps containerd's built-in content store and runs coop
 	// beside it in observer mode (--content-mode observer): coop learns
 	// containerd's blobs from its events; the mirror works as usual.
@@ -235,6 +239,9 @@ func (n *Node) start(ctx context.Context) error {
 		n.MirrorAddr = ports[1]
 		if n.opts.ListenIP != "" {
 			_, port, _ := net.SplitHostPort(ports[0])
+			if n.opts.PeerPort > 0 {
+				port = strconv.Itoa(n.opts.PeerPort)
+			}
 			n.PeerAddr = net.JoinHostPort(n.opts.ListenIP, port)
 		}
 		n.ContentSocket = filepath.Join(n.RunDir, "coop.sock")

@@ -105,6 +105,7 @@ container's environment, expanded by Kubernetes.
 - --max-blob-size={{ $n.maxBlobSize }}
 - --max-unverified={{ $n.maxUnverified }}
 - --stall-timeout={{ $n.stallTimeout }}
+- --swarm={{ $n.swarm }}
 - --log-level={{ $n.logLevel }}
 {{- if $v.kb.enabled }}
 - --kb={{ $scheme }}://{{ $kb }}:{{ $v.kb.port }}
