@@ -59,6 +59,9 @@ type InventoryResponse struct {
 	Blobs   []content.Blob  `json:"blobs"`
 	Added   []content.Blob  `json:"added,omitempty"`
 	Removed []digest.Digest `json:"removed,omitempty"`
+	// Partial are the blobs the node is downloading now, in every answer
+	// (a swarm: it serves the chunks it has).
+	Partial []content.Blob `json:"partial,omitempty"`
 }
 
 // SinceQuery is the query parameter of an incremental inventory request.
@@ -146,7 +149,7 @@ func (ir *InventoryResponse) Validate() error {
 	if ir.Epoch == "" || len(ir.Epoch) > 64 {
 		return fmt.Errorf("epoch %q: %w", ir.Epoch, errdefs.ErrDataLoss)
 	}
-	for _, set := range [][]content.Blob{ir.Blobs, ir.Added} {
+	for _, set := range [][]content.Blob{ir.Blobs, ir.Added, ir.Partial} {
 		for _, b := range set {
 			if err := b.Digest.Validate(); err != nil || b.Size < 0 {
 				return fmt.Errorf("blob %q size %d: %w", b.Digest, b.Size, errdefs.ErrDataLoss)

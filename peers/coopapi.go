@@ -63,7 +63,7 @@ func (s *Server) serveInventory(w http.ResponseWriter, r *http.Request) error {
 		if changes, cur, ok := s.inv.Since(epoch, seq); ok {
 			added, removed := NetChanges(changes)
 			l := s.Load()
-			return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: cur, Added: added, Removed: removed})
+			return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: epoch, Seq: cur, Added: added, Removed: removed, Partial: s.partials.Blobs()})
 		}
 	}
 	snap := s.inv.Snapshot()
@@ -71,7 +71,7 @@ func (s *Server) serveInventory(w http.ResponseWriter, r *http.Request) error {
 		snap.Blobs = []content.Blob{}
 	}
 	l := s.Load()
-	return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: snap.Epoch, Seq: snap.Seq, Full: true, Blobs: snap.Blobs})
+	return writeJSON(w, r, InventoryResponse{Node: s.node, Load: &l, Epoch: snap.Epoch, Seq: snap.Seq, Full: true, Blobs: snap.Blobs, Partial: s.partials.Blobs()})
 }
 
 // serveHave answers which of the digests asked are held. Its epoch and seq

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 
 	"github.com/containerd/errdefs"
+	"github.com/coopnet/coop/content"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -104,9 +107,51 @@ func bitmapFromBytes(p []byte, n int) bitmap {
 // partial blob is not verified yet: the node that assembles it checks the
 // digest, as for any download. It is safe for concurrent use.
 type Partials struct {
-	dir string
-	mu  sync.Mutex
-	m   map[digest.Digest]*Partial
+	dir      string
+	mu       sync.Mutex
+	m        map[digest.Digest]*Partial
+	watchers map[int]func()
+	nextW    int
+}
+
+// Watch calls fn (in its own goroutine) whenever a partial download starts
+// or ends, until cancel.
+func (ps *Partials) Watch(fn func()) (cancel func()) {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if ps.watchers == nil {
+		ps.watchers = map[int]func(){}
+	}
+	id := ps.nextW
+	ps.nextW++
+	ps.watchers[id] = fn
+	return func() {
+		ps.mu.Lock()
+		defer ps.mu.Unlock()
+		delete(ps.watchers, id)
+	}
+}
+
+// notifyLocked tells the watchers the list changed.
+func (ps *Partials) notifyLocked() {
+	for _, fn := range ps.watchers {
+		go fn()
+	}
+}
+
+// Blobs returns the blobs being downloaded, with their sizes, by digest.
+func (ps *Partials) Blobs() []content.Blob {
+	if ps == nil {
+		return nil
+	}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	out := make([]content.Blob, 0, len(ps.m))
+	for d, p := range ps.m {
+		out = append(out, content.Blob{Digest: d, Size: p.size})
+	}
+	slices.SortFunc(out, func(a, b content.Blob) int { return strings.Compare(string(a.Digest), string(b.Digest)) })
+	return out
 }
 
 // NewPartials keeps the spool files in dir, emptied first (a partial does
@@ -149,6 +194,7 @@ func (ps *Partials) Start(dgst digest.Digest, size, chunk int64) (*Partial, bool
 	p := &Partial{ps: ps, dgst: dgst, size: size, chunk: chunk, n: n, f: f,
 		have: newBitmap(n), fetching: newBitmap(n), changed: make(chan struct{})}
 	ps.m[dgst] = p
+	ps.notifyLocked()
 	return p, true, nil
 }
 
@@ -160,20 +206,6 @@ func (ps *Partials) Get(dgst digest.Digest) *Partial {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	return ps.m[dgst]
-}
-
-// List returns the blobs being downloaded, with their sizes.
-func (ps *Partials) List() map[digest.Digest]int64 {
-	out := map[digest.Digest]int64{}
-	if ps == nil {
-		return out
-	}
-	ps.mu.Lock()
-	defer ps.mu.Unlock()
-	for d, p := range ps.m {
-		out[d] = p.size
-	}
-	return out
 }
 
 // Partial is one blob being downloaded into a spool file.
@@ -318,6 +350,7 @@ func (p *Partial) End() {
 	p.ps.mu.Lock()
 	if p.ps.m[p.dgst] == p {
 		delete(p.ps.m, p.dgst)
+		p.ps.notifyLocked()
 	}
 	p.ps.mu.Unlock()
 	p.mu.Lock()

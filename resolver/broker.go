@@ -42,6 +42,11 @@ type Event struct {
 	Blobs    []content.Blob  `json:"blobs,omitempty"`
 	Added    []content.Blob  `json:"added,omitempty"`
 	Removed  []digest.Digest `json:"removed,omitempty"`
+	// Partials says Partial is the node's whole list of the blobs it is
+	// downloading now (a swarm): in full events, and alone in events of
+	// their own, sent as downloads start and end.
+	Partials bool           `json:"partials,omitempty"`
+	Partial  []content.Blob `json:"partial,omitempty"`
 }
 
 // Token turns a node name into a NATS subject token and key-value key:

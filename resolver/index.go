@@ -46,7 +46,13 @@ type Index struct {
 	byID    []*indexNode // node id → node; nil when free
 	freeN   []uint32
 	changed chan struct{} // closed at the next change; nil until asked for
+	// partial: digest → node id → size, the blobs nodes are downloading
+	// (a swarm: they serve the chunks they have).
+	partial map[digest.Digest]map[uint32]int64
 }
+
+// MaxPartials bounds the blobs one node may say it is downloading.
+const MaxPartials = 4096
 
 type indexNode struct {
 	id    uint32
@@ -57,11 +63,13 @@ type indexNode struct {
 	seen  time.Time
 	load  *peers.Load
 	blobs map[uint32]int64 // digest id → size
+	// partial are the blobs the node is downloading.
+	partial []digest.Digest
 }
 
 // NewIndex returns an empty index.
 func NewIndex() *Index {
-	return &Index{ids: map[digest.Digest]uint32{}, nodes: map[string]*indexNode{}}
+	return &Index{ids: map[digest.Digest]uint32{}, nodes: map[string]*indexNode{}, partial: map[digest.Digest]map[uint32]int64{}}
 }
 
 // Full replaces what the index holds for node with a whole inventory. An
@@ -209,6 +217,48 @@ func (x *Index) SetLoad(name string, l *peers.Load) {
 	}
 }
 
+// SetPartial replaces the blobs node says it is downloading (a node the
+// index does not know is ignored: its inventory comes first). Invalid
+// entries are dropped, and beyond MaxPartials the rest.
+func (x *Index) SetPartial(name string, blobs []content.Blob) {
+	blobs = validBlobs(blobs)
+	if len(blobs) > MaxPartials {
+		blobs = blobs[:MaxPartials]
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.nodes[name]
+	if n == nil || (len(n.partial) == 0 && len(blobs) == 0) {
+		return
+	}
+	x.clearPartialLocked(n)
+	for _, b := range blobs {
+		if b.Size <= 0 {
+			continue
+		}
+		m := x.partial[b.Digest]
+		if m == nil {
+			m = map[uint32]int64{}
+			x.partial[b.Digest] = m
+		}
+		m[n.id] = b.Size
+		n.partial = append(n.partial, b.Digest)
+	}
+	x.changedLocked()
+}
+
+func (x *Index) clearPartialLocked(n *indexNode) {
+	for _, d := range n.partial {
+		if m := x.partial[d]; m != nil {
+			delete(m, n.id)
+			if len(m) == 0 {
+				delete(x.partial, d)
+			}
+		}
+	}
+	n.partial = nil
+}
+
 // Position returns the (epoch, seq) the index holds for node.
 func (x *Index) Position(name string) (epoch string, seq uint64, ok bool) {
 	x.mu.RLock()
@@ -230,6 +280,7 @@ func (x *Index) Drop(name string) {
 	for id := range n.blobs {
 		x.unholdLocked(id, n.id)
 	}
+	x.clearPartialLocked(n)
 	delete(x.nodes, name)
 	x.byID[n.id] = nil
 	x.freeN = append(x.freeN, n.id)
@@ -290,23 +341,36 @@ type LocateOptions struct {
 }
 
 // Locate returns the holders of each digest, in the order they became
-// holders. Digests nobody holds are absent.
+// holders, then the nodes downloading it (Partial). Digests nobody holds
+// nor downloads are absent.
 func (x *Index) Locate(dgsts []digest.Digest, opts LocateOptions) map[digest.Digest][]peers.Candidate {
 	out := make(map[digest.Digest][]peers.Candidate, len(dgsts))
 	x.mu.RLock()
 	defer x.mu.RUnlock()
+	skip := func(n *indexNode) bool {
+		return n.name == opts.Exclude || (opts.Only != nil && !opts.Only[n.name])
+	}
 	for _, d := range dgsts {
-		id, ok := x.ids[d]
-		if !ok {
-			continue
-		}
 		var cs []peers.Candidate
-		for _, nid := range x.holders[id] {
+		id, ok := x.ids[d]
+		if ok {
+			for _, nid := range x.holders[id] {
+				n := x.byID[nid]
+				if skip(n) {
+					continue
+				}
+				cs = append(cs, peers.Candidate{Node: n.name, URL: n.url, Size: n.blobs[id], Load: n.load})
+			}
+		}
+		for nid, size := range x.partial[d] {
 			n := x.byID[nid]
-			if n.name == opts.Exclude || (opts.Only != nil && !opts.Only[n.name]) {
+			if n == nil || skip(n) {
 				continue
 			}
-			cs = append(cs, peers.Candidate{Node: n.name, URL: n.url, Size: n.blobs[id], Load: n.load})
+			if _, whole := n.blobs[id]; ok && whole {
+				continue
+			}
+			cs = append(cs, peers.Candidate{Node: n.name, URL: n.url, Size: size, Load: n.load, Partial: true})
 		}
 		if len(cs) > 0 {
 			out[d] = cs

@@ -117,6 +117,7 @@ func Sync(ctx context.Context, idx *Index, r InventoryReader, n Neighbor, m *Met
 		m.update(source, err)
 		if err == nil || errors.Is(err, ErrStale) {
 			idx.SetLoad(n.Name, ir.Load)
+			idx.SetPartial(n.Name, ir.Partial)
 		}
 		if errors.Is(err, ErrGap) {
 			// The index moved meanwhile: ask for everything.

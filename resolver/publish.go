@@ -37,7 +37,22 @@ type PublisherOptions struct {
 	DropRate float64
 	// Load, if set, is reported with every full inventory.
 	Load func() peers.Load
+	// Partials, if set, are the blobs the node is downloading: their list
+	// goes with every full inventory and in an event of its own whenever
+	// it changes (at most every PartialsEvery).
+	Partials PartialSource
 }
+
+// PartialSource is the list of blobs a node is downloading
+// (peers.Partials is one).
+type PartialSource interface {
+	Blobs() []content.Blob
+	Watch(fn func()) (cancel func())
+}
+
+// PartialsEvery is the shortest time between two partials events of a
+// node: a burst of starts goes out as one list.
+const PartialsEvery = 50 * time.Millisecond
 
 // Publisher publishes a node's inventory changes as they happen and its full
 // inventory every period, also into the retained bucket.
@@ -73,6 +88,16 @@ func (p *Publisher) Run(ctx context.Context) error {
 		}
 	})
 	defer stop()
+	partials := make(chan struct{}, 1)
+	if p.opts.Partials != nil {
+		stop := p.opts.Partials.Watch(func() {
+			select {
+			case partials <- struct{}{}:
+			default:
+			}
+		})
+		defer stop()
+	}
 	var kv jetstream.KeyValue
 	subject := Subject(p.opts.Node)
 	full := func() {
@@ -99,6 +124,19 @@ func (p *Publisher) Run(ctx context.Context) error {
 			return nil
 		case <-t.C:
 			full()
+		case <-partials:
+			ev := Event{Node: p.opts.Node, URL: p.opts.URL, Time: time.Now(), Partials: true, Partial: p.opts.Partials.Blobs()}
+			snap := p.opts.Inventory.Snapshot()
+			ev.Epoch, ev.Seq = snap.Epoch, snap.Seq
+			if err := p.publish(subject, ev); err != nil {
+				log.G(ctx).WithError(err).Debug("partials event not published")
+			}
+			// Coalesce a burst of starts and ends.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(PartialsEvery):
+			}
 		case c := <-p.pending:
 			if p.lost.Swap(false) {
 				// Changes were dropped on the floor: the full inventory
@@ -122,6 +160,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 func (p *Publisher) publishFull(ctx context.Context, subject string, kv jetstream.KeyValue) error {
 	snap := p.opts.Inventory.Snapshot()
 	ev := Event{Node: p.opts.Node, URL: p.opts.URL, Epoch: snap.Epoch, Seq: snap.Seq, Time: time.Now(), Full: true, Blobs: snap.Blobs}
+	if p.opts.Partials != nil {
+		ev.Partials, ev.Partial = true, p.opts.Partials.Blobs()
+	}
 	if p.opts.Load != nil {
 		l := p.opts.Load()
 		ev.Load = &l

@@ -317,6 +317,10 @@ func (s *Subscriber) apply(ctx context.Context, token string, data []byte, sourc
 	if !ok {
 		return
 	}
+	if ev.Partials && !ev.Full {
+		s.opts.Index.SetPartial(ev.Node, ev.Partial)
+		return
+	}
 	if ev.Full {
 		source = "full"
 		if !ev.Time.IsZero() && time.Since(ev.Time) > s.TTL() {
@@ -329,6 +333,9 @@ func (s *Subscriber) apply(ctx context.Context, token string, data []byte, sourc
 		err := s.opts.Index.Full(ev.Node, url, ev.Epoch, ev.Seq, ev.Blobs, time.Now())
 		m.update(source, err)
 		s.opts.Index.SetLoad(ev.Node, ev.Load)
+		if ev.Partials {
+			s.opts.Index.SetPartial(ev.Node, ev.Partial)
+		}
 		if errors.Is(err, ErrStale) {
 			s.opts.Index.Touch(ev.Node, time.Now())
 		}

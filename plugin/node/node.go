@@ -357,7 +357,11 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		DisableCompression:    true,
 		TLSClientConfig:       clientTLS,
 	}}}
-	if n.index, err = modes.New(ctx, o.indexOptions(n.inv, n.client, n.peerSrv.Load, n.reg)); err != nil {
+	ixOpts := o.indexOptions(n.inv, n.client, n.peerSrv.Load, n.reg)
+	if partials != nil {
+		ixOpts.Partials = partials
+	}
+	if n.index, err = modes.New(ctx, ixOpts); err != nil {
 		return nil, err
 	}
 	res := n.index.Resolver()

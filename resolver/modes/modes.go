@@ -89,6 +89,9 @@ type Options struct {
 	Client PeerClient
 	// Load, if set, is published with every full inventory.
 	Load func() peers.Load
+	// Partials, if set, are the blobs this node is downloading (a swarm):
+	// published with the inventory (push, kb with a push feed).
+	Partials resolver.PartialSource
 	// Registerer receives the index metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 
@@ -286,7 +289,7 @@ func (ix *Index) publisher(o Options) error {
 		return nil
 	}
 	pub, err := resolver.NewPublisher(resolver.PublisherOptions{Node: o.Node, URL: o.URL, Inventory: o.Inventory, Conn: ix.nc,
-		Period: o.Period, DropRate: o.DropEvents, Load: o.Load})
+		Period: o.Period, DropRate: o.DropEvents, Load: o.Load, Partials: o.Partials})
 	if err != nil {
 		return err
 	}
