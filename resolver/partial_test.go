@@ -92,7 +92,7 @@ func TestPartialsFeeds(t *testing.T) {
 	}
 	m, _ := NewMetrics(nil)
 	s := &Subscriber{
-		opts: SubscriberOptions{Index: x, Members: Neighborhood{Source: Static{{Name: "n1", URL: "http://n1"}}}, Reader: r, Period: time.Second, Metrics: m},
+		opts:      SubscriberOptions{Index: x, Members: Neighborhood{Source: Static{{Name: "n1", URL: "http://n1"}}}, Reader: r, Period: time.Second, Metrics: m},
 		repairing: map[string]bool{},
 	}
 	ev, _ := json.Marshal(Event{Node: "n1", URL: "http://n1", Epoch: "e", Seq: 1, Time: time.Now(), Partials: true})
