@@ -72,6 +72,9 @@ type ClaimOptions struct {
 	// budget cannot take is not claimed (the registry serves it). nil: no
 	// bound beyond the downloader's maximum blob size.
 	Budget *Budget
+	// Copies is how many copies of a claimed blob are on disk until it is
+	// verified: 2 when the source spools its chunks for a swarm. Default 1.
+	Copies int64
 }
 
 // ClaimStore is a Store that also claims missing blobs peers hold: Info says
@@ -88,6 +91,7 @@ type ClaimStore struct {
 	slots   int
 	tail    int64
 	budget  *Budget
+	copies  int64
 	minSize int64
 
 	// bg is the store's own lifetime, not a caller's: the downloads and
@@ -130,7 +134,7 @@ func NewClaimStore(ctx context.Context, store *Store, opts ClaimOptions) (*Claim
 		return nil, fmt.Errorf("claim store needs a store and a claim source: %w", errdefs.ErrInvalidArgument)
 	}
 	cs := &ClaimStore{
-		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget, minSize: opts.MinSize,
+		Store: store, src: opts.Source, cleaner: opts.Cleaner, dir: opts.Dir, budget: opts.Budget, minSize: opts.MinSize, copies: max(opts.Copies, 1),
 		unread: 2 * time.Minute, ttl: 2 * time.Minute, slots: 1, tail: 8 << 20,
 		claims: map[digest.Digest]*claim{}, failed: map[digest.Digest]time.Time{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -480,7 +484,7 @@ func (cs *ClaimStore) claimed(dgst digest.Digest) *claim {
 }
 
 func (cs *ClaimStore) newClaimLocked(dgst digest.Digest, size int64) (*claim, error) {
-	release, err := cs.budget.Reserve(size)
+	release, err := cs.budget.Reserve(size * cs.copies)
 	if err != nil {
 		return nil, err
 	}

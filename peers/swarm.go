@@ -176,6 +176,9 @@ func (s *swarm) run(ctx context.Context, w io.Writer) (DownloadStats, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
+	// The partial peers known now: their chunk maps first, so that the
+	// source is not asked for what they have.
+	s.poll(ctx, s.opts.PartialPoll)
 	s.mu.Lock()
 	s.startWorkersLocked(ctx, &wg)
 	s.mu.Unlock()
@@ -306,15 +309,16 @@ func (s *swarm) watch(ctx context.Context, wg *sync.WaitGroup) {
 			s.startWorkersLocked(ctx, wg)
 			s.mu.Unlock()
 		}
-		s.poll(ctx)
+		s.poll(ctx, 4*s.opts.PartialPoll)
 		s.mu.Lock()
 		s.cond.Broadcast()
 		s.mu.Unlock()
 	}
 }
 
-// poll reads every live partial peer's chunk map, at once.
-func (s *swarm) poll(ctx context.Context) {
+// poll reads every live partial peer's chunk map, at once, each within
+// timeout.
+func (s *swarm) poll(ctx context.Context, timeout time.Duration) {
 	if s.pf == nil {
 		return
 	}
@@ -329,7 +333,7 @@ func (s *swarm) poll(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, p := range ps {
 		wg.Go(func() {
-			pctx, cancel := context.WithTimeout(ctx, 4*s.opts.PartialPoll)
+			pctx, cancel := context.WithTimeout(ctx, timeout)
 			st, err := s.pf.PartialStatus(pctx, p.c.URL, s.dgst, s.size)
 			cancel()
 			s.mu.Lock()

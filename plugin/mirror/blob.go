@@ -208,7 +208,13 @@ func (m *Mirror) fetchDeadline(size int64) time.Duration {
 // striped blob that does not verify cannot tell which peer lied, so it is
 // fetched again one peer at a time, which can.
 func (m *Mirror) fetch(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
-	release, err := m.budget.Reserve(size)
+	// A swarm download spools its chunks besides the landing: twice the
+	// blob on disk until it is verified.
+	reserve := size
+	if m.swarm {
+		reserve *= 2
+	}
+	release, err := m.budget.Reserve(reserve)
 	if err != nil {
 		return fmt.Errorf("blob %s: %w", dgst, err)
 	}
@@ -253,8 +259,9 @@ func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int6
 		}
 		log.G(ctx).WithError(err).WithField("bytes_by_node", st.BytesByNode).Warn("striped blob does not verify; fetching it one peer at a time")
 		_ = m.store.Abort(context.WithoutCancel(ctx), ref)
+		m.distrust(ctx, cands, st)
 		m.downloads.start(dgst, size)
-		if err := m.fetchSequential(ctx, dgst, size, cands); err != nil {
+		if err := m.fetchSequential(ctx, dgst, size, whole(cands)); err != nil {
 			return err
 		}
 		m.downloads.finish(dgst, nil, 0, nil)

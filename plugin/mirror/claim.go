@@ -23,7 +23,7 @@ func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 	if m.recentlyFailed(dgst) {
 		return 0, false
 	}
-	cs := m.agreeOnSize(context.Background(), dgst, resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])
+	cs := m.agreeOnSize(context.Background(), dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst]))
 	if len(cs) == 0 || cs[0].Size > m.maxBlob {
 		return 0, false
 	}
@@ -39,7 +39,7 @@ func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 // the multi-source downloader. It shows in /coop/v1/downloads like the
 // mirror's fetches.
 func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64, w io.Writer) error {
-	cs := sized(m.agreeOnSize(ctx, dgst, resolver.Known(m.resolver, []digest.Digest{dgst})[dgst]), size)
+	cs := sized(m.agreeOnSize(ctx, dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])), size)
 	if len(cs) == 0 {
 		// Forgotten since the claim (a neighbour expired): ask again.
 		cs = sized(m.candidates(ctx, dgst), size)

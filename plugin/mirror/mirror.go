@@ -130,12 +130,17 @@ type Mirror struct {
 	budget      *content.Budget
 	// locateChildren: see Options.LocateChildren.
 	locateChildren bool
-	srcMu          sync.Mutex
-	srcs           map[string]migrationSource
-	srcClosed      bool
+	// swarm: downloads spool their chunks too (Options.Partials).
+	swarm     bool
+	srcMu     sync.Mutex
+	srcs      map[string]migrationSource
+	srcClosed bool
 
 	mu     sync.Mutex
 	failed map[digest.Digest]time.Time
+	// distrusted are partial peers (node → when) that sent chunks of a
+	// blob that did not verify: not candidates for ttl.
+	distrusted map[string]time.Time
 
 	requests *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
@@ -166,8 +171,10 @@ func New(opts Options) (*Mirror, error) {
 		maxBlob:        peers.DefaultMaxBlobSize,
 		budget:         opts.Budget,
 		locateChildren: opts.LocateChildren,
+		swarm:          opts.Partials != nil,
 		srcs:           map[string]migrationSource{},
 		failed:         map[digest.Digest]time.Time{},
+		distrusted:     map[string]time.Time{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
 			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
@@ -360,7 +367,56 @@ func (m *Mirror) candidates(ctx context.Context, dgst digest.Digest) []peers.Can
 		log.G(ctx).WithError(err).Warn("locate failed; letting the registry serve")
 		return nil
 	}
-	return m.agreeOnSize(ctx, dgst, got[dgst])
+	return m.agreeOnSize(ctx, dgst, m.trusted(got[dgst]))
+}
+
+// trusted drops the partial candidates that sent chunks of a blob that did
+// not verify within ttl (a peer still downloading a blob serves chunks not
+// verified yet: a liar, or a relay of one).
+func (m *Mirror) trusted(cs []peers.Candidate) []peers.Candidate {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.distrusted) == 0 {
+		return cs
+	}
+	out := cs[:0:0]
+	for _, c := range cs {
+		if t, ok := m.distrusted[c.Node]; c.Partial && ok && time.Since(t) <= m.ttl {
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// distrust marks the partial candidates that sent bytes of a blob that did
+// not verify (st), so that they are not candidates for ttl.
+func (m *Mirror) distrust(ctx context.Context, cands []peers.Candidate, st peers.DownloadStats) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	for n, t := range m.distrusted {
+		if now.Sub(t) > m.ttl {
+			delete(m.distrusted, n)
+		}
+	}
+	for _, c := range cands {
+		if c.Partial && st.BytesByNode[c.Node] > 0 {
+			m.distrusted[c.Node] = now
+			log.G(ctx).WithField("peer", c.Node).Warn("partial peer sent chunks of a blob that does not verify; not a candidate for a while")
+		}
+	}
+}
+
+// whole keeps the candidates holding the whole blob.
+func whole(cs []peers.Candidate) []peers.Candidate {
+	out := cs[:0:0]
+	for _, c := range cs {
+		if !c.Partial {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // agreeOnSize keeps the candidates of dgst reporting the size the manifest

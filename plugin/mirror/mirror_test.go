@@ -997,3 +997,93 @@ func TestMirrorLocatesChildren(t *testing.T) {
 		})
 	}
 }
+
+// partialLiar says it is downloading every blob asked, has every chunk,
+// and serves random bytes.
+func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var gets atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if d, ok := strings.CutPrefix(r.URL.Path, peers.PartialPath+"/"); ok {
+			size := sizes[digest.Digest(d)]
+			n := peers.Chunks(size, peers.SwarmChunk)
+			have := bytes.Repeat([]byte{0xff}, (n+7)/8)
+			_ = json.NewEncoder(w).Encode(peers.PartialStatus{Node: "liar", Digest: digest.Digest(d), Size: size, ChunkSize: peers.SwarmChunk, Have: have})
+			return
+		}
+		gets.Add(1)
+		a, b, _ := strings.Cut(strings.TrimPrefix(r.Header.Get("Range"), "bytes="), "-")
+		off, _ := strconv.ParseInt(a, 10, 64)
+		last, _ := strconv.ParseInt(b, 10, 64)
+		size := int64(0)
+		for _, s := range sizes {
+			size = s
+		}
+		body := make([]byte, last-off+1)
+		_, _ = rand.Read(body)
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, last, size))
+		w.WriteHeader(http.StatusPartialContent)
+		_, _ = w.Write(body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &gets
+}
+
+// TestMirrorDistrustsPartialLiar: a peer that says it is downloading a
+// blob and serves corrupt chunks costs the blob one swarm download; the
+// blob then comes whole from an honest holder, and the liar is not a
+// candidate of the next blob.
+func TestMirrorDistrustsPartialLiar(t *testing.T) {
+	blob := func() ([]byte, digest.Digest) {
+		b := make([]byte, 3<<20+5)
+		_, _ = rand.Read(b)
+		return b, digest.FromBytes(b)
+	}
+	b1, d1 := blob()
+	b2, d2 := blob()
+	size := int64(len(b1))
+	liar, gets := partialLiar(t, map[digest.Digest]int64{d1: size, d2: size})
+	good1, good2 := blobPeer(t, b1, "good"), blobPeer(t, b2, "good")
+	res := staticResolver{
+		d1: {{Node: "good", URL: good1.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
+		d2: {{Node: "good", URL: good2.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
+	}
+	ps, err := peers.NewPartials(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, Partials: ps,
+		StallTimeout: time.Second, HeaderDelay: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	srv := httptest.NewServer(m)
+	defer srv.Close()
+	get := func(d digest.Digest, want []byte) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + "/v2/x/blobs/" + d.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		got, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || !bytes.Equal(got, want) {
+			t.Fatalf("blob %s: status %d, %d bytes (right: %v)", d, resp.StatusCode, len(got), bytes.Equal(got, want))
+		}
+	}
+	get(d1, b1)
+	first := gets.Load()
+	if first == 0 {
+		t.Fatal("the liar was never asked: the test proves nothing")
+	}
+	get(d2, b2)
+	if gets.Load() != first {
+		t.Errorf("the liar served %d more chunks after its chunks failed a blob", gets.Load()-first)
+	}
+}

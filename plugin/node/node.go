@@ -264,6 +264,9 @@ type Node struct {
 	// budget bounds the unverified bytes of peer fetches.
 	sizes  *content.ExpectedSizes
 	budget *content.Budget
+	// copies is how many copies of a blob being fetched are on disk (2
+	// with the swarm's spool).
+	copies int64
 	// started is when New ran; registryBytes counts the bytes of blobs
 	// containerd committed that did not come from peers.
 	started       time.Time
@@ -333,10 +336,12 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		}
 	}
 	var partials *peers.Partials
+	n.copies = 1
 	if o.Swarm && o.Policy == peers.PolicyStripe {
 		if partials, err = peers.NewPartials(filepath.Join(o.Root, "partials")); err != nil {
 			return nil, err
 		}
+		n.copies = 2 // a claim's file and the swarm's spool
 	}
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
 		Containers: records, ContainerNamespaces: o.ServeContainers, AllowStop: o.AllowRemoteStop,
@@ -468,7 +473,7 @@ func (n *Node) listen(ctx context.Context) error {
 		if o.Claim {
 			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
 				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
-				Budget: n.budget, MinSize: claimMinSize,
+				Budget: n.budget, MinSize: claimMinSize, Copies: n.copies,
 			}); err != nil {
 				return err
 			}

@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
@@ -110,6 +111,7 @@ func TestSecuritySuite(t *testing.T) {
 			{"clusterkb-broker", secClusterKB},
 			{"size-2^62", secHugeSize},
 			{"size-lie", secSizeLie},
+			{"swarm-liar", secSwarmLiar},
 			{"slow-readers", secSlowReaders},
 		} {
 			t.Run(part.name, func(t *testing.T) {
@@ -159,6 +161,7 @@ func secPeerServer(e *env, tb *secTable) {
 		{"stranger GETs a blob", http.MethodGet, "/v2/" + img.Repo + "/blobs/" + layer.Digest.String(), nil, http.StatusUnauthorized},
 		{"stranger GETs a manifest", http.MethodGet, "/v2/" + img.Repo + "/manifests/" + img.Manifest.Digest.String(), nil, http.StatusUnauthorized},
 		{"stranger GETs the inventory", http.MethodGet, peers.InventoryPath, nil, http.StatusUnauthorized},
+		{"stranger GETs a chunk map (swarm)", http.MethodGet, peers.PartialPath + "/" + layer.Digest.String(), nil, http.StatusUnauthorized},
 		{"stranger POSTs have", http.MethodPost, peers.HavePath, have, http.StatusUnauthorized},
 		{"stranger GETs a container record", http.MethodGet, peers.ContainersPath + "/default/web", nil, http.StatusUnauthorized},
 		{"stranger POSTs a stop", http.MethodPost, peers.ContainersPath + "/default/web/stop", nil, http.StatusUnauthorized},
@@ -589,6 +592,130 @@ func (l *liar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		l.gets.Add(1)
 		w.Header().Set("Content-Length", strconv.Itoa(1<<20))
 		_, _ = w.Write(make([]byte, 1<<20))
+	default:
+		w.WriteHeader(http.StatusOK)
+	}
+}
+
+// secSwarmLiar: a member says it is downloading every blob, has every
+// chunk, and serves random bytes (a swarm's liar). The pull beside it
+// completes at once from the honest holder; nothing corrupt is committed;
+// the liar is not asked again for the next image.
+func secSwarmLiar(e *env, tb *secTable) {
+	reg := e.registry()
+	img := e.push(reg, "coop/swarmliar", 6<<20, 3<<20)
+	img2 := e.push(reg, "coop/swarmliar2", 5<<20)
+	up := []harness.Upstream{harness.UpstreamOf(reg)}
+	sizes := map[digest.Digest]int64{}
+	for _, im := range []*harness.Image{img, img2} {
+		for _, b := range im.Blobs() {
+			sizes[b.Digest] = b.Size
+		}
+	}
+	liar := e.startPartialLiar("swarmliar", sizes)
+	h := e.node(harness.NodeOptions{Name: "honest", Registries: up, Index: "none", Observer: true})
+	for _, im := range []*harness.Image{img, img2} {
+		if err := h.PullCtr(e.ctx, im.Ref); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	v := e.node(harness.NodeOptions{Name: "v-swarm", Observer: true, Registries: up,
+		Neighbors: []harness.Neighbor{h.AsNeighbor(), {Name: "swarmliar", URL: liar.srv.URL}}})
+	err := e.timed("v-swarm: pull beside a swarm liar", pullTimeout, func(ctx context.Context) error { return v.PullCtr(ctx, img.Ref) })
+	first := liar.gets.Load()
+	var err2 error
+	if err == nil {
+		err2 = e.timed("v-swarm: the next image", pullTimeout, func(ctx context.Context) error { return v.PullCtr(ctx, img2.Ref) })
+	}
+	again := liar.gets.Load() - first
+	e.verifyContent(v, "default")
+	fromHonest := e.metric(v, "coop_mirror_peer_bytes_total", "node", "honest")
+	want := "completed from the honest holder; the liar not asked again"
+	var got string
+	switch {
+	case err != nil || err2 != nil:
+		got = "pull failed"
+	case first == 0:
+		got = "the liar was never asked"
+	case again > 0:
+		got = fmt.Sprintf("the liar served %d chunks of the next image", again)
+	case fromHonest < float64(img.LayerBytes()):
+		got = fmt.Sprintf("only %.0f bytes from the honest holder", fromHonest)
+	default:
+		got = want
+	}
+	tb.add(secHostile, "a member says it is downloading every blob and serves corrupt chunks (swarm, observer mode)", want, got,
+		fmt.Sprintf("liar served %d chunks, then %d; %.0f bytes from the honest holder; %s", first, again, fromHonest, errDetail(errors.Join(err, err2))))
+}
+
+// partialLiar is a member whose have answers say it is downloading every
+// digest asked (with its right size), whose chunk maps have every chunk,
+// and whose chunks are random bytes.
+type partialLiar struct {
+	srv   *httptest.Server
+	sizes map[digest.Digest]int64
+	gets  atomic.Int64
+}
+
+func (e *env) startPartialLiar(name string, sizes map[digest.Digest]int64) *partialLiar {
+	e.t.Helper()
+	cfg, err := e.pki.ServerTLSAs(name, filepath.Join(e.t.TempDir(), "tls-"+name))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	l := &partialLiar{sizes: sizes}
+	l.srv = httptest.NewUnstartedServer(http.HandlerFunc(l.serveHTTP))
+	l.srv.TLS = cfg
+	l.srv.StartTLS()
+	e.t.Cleanup(l.srv.Close)
+	return l
+}
+
+func (l *partialLiar) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	switch {
+	case r.URL.Path == peers.HavePath:
+		var req struct {
+			Digests []digest.Digest `json:"digests"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		partial := []map[string]any{}
+		for _, d := range req.Digests {
+			if size, ok := l.sizes[d]; ok {
+				partial = append(partial, map[string]any{"digest": d, "size": size})
+			}
+		}
+		_ = json.NewEncoder(w).Encode(map[string]any{"node": "swarmliar", "epoch": "e1", "seq": 1, "blobs": []any{}, "partial": partial})
+	case strings.HasPrefix(r.URL.Path, peers.PartialPath+"/"):
+		d := digest.Digest(strings.TrimPrefix(r.URL.Path, peers.PartialPath+"/"))
+		size, ok := l.sizes[d]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		n := peers.Chunks(size, peers.SwarmChunk)
+		_ = json.NewEncoder(w).Encode(peers.PartialStatus{Node: "swarmliar", Digest: d, Size: size, ChunkSize: peers.SwarmChunk,
+			Have: bytes.Repeat([]byte{0xff}, (n+7)/8)})
+	case strings.Contains(r.URL.Path, "/blobs/"):
+		l.gets.Add(1)
+		d := digest.Digest(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
+		a, b, _ := strings.Cut(strings.TrimPrefix(r.Header.Get("Range"), "bytes="), "-")
+		off, err1 := strconv.ParseInt(a, 10, 64)
+		last, err2 := strconv.ParseInt(b, 10, 64)
+		if err1 != nil || err2 != nil || last < off || last-off > 64<<20 {
+			http.Error(w, "range", http.StatusRequestedRangeNotSatisfiable)
+			return
+		}
+		body := make([]byte, last-off+1)
+		_, _ = rand.Read(body)
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, last, l.sizes[d]))
+		w.WriteHeader(http.StatusPartialContent)
+		_, _ = w.Write(body)
 	default:
 		w.WriteHeader(http.StatusOK)
 	}
