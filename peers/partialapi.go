@@ -19,6 +19,10 @@ const NotYetHeader = "X-Coop-Not-Yet"
 // CodeNotYet is the error code of a NotYetHeader answer.
 const CodeNotYet = "NOT_YET"
 
+// maxPartialWaiting bounds the requests of a server waiting for chunks;
+// beyond it, chunks not here are answered "not yet" at once.
+const maxPartialWaiting = 256
+
 // servePartial answers a ranged GET of a blob being downloaded here: once
 // every chunk of the range is here (waiting at most partialWait for those
 // being fetched), from the spool file; otherwise 503 with NotYetHeader. A
@@ -36,7 +40,13 @@ func (s *Server) servePartial(w http.ResponseWriter, r *http.Request, p *Partial
 		return err
 	}
 	first, last := int(start/p.ChunkSize()), int((start+length-1)/p.ChunkSize())
-	wctx, cancel := context.WithTimeout(r.Context(), s.partialWait)
+	wait := s.partialWait
+	// Requests waiting for chunks hold no upload slot: bound them too.
+	if n := s.waiting.Add(1); n > maxPartialWaiting {
+		wait = 0
+	}
+	defer s.waiting.Add(-1)
+	wctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
 	for i := first; i <= last; i++ {
 		if err := p.Wait(wctx, i); err != nil {
