@@ -116,7 +116,11 @@ func printStatus(w io.Writer, s node.Status, now time.Time) {
 		idx += "; updates " + counts(s.Index.Updates)
 	}
 	fmt.Fprintln(w, idx)
-	fmt.Fprintf(w, "blobs     %d held, %d in flight, %s unverified on disk\n", s.Blobs.Held, s.Blobs.InFlight, bytesString(s.Blobs.UnverifiedBytes))
+	shared := "swarm off"
+	if s.Blobs.Shared >= 0 {
+		shared = fmt.Sprintf("%d shared as they arrive", s.Blobs.Shared)
+	}
+	fmt.Fprintf(w, "blobs     %d held, %d in flight (%s), %s unverified on disk\n", s.Blobs.Held, s.Blobs.InFlight, shared, bytesString(s.Blobs.UnverifiedBytes))
 	var fromPeers int64
 	for _, v := range s.Bytes.FromPeers {
 		fromPeers += v

@@ -265,8 +265,9 @@ type Node struct {
 	sizes  *content.ExpectedSizes
 	budget *content.Budget
 	// copies is how many copies of a blob being fetched are on disk (2
-	// with the swarm's spool).
-	copies int64
+	// with the swarm's spool); partials are the swarm's, nil when off.
+	copies   int64
+	partials *peers.Partials
 	// started is when New ran; registryBytes counts the bytes of blobs
 	// containerd committed that did not come from peers.
 	started       time.Time
@@ -342,6 +343,7 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 			return nil, err
 		}
 		n.copies = 2 // a claim's file and the swarm's spool
+		n.partials = partials
 	}
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
 		Containers: records, ContainerNamespaces: o.ServeContainers, AllowStop: o.AllowRemoteStop,

@@ -81,6 +81,9 @@ type BlobStatus struct {
 	Held            int   `json:"held"`
 	InFlight        int   `json:"in_flight"`
 	UnverifiedBytes int64 `json:"unverified_bytes"`
+	// Shared are the blobs in flight whose chunks are served to peers as
+	// they arrive (the swarm); -1: the swarm is off.
+	Shared int `json:"shared"`
 }
 
 // ByteStatus counts bytes since the node started.
@@ -117,7 +120,10 @@ func (n *Node) Status(ctx context.Context, all bool) Status {
 		}
 	}
 	metrics := n.gather(ctx)
-	s.Blobs = BlobStatus{Held: n.inv.Len(), InFlight: n.mirror.InFlight(), UnverifiedBytes: n.budget.Used()}
+	s.Blobs = BlobStatus{Held: n.inv.Len(), InFlight: n.mirror.InFlight(), UnverifiedBytes: n.budget.Used(), Shared: -1}
+	if n.partials != nil {
+		s.Blobs.Shared = len(n.partials.Blobs())
+	}
 	s.Bytes = ByteStatus{
 		ServedToPeers:  int64(metrics.sum("coop_peer_served_bytes_total")),
 		FromPeers:      metrics.byLabel("coop_mirror_peer_bytes_total", "node"),
