@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,10 +58,11 @@ type swarm struct {
 	cond     *sync.Cond
 	peers    map[string]*swarmPeer
 	order    []*swarmPeer
-	inflight []int       // attempts running, by chunk
-	started  []time.Time // first attempt's start, by chunk
-	from     []string    // the peer each chunk came from
-	next     int         // the writer's next chunk
+	inflight []int              // attempts running, by chunk
+	started  []time.Time        // first attempt's start, by chunk
+	attempts map[int][]*attempt // the attempts running, by chunk
+	from     []string           // the peer each chunk came from
+	next     int                // the writer's next chunk
 	stats    DownloadStats
 	done     bool
 	active   int
@@ -126,7 +128,7 @@ func newSwarm(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate)
 	s := &swarm{dl: dl, dgst: dgst, size: size, opts: opts, est: opts.Estimates, part: part, n: n,
 		window:   max(int(opts.Buffer/chunk), 2),
 		peers:    map[string]*swarmPeer{},
-		inflight: make([]int, n), started: make([]time.Time, n), from: make([]string, n),
+		inflight: make([]int, n), started: make([]time.Time, n), from: make([]string, n), attempts: map[int][]*attempt{},
 		stats: DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}},
 		rng:   rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}
@@ -416,14 +418,49 @@ func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
 	if len(best) > 0 {
 		return best[s.rng.IntN(len(best))], false
 	}
-	// Nothing to start: hedge the writer's next chunk when its only
-	// attempt runs long and this peer can serve it.
-	i := s.next
-	if i < s.n && s.inflight[i] == 1 && !s.part.Has(i) && now.Sub(s.started[i]) > s.opts.Stall/2 &&
-		(p.whole || p.have.has(i)) {
-		return i, true
+	// Nothing to start: hedge the earliest chunk whose only attempt would
+	// finish later than this peer could do it all (or, for the writer's
+	// next chunk, runs longer than half the stall timeout).
+	me := s.est.Get(p.c.Node)
+	unknown := s.unknownRateLocked()
+	for i := s.next; i < end; i++ {
+		as := s.attempts[i]
+		if len(as) != 1 || as[0].peer == p.c.Node || s.part.Has(i) || !(p.whole || p.have.has(i)) {
+			continue
+		}
+		a := as[0]
+		_, n := s.part.Span(i)
+		if i == s.next && now.Sub(a.started) > s.opts.Stall/2 {
+			return i, true
+		}
+		mine := me.Completion(n, unknown)
+		left := n - a.got.Load()
+		var theirs time.Duration
+		if bw := s.est.Get(a.peer).Bandwidth; bw > 0 {
+			theirs = time.Duration(float64(left) / bw * float64(time.Second))
+		} else if got, el := a.got.Load(), now.Sub(a.started); got > 0 {
+			theirs = time.Duration(float64(left) / (float64(got) / el.Seconds()) * float64(time.Second))
+		} else {
+			theirs = max(el, s.opts.Stall/2) // nothing yet: assume slow
+		}
+		if theirs > mine*3/2 && theirs > 20*time.Millisecond {
+			return i, true
+		}
 	}
 	return -1, false
+}
+
+// unknownRateLocked is the rate assumed for an unmeasured peer: the best
+// known, so that new peers get tried.
+func (s *swarm) unknownRateLocked() float64 {
+	best := 0.0
+	for _, p := range s.order {
+		best = max(best, s.est.Get(p.c.Node).Bandwidth)
+	}
+	if best == 0 {
+		best = 100 << 20
+	}
+	return best
 }
 
 // worker fetches chunks from one peer until the blob is done or the peer
@@ -449,6 +486,9 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 			s.started[i] = time.Now()
 		}
 		s.inflight[i]++
+		actx, cancel := context.WithCancel(ctx)
+		a := &attempt{peer: p.c.Node, started: time.Now(), cancel: cancel}
+		s.attempts[i] = append(s.attempts[i], a)
 		if hedge {
 			s.stats.Hedged++
 		}
@@ -456,20 +496,33 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 		s.part.Fetching(i, true)
 
 		off, n := s.part.Span(i)
-		a := &attempt{peer: p.c.Node, started: time.Now()}
-		data, ttfb, err := s.dl.fetchRange(ctx, p.c, s.dgst, s.size, off, n, s.opts, a)
+		data, ttfb, err := s.dl.fetchRange(actx, p.c, s.dgst, s.size, off, n, s.opts, a)
 		if err == nil && !s.part.Has(i) {
 			err = s.part.Put(i, data)
 			if err == nil {
 				s.mu.Lock()
 				s.from[i] = p.c.Node
+				for _, other := range s.attempts[i] {
+					if other != a {
+						other.cancel() // a hedge lost
+					}
+				}
 				s.mu.Unlock()
 				s.est.Observe(p.c.Node, n, time.Since(a.started), ttfb)
 			}
 		}
+		lost := err != nil && actx.Err() != nil && ctx.Err() == nil // cancelled: another attempt won
+		cancel()
 		s.dl.putBuf(data)
 
 		s.mu.Lock()
+		s.attempts[i] = slices.DeleteFunc(s.attempts[i], func(x *attempt) bool { return x == a })
+		if len(s.attempts[i]) == 0 {
+			delete(s.attempts, i)
+		}
+		if lost {
+			err = nil
+		}
 		s.inflight[i]--
 		if s.inflight[i] == 0 && !s.part.Has(i) {
 			s.part.Fetching(i, false)

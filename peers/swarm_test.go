@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -267,5 +268,49 @@ func TestSwarmFallsBack(t *testing.T) {
 	_, err = dl.Download(ctx, src.bigD, size, cands[1:], &out)
 	if !errors.Is(err, ErrAllPeersFailed) {
 		t.Fatalf("partial peers only: %v", err)
+	}
+}
+
+// hangFetcher serves data from every peer but "hang", whose bodies never
+// send a byte.
+type hangFetcher struct{ data []byte }
+
+func (f hangFetcher) FetchRange(ctx context.Context, url string, _ digest.Digest, off, n, _ int64) (io.ReadCloser, error) {
+	if url == "hang" {
+		return io.NopCloser(&blockingReader{ctx: ctx}), nil
+	}
+	return io.NopCloser(bytes.NewReader(f.data[off : off+n])), nil
+}
+
+type blockingReader struct{ ctx context.Context }
+
+func (r *blockingReader) Read([]byte) (int, error) {
+	<-r.ctx.Done()
+	return 0, r.ctx.Err()
+}
+
+// TestSwarmHedges: a whole holder that never sends a byte does not hold the
+// blob up to the stall timeout: its chunks are hedged on the other holder.
+func TestSwarmHedges(t *testing.T) {
+	data := bytes.Repeat([]byte("swarm hedge "), 200_000)
+	dgst := digest.FromBytes(data)
+	ps, err := NewPartials(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl, err := NewDownloader(hangFetcher{data}, DownloadOptions{ChunkSize: MinPartialChunk, Partials: ps, Stall: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	size := int64(len(data))
+	st, err := dl.Download(ctx, dgst, size, []Candidate{{Node: "hang", URL: "hang", Size: size}, {Node: "ok", URL: "ok", Size: size}}, &out)
+	if err != nil || !bytes.Equal(out.Bytes(), data) {
+		t.Fatalf("download: %v", err)
+	}
+	if st.Hedged == 0 || st.BytesByNode["hang"] != 0 {
+		t.Errorf("stats %+v: want hedged chunks, nothing from the hanging peer", st)
 	}
 }
