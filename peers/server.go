@@ -127,7 +127,7 @@ type Server struct {
 	writeStall   time.Duration
 	partials     *Partials
 	partialWait  time.Duration
-	waiting      atomic.Int64 // partial requests waiting for a chunk
+	waiting      atomic.Int64   // partial requests waiting for a chunk
 	slotsMu      sync.Mutex     // taking and giving back an upload slot
 	byClient     map[string]int // upload slots held, by client key
 	active       atomic.Int64   // blob bodies being sent

@@ -425,7 +425,7 @@ func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
 	unknown := s.unknownRateLocked()
 	for i := s.next; i < end; i++ {
 		as := s.attempts[i]
-		if len(as) != 1 || as[0].peer == p.c.Node || s.part.Has(i) || !(p.whole || p.have.has(i)) {
+		if len(as) != 1 || as[0].peer == p.c.Node || s.part.Has(i) || (!p.whole && !p.have.has(i)) {
 			continue
 		}
 		a := as[0]
