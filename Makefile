@@ -109,7 +109,7 @@ lint: ## golangci-lint v2 with .golangci.yml
 demo: root deps build tools ## the main job: a cooperative container migration in network namespaces (root)
 	COOP_BIN=$(BIN) $(GO) run ./test/demo
 
-bench: root deps build tools ## benchmarks: P3 (mirror miss), P4 (local pull+unpack), index (every mode; ClusterKB at scale); writes bench-results/
+bench: root deps build tools ## benchmarks: P1/P2 (shaped links), P3 (mirror miss), P4 (local pull+unpack), P5 (burst of 8 pulls; BENCH_FLAGS=--only P5), failures, index (every mode; ClusterKB at scale); writes bench-results/
 	COOP_BIN=$(BIN) $(GO) run ./test/bench $(BENCH_FLAGS)
 
 clean: ## remove build outputs

@@ -7,6 +7,10 @@
 //	P4:    a local pull+unpack through coop's content proxy and diff
 //	       service, against containerd's built-in content store, through ctr
 //	       and CRI.
+//	P5:    a burst: 8 destinations behind 100 Mbit/s uplinks pull one image at
+//	       the same instant from one source; registry only, whole-blob
+//	       striping, the swarm (observer, claim, CRI), and the swarm with
+//	       two destinations killed or a corrupt holder (burst.go).
 //	index: locate latency, staleness and control traffic of every index
 //	       mode at 10 and 1,000 in-process nodes, and ClusterKB's memory and
 //	       locate latency at 5,000 nodes × 1,000 blobs (no root needed).
@@ -62,6 +66,29 @@ type Run struct {
 	ServerCPUSeconds       float64 `json:"server_cpu_seconds,omitempty"`
 	ServedBytes            int64   `json:"served_bytes,omitempty"`
 	ServerCPUSecondsPerGiB float64 `json:"server_cpu_seconds_per_gib,omitempty"`
+	// Burst scenarios (P5, burst.go): Seconds is the last destination's
+	// (max over those that completed), P50Seconds their median, and
+	// LimitMultiple Seconds over the scenario's limit. SourceBytes is what
+	// left the source's uplink, RegistryBytes (blob bytes) plus
+	// SourceServedBytes (the source node's peer server), SourceCopies the
+	// same in images of ImageBytes; SourceTxBytes its interface's counter
+	// (frames). Attempts, BlobsChecked and Corrupt add up the destinations
+	// that were not killed; CorruptHolderServed is what the corrupt holder
+	// sent.
+	P50Seconds          float64     `json:"p50_seconds,omitempty"`
+	LimitMultiple       float64     `json:"limit_multiple,omitempty"`
+	Completed           int         `json:"completed,omitempty"`
+	ImageBytes          int64       `json:"image_bytes,omitempty"`
+	SourceBytes         int64       `json:"source_bytes,omitempty"`
+	SourceCopies        float64     `json:"source_copies,omitempty"`
+	RegistryBytes       int64       `json:"registry_bytes,omitempty"`
+	SourceServedBytes   int64       `json:"source_served_bytes,omitempty"`
+	SourceTxBytes       int64       `json:"source_tx_bytes,omitempty"`
+	CorruptHolderServed int64       `json:"corrupt_holder_served_bytes,omitempty"`
+	Attempts            int         `json:"attempts,omitempty"`
+	BlobsChecked        int         `json:"blobs_checked,omitempty"`
+	Corrupt             *int        `json:"corrupt_committed,omitempty"`
+	Destinations        []BurstDest `json:"destinations,omitempty"`
 }
 
 // Scenario is one comparison.
@@ -103,16 +130,23 @@ type Latency struct {
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	var err error
-	if name := os.Getenv(linksEnv); name != "" {
-		// Inside a shaped scenario's control namespace (see links.go).
+	shaped, burst := os.Getenv(linksEnv), os.Getenv(burstEnv)
+	if shaped != "" || burst != "" {
+		// Inside a shaped or burst scenario's control namespace (see
+		// links.go, burst.go): the same flags as outside.
 		var o options
 		flag.BoolVar(&o.quick, "quick", false, "")
 		flag.IntVar(&o.runs, "runs", 9, "")
 		flag.StringVar(&o.out, "out", "", "")
 		flag.StringVar(&o.only, "only", "", "")
 		flag.StringVar(&o.shapedRuns, "shaped-runs", "", "")
+		flag.StringVar(&o.burstRuns, "burst-runs", "", "")
 		flag.Parse()
-		err = shapedInner(ctx, o, name)
+		if burst != "" {
+			err = burstInner(ctx, o, burst)
+		} else {
+			err = shapedInner(ctx, o, shaped)
+		}
 	} else {
 		err = run(ctx)
 	}
@@ -130,6 +164,8 @@ type options struct {
 	only  string
 	// shapedRuns, when set, keeps only these P1/P2 runs (labels).
 	shapedRuns string
+	// burstRuns, when set, keeps only these P5 runs (labels).
+	burstRuns string
 }
 
 func run(ctx context.Context) error {
@@ -137,8 +173,9 @@ func run(ctx context.Context) error {
 	flag.BoolVar(&o.quick, "quick", false, "small images and 2 runs: a smoke run")
 	flag.IntVar(&o.runs, "runs", 9, "samples per side")
 	flag.StringVar(&o.out, "out", "bench-results/latest.json", "where to write the results")
-	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,P4-claim,failures,index)")
+	flag.StringVar(&o.only, "only", "", "run only these scenarios (comma list: P1,P2,P3,P4,P4-observer,P4-claim,P5,P5-1layer,failures,index; P5 is both P5 scenarios)")
 	flag.StringVar(&o.shapedRuns, "shaped-runs", "", "P1/P2: run only these (comma list: traditional,first,stripe,stripe-tls,claim-stripe,claim-stripe-tls,observer-stripe,observer-stripe-tls)")
+	flag.StringVar(&o.burstRuns, "burst-runs", "", "P5: run only these (comma list: traditional,stripe,swarm,swarm-claim,swarm-cri,swarm-2killed,swarm-corrupt)")
 	flag.Parse()
 	if o.quick && o.runs == 9 {
 		o.runs = 2
@@ -158,6 +195,15 @@ func run(ctx context.Context) error {
 			return fmt.Errorf("shaped links: %w", err)
 		}
 		res.Scenarios = append(res.Scenarios, ss...)
+	}
+	if want("P5") || want("P5-1layer") {
+		t0 := time.Now()
+		ss, err := runBurst(ctx, o, want)
+		if err != nil {
+			return fmt.Errorf("burst: %w", err)
+		}
+		res.Scenarios = append(res.Scenarios, ss...)
+		fmt.Fprintf(os.Stderr, "  P5: %.0f s in all\n", time.Since(t0).Seconds())
 	}
 	if want("failures") {
 		cells, err := runFailures(ctx, o)
@@ -188,7 +234,13 @@ func run(ctx context.Context) error {
 	fmt.Printf("\nwrote %s\n", o.out)
 	var shaped []Scenario
 	for _, s := range res.Scenarios {
-		if s.LimitSeconds > 0 {
+		if isBurst(s) {
+			png := burstPlotPath(o.out, s.Name)
+			if err := plotBurst(png, s); err != nil {
+				return fmt.Errorf("plot %s: %w", s.Name, err)
+			}
+			fmt.Printf("wrote %s\n", png)
+		} else if s.LimitSeconds > 0 {
 			shaped = append(shaped, s)
 		}
 	}
@@ -498,9 +550,11 @@ func p3Latency(ctx context.Context, tools *harness.Tools, o options) (Latency, e
 }
 
 func printTable(res Results) {
-	var shaped, compared []Scenario
+	var shaped, compared, burst []Scenario
 	for _, s := range res.Scenarios {
-		if s.LimitSeconds > 0 {
+		if isBurst(s) {
+			burst = append(burst, s)
+		} else if s.LimitSeconds > 0 {
 			shaped = append(shaped, s)
 		} else {
 			compared = append(compared, s)
@@ -509,6 +563,9 @@ func printTable(res Results) {
 	if len(compared) > 0 {
 		fmt.Println("| scenario | baseline | s (median) | coop | s (median) | ratio | target |")
 		fmt.Println("|---|---|---|---|---|---|---|")
+	}
+	if len(burst) > 0 {
+		defer printBurst(burst)
 	}
 	if len(shaped) > 0 {
 		defer printShaped(shaped)

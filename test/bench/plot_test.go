@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"image/png"
 	"os"
 	"path/filepath"
@@ -66,6 +67,46 @@ func TestPlotShaped(t *testing.T) {
 		t.Fatalf("width %d px", w)
 	}
 	if out := os.Getenv("COOP_BENCH_PLOT_OUT"); out != "" {
+		if err := os.WriteFile(out, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestPlotBurst renders a P5 scenario with a killed and a failed
+// destination and a corrupt holder, and checks that a PNG comes out.
+// COOP_BENCH_PLOT_BURST_OUT=path keeps a copy to look at.
+func TestPlotBurst(t *testing.T) {
+	run := func(label string, secs float64, source int64) Run {
+		r := Run{Label: label, SourceBytes: source * mib, ImageBytes: 128 * mib}
+		for i := range burstDests {
+			r.Destinations = append(r.Destinations, BurstDest{Name: fmt.Sprintf("d%d", i+1), Seconds: secs * (1 - float64(i)/20), Uploaded: int64(i) * 10 * mib})
+		}
+		return r
+	}
+	killed := run("swarm-2killed", 14, 150)
+	killed.Destinations[6].Killed, killed.Destinations[6].Seconds = true, 0
+	killed.Destinations[7].Seconds = 0
+	corrupt := run("swarm-corrupt", 30, 300)
+	corrupt.CorruptHolderServed = 40 * mib
+	s := Scenario{Name: "P5", Bytes: 128 * mib, LimitSeconds: 10.74, Runs: []Run{
+		run("traditional", 90, 1024), run("stripe", 88, 1024), run("swarm", 13, 140), killed, corrupt}}
+	path := filepath.Join(t.TempDir(), "burst.png")
+	if err := plotBurst(path, s); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := png.Decode(bytes.NewReader(b))
+	if err != nil {
+		t.Fatalf("not a PNG: %v", err)
+	}
+	if w := img.Bounds().Dx(); w < 600 {
+		t.Fatalf("width %d px", w)
+	}
+	if out := os.Getenv("COOP_BENCH_PLOT_BURST_OUT"); out != "" {
 		if err := os.WriteFile(out, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
