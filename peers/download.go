@@ -93,6 +93,8 @@ type DownloadStats struct {
 	Hedged int
 	// Failed holds why each dropped peer was dropped.
 	Failed map[string]error
+	// Busy counts the answers 429 a swarm download waited out.
+	Busy int
 }
 
 // hedgeCheck is how often idle peers look for a chunk to hedge.

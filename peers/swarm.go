@@ -29,6 +29,9 @@ type PartialFetcher interface {
 // to use each other's chunk maps.
 const SwarmChunk = 1 << 20
 
+// maxBusyWait bounds the wait before asking a busy peer (429) again.
+const maxBusyWait = 2 * time.Second
+
 // notYetBackoff is how long a peer that answered "not yet" for a chunk is
 // not asked for it again.
 const notYetBackoff = 300 * time.Millisecond
@@ -250,7 +253,7 @@ func (s *swarm) lockedStats() DownloadStats {
 }
 
 func (s *swarm) statsLocked() DownloadStats {
-	st := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: s.stats.Hedged}
+	st := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: s.stats.Hedged, Busy: s.stats.Busy}
 	for k, v := range s.stats.BytesByNode {
 		st.BytesByNode[k] = v
 	}
@@ -450,6 +453,13 @@ func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
 	return -1, false
 }
 
+// rngIntN draws from the swarm's generator, under its lock.
+func (s *swarm) rngIntN(n int) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rng.IntN(n)
+}
+
 // unknownRateLocked is the rate assumed for an unmeasured peer: the best
 // known, so that new peers get tried.
 func (s *swarm) unknownRateLocked() float64 {
@@ -536,6 +546,20 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 			p.notYet[i] = time.Now()
 			s.cond.Broadcast()
 			s.mu.Unlock()
+			continue
+		}
+		var busy *BusyError
+		if errors.As(err, &busy) {
+			// In a burst the source is busy: that is no failure. Its
+			// chunk goes to others meanwhile; ask it again later.
+			s.stats.Busy++
+			s.cond.Broadcast()
+			s.mu.Unlock()
+			wait := min(max(busy.RetryAfter, 100*time.Millisecond), maxBusyWait)
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait + time.Duration(s.rngIntN(int(wait/2)+1))):
+			}
 			continue
 		}
 		// The peer failed: drop it for this blob, bring in another.

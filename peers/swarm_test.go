@@ -314,3 +314,42 @@ func TestSwarmHedges(t *testing.T) {
 		t.Errorf("stats %+v: want hedged chunks, nothing from the hanging peer", st)
 	}
 }
+
+// busyFetcher answers 429 from "busy" the first times, then serves.
+type busyFetcher struct {
+	data []byte
+	left atomic.Int64
+}
+
+func (f *busyFetcher) FetchRange(_ context.Context, url string, _ digest.Digest, off, n, _ int64) (io.ReadCloser, error) {
+	if f.left.Add(-1) >= 0 {
+		return nil, &BusyError{Peer: url, RetryAfter: 10 * time.Millisecond}
+	}
+	return io.NopCloser(bytes.NewReader(f.data[off : off+n])), nil
+}
+
+// TestSwarmWaitsOutBusy: a source that answers 429 (a burst) is asked
+// again, not dropped: the download completes from it alone.
+func TestSwarmWaitsOutBusy(t *testing.T) {
+	data := bytes.Repeat([]byte("busy "), 100_000)
+	dgst := digest.FromBytes(data)
+	ps, err := NewPartials(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &busyFetcher{data: data}
+	f.left.Store(5)
+	dl, err := NewDownloader(f, DownloadOptions{ChunkSize: MinPartialChunk, Partials: ps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	size := int64(len(data))
+	st, err := dl.Download(context.Background(), dgst, size, []Candidate{{Node: "src", URL: "src", Size: size}}, &out)
+	if err != nil || !bytes.Equal(out.Bytes(), data) {
+		t.Fatalf("download: %v", err)
+	}
+	if st.Busy != 5 || st.BytesByNode["src"] != size {
+		t.Errorf("stats %+v: want 5 busy answers waited out, every byte from src", st)
+	}
+}
