@@ -93,7 +93,8 @@ type DownloadStats struct {
 	Hedged int
 	// Failed holds why each dropped peer was dropped.
 	Failed map[string]error
-	// Busy counts the answers 429 a swarm download waited out.
+	// Busy counts the answers 429 waited out (a busy peer is asked again
+	// after its Retry-After, maxBusyTries times in a row).
 	Busy int
 }
 
@@ -397,7 +398,7 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 // statsLocked returns a copy of the stats (d.mu held): the workers go on
 // updating d.stats until run returns.
 func (d *download) statsLocked() DownloadStats {
-	s := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: d.stats.Hedged}
+	s := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: d.stats.Hedged, Busy: d.stats.Busy}
 	for k, v := range d.stats.BytesByNode {
 		s.BytesByNode[k] = v
 	}
@@ -430,6 +431,7 @@ func (d *download) startLocked(ctx context.Context, wg *sync.WaitGroup) {
 func (d *download) worker(ctx context.Context, c Candidate, wg *sync.WaitGroup) {
 	d.est.begin(c.Node)
 	defer d.est.end(c.Node)
+	busyTries := 0 // busy answers in a row
 	for {
 		d.mu.Lock()
 		ch, hedge := d.pickLocked(c.Node)
@@ -458,6 +460,7 @@ func (d *download) worker(ctx context.Context, c Candidate, wg *sync.WaitGroup) 
 		delete(ch.attempts, a)
 		switch {
 		case err == nil && !ch.ok:
+			busyTries = 0
 			ch.ok, ch.data, ch.from = true, data, c.Node
 			for other := range ch.attempts {
 				other.cancel() // a hedge lost
@@ -474,6 +477,24 @@ func (d *download) worker(ctx context.Context, c Candidate, wg *sync.WaitGroup) 
 			// Cancelled: the chunk came from elsewhere, or we are done.
 			d.dl.putBuf(data)
 			d.mu.Unlock()
+			continue
+		}
+		var busy *BusyError
+		if errors.As(err, &busy) && busyTries < maxBusyTries {
+			busyTries++
+			// Busy (429): no failure. Its chunk goes back for any peer;
+			// this one asks again after Retry-After.
+			d.dl.putBuf(data)
+			d.stats.Busy++
+			if len(ch.attempts) == 0 {
+				d.requeueLocked(ch)
+			}
+			d.cond.Broadcast()
+			d.mu.Unlock()
+			select {
+			case <-ctx.Done():
+			case <-time.After(min(max(busy.RetryAfter, 100*time.Millisecond), maxBusyWait)):
+			}
 			continue
 		}
 		// The peer failed: drop it for this blob, requeue its chunk, and

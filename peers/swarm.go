@@ -29,8 +29,12 @@ type PartialFetcher interface {
 // to use each other's chunk maps.
 const SwarmChunk = 1 << 20
 
-// maxBusyWait bounds the wait before asking a busy peer (429) again.
-const maxBusyWait = 2 * time.Second
+// A busy peer (429) is asked again after its Retry-After (at most
+// maxBusyWait), maxBusyTries times in a row; then it is dropped for the blob.
+const (
+	maxBusyWait  = 2 * time.Second
+	maxBusyTries = 8
+)
 
 // notYetBackoff is how long a peer that answered "not yet" for a chunk is
 // not asked for it again.
@@ -478,6 +482,7 @@ func (s *swarm) unknownRateLocked() float64 {
 func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 	s.est.begin(p.c.Node)
 	defer s.est.end(p.c.Node)
+	busyTries := 0 // busy answers in a row
 	for {
 		s.mu.Lock()
 		i, hedge := s.pickLocked(p)
@@ -537,6 +542,9 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 		if s.inflight[i] == 0 && !s.part.Has(i) {
 			s.part.Fetching(i, false)
 		}
+		if err == nil {
+			busyTries = 0
+		}
 		switch {
 		case err == nil, s.done, ctx.Err() != nil:
 			s.cond.Broadcast()
@@ -549,7 +557,8 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 			continue
 		}
 		var busy *BusyError
-		if errors.As(err, &busy) {
+		if errors.As(err, &busy) && busyTries < maxBusyTries {
+			busyTries++
 			// In a burst the source is busy: that is no failure. Its
 			// chunk goes to others meanwhile; ask it again later.
 			s.stats.Busy++
