@@ -6,11 +6,16 @@
 // on the neighbours), migrates it to the destination twice — traditional
 // (from the source only) and cooperative (source and neighbours, found
 // through ClusterKB) — checks that it answers HTTP at the destination, and
-// prints both provenance tables and the comparison. Everything is torn down
-// on exit, on failure and on Ctrl-C.
+// prints both provenance tables and the comparison. Act 2: the service
+// scales out to three fresh nodes at once, traditional (each from the
+// source) and cooperative (a swarm: the nodes take chunks from each other
+// while they download), and the demo prints the rollout's time and the
+// bytes that left the source. Everything is torn down on exit, on failure
+// and on Ctrl-C.
 //
 // Run it with `make demo` (as root). DEMO_JSON=path also writes
-// {"traditional_seconds":…,"cooperative_seconds":…,"answered":…};
+// {"traditional_seconds":…,"cooperative_seconds":…,"answered":…,
+// "rollout_traditional_seconds":…,"rollout_cooperative_seconds":…, ...};
 // DEMO_LAYERS (default 4) and DEMO_LAYER_MIB (default 32) size the image.
 package main
 
@@ -27,6 +32,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -42,6 +48,8 @@ var (
 	sourceHost = cluster.Host{Name: "src", IP: cluster.Subnet + "10", Mbit: 100}
 	neighbours = []cluster.Host{{Name: "n1", IP: cluster.Subnet + "11", Mbit: 100}, {Name: "n2", IP: cluster.Subnet + "12", Mbit: 100}, {Name: "n3", IP: cluster.Subnet + "13", Mbit: 100}}
 	destHost   = cluster.Host{Name: "dst", IP: cluster.Subnet + "20"}
+	// Act 2: fresh nodes the service scales out to, all at once.
+	scaleHosts = []cluster.Host{{Name: "s1", IP: cluster.Subnet + "21", Mbit: 100}, {Name: "s2", IP: cluster.Subnet + "22", Mbit: 100}, {Name: "s3", IP: cluster.Subnet + "23", Mbit: 100}}
 	ctlHost    = cluster.Host{Name: "ctl", IP: cluster.Subnet + "254"}
 )
 
@@ -88,7 +96,7 @@ func outer(ctx context.Context) error {
 	if _, err := exec.LookPath("nsenter"); err != nil {
 		return errors.New("nsenter is missing (util-linux)")
 	}
-	hosts := append([]cluster.Host{ctlHost, kbHost, sourceHost, destHost}, neighbours...)
+	hosts := append(append([]cluster.Host{ctlHost, kbHost, sourceHost, destHost}, neighbours...), scaleHosts...)
 	t, err := cluster.Build(ctx, nsPrefix, hosts)
 	if err != nil {
 		return fmt.Errorf("network namespaces: %w", err)
@@ -290,13 +298,39 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	}
 
 	trad, coop := runs[0].res.Seconds, runs[1].res.Seconds
-	fmt.Fprintf(out, "\n=== comparison (image %.0f MiB; uplinks 100 Mbit/s)\n", float64(img.LayerBytes())/(1<<20))
+	image := float64(img.LayerBytes())
+	fmt.Fprintf(out, "\n=== comparison (image %.0f MiB; uplinks 100 Mbit/s)\n", image/(1<<20))
 	for _, r := range runs {
 		fmt.Fprintf(out, "  %-52s %6.2f s\n", r.label, r.res.Seconds)
 	}
 	fmt.Fprintf(out, "  speedup: %.2f×\n\n", trad/coop)
+
+	// Act 2: the service scales out to fresh nodes, all at once.
+	type rollout struct {
+		label, index string
+		swarm        bool
+		seconds      float64
+		sourceBytes  float64
+	}
+	rollouts := []*rollout{
+		{label: "traditional (each from the source only)", index: "none"},
+		{label: "cooperative (swarm: source, neighbours, each other)", index: "kb", swarm: true},
+	}
+	for _, r := range rollouts {
+		fmt.Fprintf(out, "\n=== act 2: the service scales out to %d more nodes at once, %s\n", len(scaleHosts), r.label)
+		if r.seconds, r.sourceBytes, err = d.scaleOut(ctx, src, up, r.index, r.swarm, out); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(out, "\n=== rollout to %d nodes at once (image %.0f MiB; uplinks 100 Mbit/s)\n", len(scaleHosts), image/(1<<20))
+	for _, r := range rollouts {
+		fmt.Fprintf(out, "  %-52s %6.2f s   the source sent %.2f images\n", r.label, r.seconds, r.sourceBytes/image)
+	}
+	fmt.Fprintf(out, "  speedup: %.2f×\n\n", rollouts[0].seconds/rollouts[1].seconds)
 	if path := os.Getenv("DEMO_JSON"); path != "" {
-		b, err := json.Marshal(map[string]any{"traditional_seconds": trad, "cooperative_seconds": coop, "answered": answered})
+		b, err := json.Marshal(map[string]any{"traditional_seconds": trad, "cooperative_seconds": coop, "answered": answered,
+			"rollout_nodes": len(scaleHosts), "rollout_traditional_seconds": rollouts[0].seconds, "rollout_cooperative_seconds": rollouts[1].seconds,
+			"rollout_traditional_source_images": rollouts[0].sourceBytes / image, "rollout_cooperative_source_images": rollouts[1].sourceBytes / image})
 		if err != nil {
 			return err
 		}
@@ -310,6 +344,59 @@ func inner(ctx context.Context, out io.Writer) (retErr error) {
 	return nil
 }
 
+// scaleOut starts a fresh node on every scale host (index; swarm or not),
+// migrates the service from src to all of them at once, checks that each
+// answers, stops them, and returns the seconds until the last one runs and
+// the bytes the source sent meanwhile.
+func (d *demo) scaleOut(ctx context.Context, src *harness.Node, up []harness.Upstream, index string, swarm bool, out io.Writer) (float64, float64, error) {
+	var nodes []*harness.Node
+	defer func() {
+		for _, n := range nodes {
+			_ = d.stopNode(n)
+		}
+	}()
+	for _, h := range scaleHosts {
+		args := append(indexArgs(index), "--swarm="+strconv.FormatBool(swarm))
+		n, err := d.node(h, harness.NodeOptions{Registries: up, Migrations: true, ExtraCoopArgs: args})
+		if err != nil {
+			return 0, 0, err
+		}
+		nodes = append(nodes, n)
+	}
+	sent0, err := src.Metric(ctx, "coop_peer_served_bytes_total")
+	if err != nil {
+		return 0, 0, err
+	}
+	start := time.Now()
+	errs := make([]error, len(nodes))
+	took := make([]float64, len(nodes))
+	var wg sync.WaitGroup
+	for i, n := range nodes {
+		wg.Go(func() {
+			_, errs[i] = runMigration(ctx, n, src, filepath.Join(d.dir, fmt.Sprintf("%s-%s.json", index, n.Name)), io.Discard)
+			took[i] = time.Since(start).Seconds()
+		})
+	}
+	wg.Wait()
+	last := time.Since(start).Seconds()
+	sent1, err := src.Metric(ctx, "coop_peer_served_bytes_total")
+	if err != nil {
+		return 0, 0, err
+	}
+	for i, n := range nodes {
+		if errs[i] != nil {
+			return 0, 0, fmt.Errorf("%s: %w", n.Name, errs[i])
+		}
+		got := answers(ctx, n)
+		if !strings.Contains(got, "coop") {
+			return 0, 0, fmt.Errorf("%s: the migrated container does not answer: %q", n.Name, got)
+		}
+		up, _ := n.Metric(ctx, "coop_peer_served_bytes_total")
+		fmt.Fprintf(out, "  %s: running and answering after %6.2f s; it sent %.1f MiB to the others\n", n.Name, took[i], up/(1<<20))
+	}
+	return last, sent1 - sent0, nil
+}
+
 // runMigration runs coop migrate at dst from src, its live display and table on
 // out, and returns its JSON result.
 func runMigration(ctx context.Context, dst, src *harness.Node, jsonPath string, out io.Writer) (*migrate.Result, error) {
@@ -318,7 +405,7 @@ func runMigration(ctx context.Context, dst, src *harness.Node, jsonPath string, 
 	bin, args := inNS(dst.Name, dst.Tools().Coop, "migrate", "--from", src.PeerURL(), "--containerd-address", dst.Address,
 		"--mirror", dst.MirrorURL(), "--mirror-token-file", dst.MirrorTokenFile(), "--tls-dir", dst.TLSDir(),
 		"--hosts-dir", dst.HostsDir, "--runc-root", dst.RuncRoot,
-		"--cgroups-path", "/coopdemo-dst-"+container, "--json-file", jsonPath, "--start", container)
+		"--cgroups-path", "/coopdemo-"+dst.Name+"-"+container, "--json-file", jsonPath, "--start", container)
 	cmd := exec.CommandContext(mctx, bin, args...)
 	cmd.Stdout, cmd.Stderr = out, os.Stderr
 	if err := cmd.Run(); err != nil {
