@@ -555,7 +555,7 @@ func (cs *ClaimStore) run(c *claim) {
 	c.mu.Unlock()
 	err := cs.src.FetchClaim(ctx, c.dgst, c.size, c)
 	if err == nil {
-		err = c.verify()
+		err = c.Verify()
 	}
 	if err == nil {
 		// Readers may finish now; the sync and the rename follow.
@@ -704,8 +704,10 @@ func (c *claim) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// verify checks the bytes written.
-func (c *claim) verify() error {
+// Verify checks the bytes written: all of them, with the claimed digest. A
+// ClaimSource may ask it of its writer (a swarm download does, to learn
+// which peers sent a blob that does not verify).
+func (c *claim) Verify() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.written != c.size {

@@ -93,6 +93,9 @@ type DownloadStats struct {
 	Hedged int
 	// Failed holds why each dropped peer was dropped.
 	Failed map[string]error
+	// Partial names the peers that served as partial holders (a swarm):
+	// their chunks were not verified by anyone.
+	Partial []string
 	// Busy counts the answers 429 waited out (a busy peer is asked again
 	// after its Retry-After, maxBusyTries times in a row).
 	Busy int

@@ -264,6 +264,11 @@ func (s *swarm) statsLocked() DownloadStats {
 	for k, v := range s.stats.Failed {
 		st.Failed[k] = v
 	}
+	for _, p := range s.order {
+		if p.c.Partial {
+			st.Partial = append(st.Partial, p.c.Node)
+		}
+	}
 	return st
 }
 

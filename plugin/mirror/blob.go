@@ -259,7 +259,7 @@ func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int6
 		}
 		log.G(ctx).WithError(err).WithField("bytes_by_node", st.BytesByNode).Warn("striped blob does not verify; fetching it one peer at a time")
 		_ = m.store.Abort(context.WithoutCancel(ctx), ref)
-		m.distrust(ctx, cands, st)
+		m.distrust(ctx, st)
 		m.downloads.start(dgst, size)
 		if err := m.fetchSequential(ctx, dgst, size, whole(cands)); err != nil {
 			return err

@@ -57,6 +57,16 @@ func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64,
 		m.downloads.finish(dgst, st.BytesByNode, st.Hedged, err)
 		return fmt.Errorf("claimed blob %s: %w", dgst, err)
 	}
+	// Partial peers' chunks were verified by no one: when the claim does
+	// not verify, they are not candidates for a while.
+	if v, ok := w.(interface{ Verify() error }); ok && len(st.Partial) > 0 {
+		if err := v.Verify(); err != nil {
+			m.distrust(ctx, st)
+			m.markFailed(dgst)
+			m.downloads.finish(dgst, st.BytesByNode, st.Hedged, err)
+			return err
+		}
+	}
 	m.downloads.finish(dgst, st.BytesByNode, st.Hedged, nil)
 	log.G(ctx).WithField("bytes_by_node", st.BytesByNode).WithField("hedged", st.Hedged).Debug("claimed blob downloaded")
 	return nil

@@ -389,9 +389,9 @@ func (m *Mirror) trusted(cs []peers.Candidate) []peers.Candidate {
 	return out
 }
 
-// distrust marks the partial candidates that sent bytes of a blob that did
-// not verify (st), so that they are not candidates for ttl.
-func (m *Mirror) distrust(ctx context.Context, cands []peers.Candidate, st peers.DownloadStats) {
+// distrust marks the partial peers that sent bytes of a blob that did not
+// verify (st), so that they are not candidates for ttl.
+func (m *Mirror) distrust(ctx context.Context, st peers.DownloadStats) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := time.Now()
@@ -400,10 +400,10 @@ func (m *Mirror) distrust(ctx context.Context, cands []peers.Candidate, st peers
 			delete(m.distrusted, n)
 		}
 	}
-	for _, c := range cands {
-		if c.Partial && st.BytesByNode[c.Node] > 0 {
-			m.distrusted[c.Node] = now
-			log.G(ctx).WithField("peer", c.Node).Warn("partial peer sent chunks of a blob that does not verify; not a candidate for a while")
+	for _, n := range st.Partial {
+		if st.BytesByNode[n] > 0 {
+			m.distrusted[n] = now
+			log.G(ctx).WithField("peer", n).Warn("partial peer sent chunks of a blob that does not verify; not a candidate for a while")
 		}
 	}
 }

@@ -1000,9 +1000,9 @@ func TestMirrorLocatesChildren(t *testing.T) {
 
 // partialLiar says it is downloading every blob asked, has every chunk,
 // and serves random bytes.
-func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server, *atomic.Int64) {
+func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server, *liarGets) {
 	t.Helper()
-	var gets atomic.Int64
+	gets := &liarGets{by: map[digest.Digest]int{}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if d, ok := strings.CutPrefix(r.URL.Path, peers.PartialPath+"/"); ok {
 			size := sizes[digest.Digest(d)]
@@ -1011,7 +1011,7 @@ func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server,
 			_ = json.NewEncoder(w).Encode(peers.PartialStatus{Node: "liar", Digest: digest.Digest(d), Size: size, ChunkSize: peers.SwarmChunk, Have: have})
 			return
 		}
-		gets.Add(1)
+		gets.add(digest.Digest(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]))
 		a, b, _ := strings.Cut(strings.TrimPrefix(r.Header.Get("Range"), "bytes="), "-")
 		off, _ := strconv.ParseInt(a, 10, 64)
 		last, _ := strconv.ParseInt(b, 10, 64)
@@ -1027,7 +1027,40 @@ func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server,
 		_, _ = w.Write(body)
 	}))
 	t.Cleanup(srv.Close)
-	return srv, &gets
+	return srv, gets
+}
+
+// delayed answers as srv does, 100 ms late.
+func delayed(t *testing.T, srv *httptest.Server) *httptest.Server {
+	t.Helper()
+	d := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		srv.Config.Handler.ServeHTTP(w, r)
+	}))
+	t.Cleanup(d.Close)
+	return d
+}
+
+// liarGets counts a liar's blob GETs by digest.
+type liarGets struct {
+	mu sync.Mutex
+	by map[digest.Digest]int
+}
+
+func (g *liarGets) add(d digest.Digest) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.by[d]++
+}
+
+func (g *liarGets) of(d digest.Digest) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.by[d]
 }
 
 // TestMirrorDistrustsPartialLiar: a peer that says it is downloading a
@@ -1044,7 +1077,8 @@ func TestMirrorDistrustsPartialLiar(t *testing.T) {
 	b2, d2 := blob()
 	size := int64(len(b1))
 	liar, gets := partialLiar(t, map[digest.Digest]int64{d1: size, d2: size})
-	good1, good2 := blobPeer(t, b1, "good"), blobPeer(t, b2, "good")
+	// The honest holder answers late: the liar's chunks win the swarm.
+	good1, good2 := delayed(t, blobPeer(t, b1, "good")), delayed(t, blobPeer(t, b2, "good"))
 	res := staticResolver{
 		d1: {{Node: "good", URL: good1.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
 		d2: {{Node: "good", URL: good2.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
@@ -1078,12 +1112,63 @@ func TestMirrorDistrustsPartialLiar(t *testing.T) {
 		}
 	}
 	get(d1, b1)
-	first := gets.Load()
-	if first == 0 {
+	if gets.of(d1) == 0 {
 		t.Fatal("the liar was never asked: the test proves nothing")
 	}
 	get(d2, b2)
-	if gets.Load() != first {
-		t.Errorf("the liar served %d more chunks after its chunks failed a blob", gets.Load()-first)
+	if n := gets.of(d2); n != 0 {
+		t.Errorf("the liar served %d chunks of the next blob after its chunks failed one", n)
+	}
+}
+
+// verifyingWriter is a claim's writer as the claim store gives it: it can
+// say whether what it got verifies.
+type verifyingWriter struct {
+	want digest.Digest
+	d    digest.Digester
+}
+
+func (w *verifyingWriter) Write(p []byte) (int, error) { return w.d.Hash().Write(p) }
+func (w *verifyingWriter) Verify() error {
+	if w.d.Digest() != w.want {
+		return fmt.Errorf("does not verify: %w", errdefs.ErrDataLoss)
+	}
+	return nil
+}
+
+// TestClaimDistrustsPartialLiar: a claim whose swarm download took chunks
+// from a lying partial peer fails, and the liar is not a candidate after.
+func TestClaimDistrustsPartialLiar(t *testing.T) {
+	b1 := make([]byte, 2<<20+3)
+	_, _ = rand.Read(b1)
+	d1 := digest.FromBytes(b1)
+	size := int64(len(b1))
+	liar, gets := partialLiar(t, map[digest.Digest]int64{d1: size})
+	good := delayed(t, blobPeer(t, b1, "good"))
+	res := staticResolver{d1: {{Node: "good", URL: good.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}}}
+	ps, err := peers.NewPartials(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, Partials: ps, StallTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	w := &verifyingWriter{want: d1, d: digest.Canonical.Digester()}
+	if err := m.FetchClaim(context.Background(), d1, size, w); !errdefs.IsDataLoss(err) {
+		t.Fatalf("claim from a liar: %v, want data loss", err)
+	}
+	if gets.of(d1) == 0 {
+		t.Fatal("the liar was never asked: the test proves nothing")
+	}
+	for _, c := range m.candidates(context.Background(), d1) {
+		if c.Node == "liar" {
+			t.Fatal("the liar is still a candidate")
+		}
 	}
 }
