@@ -44,7 +44,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/coopnet/coop/test/cluster"
@@ -605,11 +604,7 @@ func (e *burstEnvState) killWhenReceived(ctx context.Context, n *harness.Node, h
 	}
 	killed.Store(true)
 	d.Killed = true
-	pid, err := containerdPID(n)
-	if err != nil {
-		return err
-	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+	if err := n.KillContainerd(); err != nil {
 		return err
 	}
 	if err := n.KillCoop(); err != nil {
@@ -696,36 +691,6 @@ func ifaceAll(ctx context.Context, hosts []cluster.Host) (map[string]ifaceStats,
 		m[h.Name] = c
 	}
 	return m, nil
-}
-
-// containerdPID finds n's containerd: the process running with
-// --config <n.Dir>/config.toml (nsenter has exec'd it).
-func containerdPID(n *harness.Node) (int, error) {
-	cfg := filepath.Join(n.Dir, "config.toml")
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0, err
-	}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if len(args) < 3 || filepath.Base(args[0]) != "containerd" {
-			continue
-		}
-		for i := range len(args) - 1 {
-			if args[i] == "--config" && args[i+1] == cfg {
-				return pid, nil
-			}
-		}
-	}
-	return 0, fmt.Errorf("node %s: no containerd with --config %s", n.Name, cfg)
 }
 
 // pullError is what a failed pull said: a client command's status and the

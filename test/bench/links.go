@@ -25,7 +25,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -232,11 +231,7 @@ func shapedInner(ctx context.Context, o options, name string) error {
 			if err := n.PullCtr(ctx, seedImg.DigestRef); err != nil {
 				return hs, fmt.Errorf("seed %s: %w", h.Name, err)
 			}
-			pid, err := coopPID(n)
-			if err != nil {
-				return hs, err
-			}
-			hs.nodes, hs.pids = append(hs.nodes, n), append(hs.pids, pid)
+			hs.nodes, hs.pids = append(hs.nodes, n), append(hs.pids, n.CoopPID())
 			hs.neighbours = append(hs.neighbours, n.AsNeighbor())
 		}
 		logf("%s: %d holders seeded with %d bytes each (tls %v)", spec.name, len(spec.holders), bytes, tls)
@@ -516,34 +511,4 @@ func cpuSeconds(pid int) (float64, error) {
 		ticks += v
 	}
 	return float64(ticks) / userHZ, nil
-}
-
-// coopPID finds n's coop process: the one running `coop node` with --root
-// under n's directory (nsenter has exec'd it by the time the node is up).
-func coopPID(n *harness.Node) (int, error) {
-	root := filepath.Join(n.Dir, "coop")
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0, err
-	}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if len(args) < 2 || args[1] != "node" {
-			continue
-		}
-		for i := range len(args) - 1 {
-			if args[i] == "--root" && args[i+1] == root {
-				return pid, nil
-			}
-		}
-	}
-	return 0, fmt.Errorf("node %s: no coop process with --root %s", n.Name, root)
 }

@@ -415,6 +415,29 @@ func (n *Node) KillCoop() error {
 	return p.kill()
 }
 
+// KillContainerd kills containerd with SIGKILL (its shims and the
+// containers live on) and waits for it to exit.
+func (n *Node) KillContainerd() error {
+	n.mu.Lock()
+	p := n.containerd
+	n.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	n.logf("killing containerd (pid %d)", p.pid())
+	return p.kill()
+}
+
+// CoopPID is the coop node's process id; 0 when it was never started.
+func (n *Node) CoopPID() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.coop == nil {
+		return 0
+	}
+	return n.coop.pid()
+}
+
 // SignalCoop sends sig to the coop node: SIGSTOP and SIGCONT make a peer
 // that stalls mid-transfer.
 func (n *Node) SignalCoop(sig syscall.Signal) {
