@@ -15,6 +15,33 @@ import (
 
 const linksInside = "COOP_E2E_LINKS_INSIDE"
 
+// insideNamespaces says whether this test runs inside the control host
+// ctl's namespace of a topology of hosts. When not, it builds the topology,
+// runs the test again inside ctl (which reaches every host, with envKey
+// set), logs what it printed, fails when it failed, and tears the topology
+// down: the caller returns.
+func (e *env) insideNamespaces(prefix, envKey, ctl string, hosts []cluster.Host) bool {
+	t := e.t
+	t.Helper()
+	if os.Getenv(envKey) != "" {
+		return true
+	}
+	topo, err := cluster.Build(e.ctx, prefix, hosts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer topo.Close()
+	bin, args := topo.InNS(ctl, os.Args[0], "-test.run", "^"+t.Name()+"$", "-test.v", "-test.count=1")
+	cmd := exec.CommandContext(e.ctx, bin, args...)
+	cmd.Env = append(os.Environ(), envKey+"=1")
+	out, err := cmd.CombinedOutput()
+	t.Logf("inside the namespaces:\n%s", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return false
+}
+
 // TestStripeOnShapedLinks: a striped pull from three peers behind 40, 80
 // and 160 Mbit/s uplinks, in network namespaces. Every byte arrives (the
 // content verifies), the fastest peer sends more than the slowest, and a
@@ -26,22 +53,7 @@ func TestStripeOnShapedLinks(t *testing.T) {
 	ctl := cluster.Host{Name: "ctl", IP: cluster.Subnet + "254"}
 	dst := cluster.Host{Name: "dst", IP: cluster.Subnet + "20"}
 	peersH := []cluster.Host{{Name: "p40", IP: cluster.Subnet + "11", Mbit: 40}, {Name: "p80", IP: cluster.Subnet + "12", Mbit: 80}, {Name: "p160", IP: cluster.Subnet + "13", Mbit: 160}}
-	if os.Getenv(linksInside) == "" {
-		// Build the namespaces, then run this test again inside the
-		// control namespace, which reaches every node.
-		topo, err := cluster.Build(e.ctx, prefix, append([]cluster.Host{ctl, dst}, peersH...))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer topo.Close()
-		bin, args := topo.InNS(ctl.Name, os.Args[0], "-test.run", "^TestStripeOnShapedLinks$", "-test.v", "-test.count=1")
-		cmd := exec.CommandContext(e.ctx, bin, args...)
-		cmd.Env = append(os.Environ(), linksInside+"=1")
-		out, err := cmd.CombinedOutput()
-		t.Logf("inside the namespaces:\n%s", out)
-		if err != nil {
-			t.Fatal(err)
-		}
+	if !e.insideNamespaces(prefix, linksInside, ctl.Name, append([]cluster.Host{ctl, dst}, peersH...)) {
 		return
 	}
 

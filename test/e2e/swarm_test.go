@@ -5,8 +5,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
 	"sync"
 	"testing"
 
@@ -35,20 +33,7 @@ func TestSwarmBurst(t *testing.T) {
 	for i := range 4 {
 		dsts = append(dsts, cluster.Host{Name: fmt.Sprintf("d%d", i+1), IP: fmt.Sprintf("%s%d", cluster.Subnet, 21+i), Mbit: 100})
 	}
-	if os.Getenv(swarmInside) == "" {
-		topo, err := cluster.Build(e.ctx, prefix, append([]cluster.Host{ctl, src}, dsts...))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer topo.Close()
-		bin, args := topo.InNS(ctl.Name, os.Args[0], "-test.run", "^TestSwarmBurst$", "-test.v", "-test.count=1")
-		cmd := exec.CommandContext(e.ctx, bin, args...)
-		cmd.Env = append(os.Environ(), swarmInside+"=1")
-		out, err := cmd.CombinedOutput()
-		t.Logf("inside the namespaces:\n%s", out)
-		if err != nil {
-			t.Fatal(err)
-		}
+	if !e.insideNamespaces(prefix, swarmInside, ctl.Name, append([]cluster.Host{ctl, src}, dsts...)) {
 		return
 	}
 
