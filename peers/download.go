@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -208,39 +209,53 @@ type attempt struct {
 	cancel  context.CancelFunc
 }
 
-func newDownload(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate, opts DownloadOptions) (*download, error) {
+// forBlob returns o with its unset fields at their defaults (chunk the
+// default chunk size), or ErrInvalidArgument for a blob of size that cannot
+// be downloaded: 0 or less, or above MaxSize.
+func (o DownloadOptions) forBlob(dgst digest.Digest, size, chunk int64) (DownloadOptions, error) {
 	if size <= 0 {
-		return nil, fmt.Errorf("download of a %d-byte blob: %w", size, errdefs.ErrInvalidArgument)
+		return o, fmt.Errorf("download of a %d-byte blob: %w", size, errdefs.ErrInvalidArgument)
 	}
-	if opts.MaxSize <= 0 {
-		opts.MaxSize = DefaultMaxBlobSize
+	if o.MaxSize <= 0 {
+		o.MaxSize = DefaultMaxBlobSize
 	}
-	if size > opts.MaxSize {
-		return nil, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, opts.MaxSize, errdefs.ErrInvalidArgument)
+	if size > o.MaxSize {
+		return o, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, o.MaxSize, errdefs.ErrInvalidArgument)
 	}
-	if opts.Policy == "" {
-		opts.Policy = PolicyStripe
+	if o.Policy == "" {
+		o.Policy = PolicyStripe
 	}
-	if opts.ChunkSize <= 0 {
-		opts.ChunkSize = 4 << 20
+	if o.ChunkSize <= 0 {
+		o.ChunkSize = chunk
 	}
-	if opts.Buffer <= 0 {
-		opts.Buffer = 64 << 20
+	if o.Buffer <= 0 {
+		o.Buffer = 64 << 20
+	}
+	if o.MaxPeers <= 0 {
+		o.MaxPeers = 8
+	}
+	if o.Stall <= 0 {
+		o.Stall = 5 * time.Second
+	}
+	if o.MinRate == 0 {
+		o.MinRate = 64 << 10
+	}
+	if o.PartialPoll <= 0 {
+		o.PartialPoll = 250 * time.Millisecond
+	}
+	if o.Estimates == nil {
+		o.Estimates = NewEstimates()
+	}
+	return o, nil
+}
+
+func newDownload(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate, opts DownloadOptions) (*download, error) {
+	opts, err := opts.forBlob(dgst, size, 4<<20)
+	if err != nil {
+		return nil, err
 	}
 	opts.Buffer = max(opts.Buffer, 2*opts.ChunkSize)
-	if opts.MaxPeers <= 0 {
-		opts.MaxPeers = 8
-	}
-	if opts.Stall <= 0 {
-		opts.Stall = 5 * time.Second
-	}
-	if opts.MinRate == 0 {
-		opts.MinRate = 64 << 10
-	}
 	est := opts.Estimates
-	if est == nil {
-		est = NewEstimates()
-	}
 	d := &download{dl: dl, f: dl.f, dgst: dgst, size: size, opts: opts, est: est,
 		stats: DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}}}
 	d.cond = sync.NewCond(&d.mu)
@@ -401,14 +416,32 @@ func (d *download) run(ctx context.Context, w io.Writer) (DownloadStats, error) 
 // statsLocked returns a copy of the stats (d.mu held): the workers go on
 // updating d.stats until run returns.
 func (d *download) statsLocked() DownloadStats {
-	s := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: d.stats.Hedged, Busy: d.stats.Busy}
-	for k, v := range d.stats.BytesByNode {
-		s.BytesByNode[k] = v
+	return d.stats.clone()
+}
+
+// clone returns a copy of st that shares nothing with it.
+func (st DownloadStats) clone() DownloadStats {
+	c := st
+	c.BytesByNode, c.Failed = maps.Clone(st.BytesByNode), maps.Clone(st.Failed)
+	c.Partial = slices.Clone(st.Partial)
+	return c
+}
+
+// A busy peer (429) is asked again after its Retry-After (at most
+// maxBusyWait, with jitter), maxBusyTries times in a row; then it is dropped
+// for the blob.
+const (
+	maxBusyWait  = 2 * time.Second
+	maxBusyTries = 8
+)
+
+// waitBusy waits out a busy answer, or until ctx ends.
+func waitBusy(ctx context.Context, busy *BusyError) {
+	wait := min(max(busy.RetryAfter, 100*time.Millisecond), maxBusyWait)
+	select {
+	case <-ctx.Done():
+	case <-time.After(wait + rand.N(wait/2+1)):
 	}
-	for k, v := range d.stats.Failed {
-		s.Failed[k] = v
-	}
-	return s
 }
 
 func (d *download) failureLocked() error {
@@ -494,10 +527,7 @@ func (d *download) worker(ctx context.Context, c Candidate, wg *sync.WaitGroup) 
 			}
 			d.cond.Broadcast()
 			d.mu.Unlock()
-			select {
-			case <-ctx.Done():
-			case <-time.After(min(max(busy.RetryAfter, 100*time.Millisecond), maxBusyWait)):
-			}
+			waitBusy(ctx, busy)
 			continue
 		}
 		// The peer failed: drop it for this blob, requeue its chunk, and

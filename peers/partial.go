@@ -3,7 +3,6 @@ package peers
 import (
 	"context"
 	"fmt"
-	"math/bits"
 	"os"
 	"slices"
 	"strings"
@@ -72,12 +71,6 @@ func newBitmap(n int) bitmap    { return make(bitmap, (n+63)/64) }
 func (b bitmap) has(i int) bool { return i >= 0 && i/64 < len(b) && b[i/64]&(1<<(i%64)) != 0 }
 func (b bitmap) set(i int)      { b[i/64] |= 1 << (i % 64) }
 func (b bitmap) clear(i int)    { b[i/64] &^= 1 << (i % 64) }
-func (b bitmap) count() (n int) {
-	for _, w := range b {
-		n += bits.OnesCount64(w)
-	}
-	return n
-}
 
 // bytes encodes the first n bits as PartialStatus does.
 func (b bitmap) bytes(n int) []byte {
@@ -311,13 +304,6 @@ func (p *Partial) Wait(ctx context.Context, i int) error {
 	}
 }
 
-// Changed returns a channel closed at the next change.
-func (p *Partial) Changed() <-chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.changed
-}
-
 // Open returns a reader of the spool file for chunks that are here; it
 // stays readable after End. Close it.
 func (p *Partial) Open() (*os.File, error) {
@@ -335,13 +321,6 @@ func (p *Partial) Status(node string) PartialStatus {
 	defer p.mu.Unlock()
 	return PartialStatus{Node: node, Digest: p.dgst, Size: p.size, ChunkSize: p.chunk,
 		Have: p.have.bytes(p.n), Fetching: p.fetching.bytes(p.n)}
-}
-
-// Complete says whether every chunk is here.
-func (p *Partial) Complete() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.have.count() == p.n
 }
 
 // End removes the partial: peers no longer see it, and its spool file goes

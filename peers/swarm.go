@@ -29,13 +29,6 @@ type PartialFetcher interface {
 // to use each other's chunk maps.
 const SwarmChunk = 1 << 20
 
-// A busy peer (429) is asked again after its Retry-After (at most
-// maxBusyWait), maxBusyTries times in a row; then it is dropped for the blob.
-const (
-	maxBusyWait  = 2 * time.Second
-	maxBusyTries = 8
-)
-
 // notYetBackoff is how long a peer that answered "not yet" for a chunk is
 // not asked for it again.
 const notYetBackoff = 300 * time.Millisecond
@@ -65,8 +58,6 @@ type swarm struct {
 	cond     *sync.Cond
 	peers    map[string]*swarmPeer
 	order    []*swarmPeer
-	inflight []int              // attempts running, by chunk
-	started  []time.Time        // first attempt's start, by chunk
 	attempts map[int][]*attempt // the attempts running, by chunk
 	from     []string           // the peer each chunk came from
 	next     int                // the writer's next chunk
@@ -89,37 +80,14 @@ type swarmPeer struct {
 // newSwarm starts a swarm download, or returns nil when dgst is being
 // downloaded here already.
 func newSwarm(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate) (*swarm, error) {
-	opts := dl.opts
-	if size <= 0 {
-		return nil, fmt.Errorf("download of a %d-byte blob: %w", size, errdefs.ErrInvalidArgument)
+	opts, err := dl.opts.forBlob(dgst, size, SwarmChunk)
+	if err != nil {
+		return nil, err
 	}
-	if opts.MaxSize <= 0 {
-		opts.MaxSize = DefaultMaxBlobSize
-	}
-	if size > opts.MaxSize {
-		return nil, fmt.Errorf("blob %s: size %d is above the maximum %d: %w", dgst, size, opts.MaxSize, errdefs.ErrInvalidArgument)
-	}
-	if opts.ChunkSize <= 0 || opts.ChunkSize > SwarmChunk {
-		opts.ChunkSize = SwarmChunk
-	}
-	// A chunk map stays within MaxPartialChunks.
-	chunk := max(opts.ChunkSize, MinPartialChunk, (size+MaxPartialChunks-1)/MaxPartialChunks)
+	// Every node uses the same chunks; a chunk map stays within
+	// MaxPartialChunks.
+	chunk := max(min(opts.ChunkSize, SwarmChunk), MinPartialChunk, (size+MaxPartialChunks-1)/MaxPartialChunks)
 	opts.ChunkSize = chunk
-	if opts.Buffer <= 0 {
-		opts.Buffer = 64 << 20
-	}
-	if opts.MaxPeers <= 0 {
-		opts.MaxPeers = 8
-	}
-	if opts.Stall <= 0 {
-		opts.Stall = 5 * time.Second
-	}
-	if opts.MinRate == 0 {
-		opts.MinRate = 64 << 10
-	}
-	if opts.PartialPoll <= 0 {
-		opts.PartialPoll = 250 * time.Millisecond
-	}
 	ok := false
 	for _, c := range cands {
 		ok = ok || c.Size == size
@@ -133,14 +101,11 @@ func newSwarm(dl *Downloader, dgst digest.Digest, size int64, cands []Candidate)
 	}
 	n := part.Chunks()
 	s := &swarm{dl: dl, dgst: dgst, size: size, opts: opts, est: opts.Estimates, part: part, n: n,
-		window:   max(int(opts.Buffer/chunk), 2),
-		peers:    map[string]*swarmPeer{},
-		inflight: make([]int, n), started: make([]time.Time, n), from: make([]string, n), attempts: map[int][]*attempt{},
+		window: max(int(opts.Buffer/chunk), 2),
+		peers:  map[string]*swarmPeer{},
+		from:   make([]string, n), attempts: map[int][]*attempt{},
 		stats: DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}},
 		rng:   rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-	}
-	if s.est == nil {
-		s.est = NewEstimates()
 	}
 	s.pf, _ = dl.f.(PartialFetcher)
 	s.lastByte.Store(time.Now().UnixNano())
@@ -257,13 +222,7 @@ func (s *swarm) lockedStats() DownloadStats {
 }
 
 func (s *swarm) statsLocked() DownloadStats {
-	st := DownloadStats{BytesByNode: map[string]int64{}, Failed: map[string]error{}, Hedged: s.stats.Hedged, Busy: s.stats.Busy}
-	for k, v := range s.stats.BytesByNode {
-		st.BytesByNode[k] = v
-	}
-	for k, v := range s.stats.Failed {
-		st.Failed[k] = v
-	}
+	st := s.stats.clone()
 	for _, p := range s.order {
 		if p.c.Partial {
 			st.Partial = append(st.Partial, p.c.Node)
@@ -397,7 +356,7 @@ func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
 	var best []int
 	bestScore := -1
 	for i := s.next; i < end; i++ {
-		if s.inflight[i] > 0 || s.part.Has(i) {
+		if len(s.attempts[i]) > 0 || s.part.Has(i) {
 			continue
 		}
 		var score int // higher is better
@@ -462,13 +421,6 @@ func (s *swarm) pickLocked(p *swarmPeer) (int, bool) {
 	return -1, false
 }
 
-// rngIntN draws from the swarm's generator, under its lock.
-func (s *swarm) rngIntN(n int) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.rng.IntN(n)
-}
-
 // unknownRateLocked is the rate assumed for an unmeasured peer: the best
 // known, so that new peers get tried.
 func (s *swarm) unknownRateLocked() float64 {
@@ -502,10 +454,6 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 			s.mu.Unlock()
 			return
 		}
-		if s.inflight[i] == 0 {
-			s.started[i] = time.Now()
-		}
-		s.inflight[i]++
 		actx, cancel := context.WithCancel(ctx)
 		a := &attempt{peer: p.c.Node, started: time.Now(), cancel: cancel}
 		s.attempts[i] = append(s.attempts[i], a)
@@ -539,13 +487,12 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 		s.attempts[i] = slices.DeleteFunc(s.attempts[i], func(x *attempt) bool { return x == a })
 		if len(s.attempts[i]) == 0 {
 			delete(s.attempts, i)
+			if !s.part.Has(i) {
+				s.part.Fetching(i, false)
+			}
 		}
 		if lost {
 			err = nil
-		}
-		s.inflight[i]--
-		if s.inflight[i] == 0 && !s.part.Has(i) {
-			s.part.Fetching(i, false)
 		}
 		if err == nil {
 			busyTries = 0
@@ -569,11 +516,7 @@ func (s *swarm) worker(ctx context.Context, p *swarmPeer, wg *sync.WaitGroup) {
 			s.stats.Busy++
 			s.cond.Broadcast()
 			s.mu.Unlock()
-			wait := min(max(busy.RetryAfter, 100*time.Millisecond), maxBusyWait)
-			select {
-			case <-ctx.Done():
-			case <-time.After(wait + time.Duration(s.rngIntN(int(wait/2)+1))):
-			}
+			waitBusy(ctx, busy)
 			continue
 		}
 		// The peer failed: drop it for this blob, bring in another.
