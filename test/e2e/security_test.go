@@ -558,17 +558,24 @@ type liar struct {
 }
 
 func (e *env) startLiar(name string, size int64) *liar {
+	l := &liar{size: size}
+	l.srv = e.startMember(name, http.HandlerFunc(l.serveHTTP))
+	return l
+}
+
+// startMember serves h over TLS with a certificate of the cluster named
+// name (a hostile member), until the test ends.
+func (e *env) startMember(name string, h http.Handler) *httptest.Server {
 	e.t.Helper()
 	cfg, err := e.pki.ServerTLSAs(name, filepath.Join(e.t.TempDir(), "tls-"+name))
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	l := &liar{size: size}
-	l.srv = httptest.NewUnstartedServer(http.HandlerFunc(l.serveHTTP))
-	l.srv.TLS = cfg
-	l.srv.StartTLS()
-	e.t.Cleanup(l.srv.Close)
-	return l
+	srv := httptest.NewUnstartedServer(h)
+	srv.TLS = cfg
+	srv.StartTLS()
+	e.t.Cleanup(srv.Close)
+	return srv
 }
 
 func (l *liar) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -658,16 +665,8 @@ type partialLiar struct {
 }
 
 func (e *env) startPartialLiar(name string, sizes map[digest.Digest]int64) *partialLiar {
-	e.t.Helper()
-	cfg, err := e.pki.ServerTLSAs(name, filepath.Join(e.t.TempDir(), "tls-"+name))
-	if err != nil {
-		e.t.Fatal(err)
-	}
 	l := &partialLiar{sizes: sizes}
-	l.srv = httptest.NewUnstartedServer(http.HandlerFunc(l.serveHTTP))
-	l.srv.TLS = cfg
-	l.srv.StartTLS()
-	e.t.Cleanup(l.srv.Close)
+	l.srv = e.startMember(name, http.HandlerFunc(l.serveHTTP))
 	return l
 }
 
