@@ -210,14 +210,9 @@ func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint6
 	if epoch != "" {
 		u += "?" + SinceQuery + "=" + url.QueryEscape(FormatSince(epoch, seq))
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	resp, err := c.get(ctx, baseURL, u)
 	if err != nil {
-		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
-	}
-	c.mark(req)
-	resp, err := c.HTTP.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -231,6 +226,21 @@ func (c *Client) Inventory(ctx context.Context, baseURL, epoch string, seq uint6
 		return nil, fmt.Errorf("peer %s: inventory: %w", baseURL, err)
 	}
 	return &ir, nil
+}
+
+// get sends a marked GET of u to the peer at baseURL; the caller closes
+// the body.
+func (c *Client) get(ctx context.Context, baseURL, u string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
+	}
+	c.mark(req)
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+	}
+	return resp, nil
 }
 
 // maxPartialResponse bounds a PartialStatus answer: two bitmaps of
@@ -248,14 +258,9 @@ func (c *Client) PartialStatus(ctx context.Context, baseURL string, dgst digest.
 	if err != nil {
 		return nil, fmt.Errorf("peer %s: %w", baseURL, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	resp, err := c.get(ctx, baseURL, u)
 	if err != nil {
-		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrInvalidArgument, err)
-	}
-	c.mark(req)
-	resp, err := c.HTTP.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("peer %s: %w: %v", baseURL, errdefs.ErrUnavailable, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	switch resp.StatusCode {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 
@@ -73,19 +72,7 @@ func (s *Server) servePartial(w http.ResponseWriter, r *http.Request, p *Partial
 	h.Set("Content-Length", strconv.FormatInt(length, 10))
 	h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, start+length-1, size))
 	w.WriteHeader(http.StatusPartialContent)
-	s.metrics.activeUploads.Inc()
-	defer s.metrics.activeUploads.Dec()
-	buf := s.bufs.Get().(*[]byte)
-	defer s.bufs.Put(buf)
-	out := &servedCounter{w: NewStallWriter(w, s.writeStall), c: s.metrics.servedBytes, n: &s.sent}
-	n, err := io.CopyBuffer(out, io.NewSectionReader(f, start, length), *buf)
-	if err == nil && n != length {
-		err = io.ErrUnexpectedEOF
-	}
-	if err != nil {
-		return fmt.Errorf("send partial blob %s after %d bytes: %w", p.Digest(), n, err)
-	}
-	return nil
+	return s.sendBody(w, p.Digest(), f, start, length)
 }
 
 // servePartialStatus answers GET PartialPath/<digest>: the chunks of a blob

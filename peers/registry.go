@@ -133,6 +133,12 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, ref string) e
 		return nil
 	}
 
+	return s.sendBody(w, dgst, ra, start, length)
+}
+
+// sendBody sends length bytes of dgst from ra at start, the answer's
+// headers written.
+func (s *Server) sendBody(w http.ResponseWriter, dgst digest.Digest, ra io.ReaderAt, start, length int64) error {
 	s.metrics.activeUploads.Inc()
 	defer s.metrics.activeUploads.Dec()
 	buf := s.bufs.Get().(*[]byte)
