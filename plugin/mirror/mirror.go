@@ -136,11 +136,12 @@ type Mirror struct {
 	srcs      map[string]migrationSource
 	srcClosed bool
 
-	mu     sync.Mutex
-	failed map[digest.Digest]time.Time
-	// distrusted are partial peers (node → when) that sent chunks of a
-	// blob that did not verify: not candidates for ttl.
-	distrusted map[string]time.Time
+	mu sync.Mutex
+	// failed are the blobs whose peer transfer failed; distrusted the
+	// partial peers that sent chunks of a blob that did not verify. Both
+	// for ttl.
+	failed     recent[digest.Digest]
+	distrusted recent[string]
 
 	requests *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
@@ -173,8 +174,8 @@ func New(opts Options) (*Mirror, error) {
 		locateChildren: opts.LocateChildren,
 		swarm:          opts.Partials != nil,
 		srcs:           map[string]migrationSource{},
-		failed:         map[digest.Digest]time.Time{},
-		distrusted:     map[string]time.Time{},
+		failed:         recent[digest.Digest]{},
+		distrusted:     recent[string]{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_mirror_requests_total",
 			Help: "Mirror requests by kind (blob, manifest, other) and result (hit: from peers, local: already here, miss: no candidate, failed: peers failed before headers, aborted: after, loop, bad_request).",
@@ -379,9 +380,10 @@ func (m *Mirror) trusted(cs []peers.Candidate) []peers.Candidate {
 	if len(m.distrusted) == 0 {
 		return cs
 	}
+	now := time.Now()
 	out := cs[:0:0]
 	for _, c := range cs {
-		if t, ok := m.distrusted[c.Node]; c.Partial && ok && time.Since(t) <= m.ttl {
+		if c.Partial && m.distrusted.has(c.Node, now, m.ttl) {
 			continue
 		}
 		out = append(out, c)
@@ -394,18 +396,35 @@ func (m *Mirror) trusted(cs []peers.Candidate) []peers.Candidate {
 func (m *Mirror) distrust(ctx context.Context, st peers.DownloadStats) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	now := time.Now()
-	for n, t := range m.distrusted {
-		if now.Sub(t) > m.ttl {
-			delete(m.distrusted, n)
-		}
-	}
 	for _, n := range st.Partial {
 		if st.BytesByNode[n] > 0 {
-			m.distrusted[n] = now
+			m.distrusted.add(n, time.Now(), m.ttl)
 			log.G(ctx).WithField("peer", n).Warn("partial peer sent chunks of a blob that does not verify; not a candidate for a while")
 		}
 	}
+}
+
+// recent remembers keys for a while (under the mirror's lock).
+type recent[K comparable] map[K]time.Time
+
+// add remembers k from now, and forgets what is older than ttl.
+func (r recent[K]) add(k K, now time.Time, ttl time.Duration) {
+	for old, t := range r {
+		if now.Sub(t) > ttl {
+			delete(r, old)
+		}
+	}
+	r[k] = now
+}
+
+// has says whether k was added within ttl.
+func (r recent[K]) has(k K, now time.Time, ttl time.Duration) bool {
+	t, ok := r[k]
+	if ok && now.Sub(t) > ttl {
+		delete(r, k)
+		return false
+	}
+	return ok
 }
 
 // whole keeps the candidates holding the whole blob.
@@ -466,24 +485,13 @@ func agreeOnSize(cs []peers.Candidate) []peers.Candidate {
 func (m *Mirror) recentlyFailed(dgst digest.Digest) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	t, ok := m.failed[dgst]
-	if ok && time.Since(t) > m.ttl {
-		delete(m.failed, dgst)
-		return false
-	}
-	return ok
+	return m.failed.has(dgst, time.Now(), m.ttl)
 }
 
 func (m *Mirror) markFailed(dgst digest.Digest) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	now := time.Now()
-	for d, t := range m.failed {
-		if now.Sub(t) > m.ttl {
-			delete(m.failed, d)
-		}
-	}
-	m.failed[dgst] = now
+	m.failed.add(dgst, time.Now(), m.ttl)
 }
 
 func (m *Mirror) serveManifest(ctx context.Context, w http.ResponseWriter, r *http.Request, dgst digest.Digest) {

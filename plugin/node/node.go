@@ -264,9 +264,7 @@ type Node struct {
 	// budget bounds the unverified bytes of peer fetches.
 	sizes  *content.ExpectedSizes
 	budget *content.Budget
-	// copies is how many copies of a blob being fetched are on disk (2
-	// with the swarm's spool); partials are the swarm's, nil when off.
-	copies   int64
+	// partials are the swarm's downloads, nil when it is off.
 	partials *peers.Partials
 	// started is when New ran; registryBytes counts the bytes of blobs
 	// containerd committed that did not come from peers.
@@ -337,12 +335,10 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 		}
 	}
 	var partials *peers.Partials
-	n.copies = 1
 	if o.Swarm && o.Policy == peers.PolicyStripe {
 		if partials, err = peers.NewPartials(filepath.Join(o.Root, "partials")); err != nil {
 			return nil, err
 		}
-		n.copies = 2 // a claim's file and the swarm's spool
 		n.partials = partials
 	}
 	if n.peerSrv, err = peers.NewServer(peers.ServerOptions{
@@ -466,6 +462,15 @@ func (n *Node) dropLanded(ctx context.Context, d digest.Digest) {
 	log.G(ctx).WithField("digest", d).Debug("containerd holds the blob; coop's copy dropped")
 }
 
+// claimCopies is how many copies of a claimed blob are on disk until it
+// is verified: its file, and the swarm's spool when the swarm is on.
+func (n *Node) claimCopies() int64 {
+	if n.partials != nil {
+		return 2
+	}
+	return 1
+}
+
 // listen opens the content socket (proxy mode) and the TCP listeners.
 func (n *Node) listen(ctx context.Context) error {
 	o := n.opts
@@ -475,7 +480,7 @@ func (n *Node) listen(ctx context.Context) error {
 		if o.Claim {
 			if n.claims, err = content.NewClaimStore(ctx, n.store, content.ClaimOptions{
 				Source: n.mirror, Cleaner: n.containers, Registerer: n.reg, Active: o.ClaimParallel,
-				Budget: n.budget, MinSize: claimMinSize, Copies: n.copies,
+				Budget: n.budget, MinSize: claimMinSize, Copies: n.claimCopies(),
 			}); err != nil {
 				return err
 			}
