@@ -122,17 +122,8 @@ func plotShaped(path string, ss []Scenario) error {
 		bars.Offset = vg.Length(float64(i)-float64(len(labels)-1)/2) * w
 		p.Add(bars)
 		p.Legend.Add(label, bars)
-		if len(pts) > 0 {
-			vl, err := plotter.NewLabels(plotter.XYLabels{XYs: pts, Labels: texts})
-			if err != nil {
-				return err
-			}
-			for k := range vl.TextStyle {
-				vl.TextStyle[k].Font.Size = vg.Points(7)
-				vl.TextStyle[k].XAlign = draw.XCenter
-			}
-			vl.Offset = vg.Point{X: bars.Offset, Y: vg.Points(2)}
-			p.Add(vl)
+		if err := addBarLabels(p, bars, pts, texts); err != nil {
+			return err
 		}
 	}
 	if target != nil {
@@ -142,4 +133,23 @@ func plotShaped(path string, ss []Scenario) error {
 	p.X.Min, p.X.Max = -0.5, float64(len(ss))-0.5+legendUnits
 	p.Legend.Top = true
 	return p.Save(width, 4*vg.Inch, path)
+}
+
+// addBarLabels writes texts above bars at pts, in small type; none when
+// pts is empty.
+func addBarLabels(p *plot.Plot, bars *plotter.BarChart, pts plotter.XYs, texts []string) error {
+	if len(pts) == 0 {
+		return nil
+	}
+	vl, err := plotter.NewLabels(plotter.XYLabels{XYs: pts, Labels: texts})
+	if err != nil {
+		return err
+	}
+	for k := range vl.TextStyle {
+		vl.TextStyle[k].Font.Size = vg.Points(7)
+		vl.TextStyle[k].XAlign = draw.XCenter
+	}
+	vl.Offset = vg.Point{X: bars.Offset, Y: vg.Points(2)}
+	p.Add(vl)
+	return nil
 }

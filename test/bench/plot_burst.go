@@ -83,19 +83,9 @@ func groupedBars(p *plot.Plot, groups int, series []barSeries, refs []refLine, w
 				texts = append(texts, fmt.Sprintf(valueFormat, v))
 			}
 		}
-		if len(pts) == 0 {
-			continue
-		}
-		vl, err := plotter.NewLabels(plotter.XYLabels{XYs: pts, Labels: texts})
-		if err != nil {
+		if err := addBarLabels(p, bars, pts, texts); err != nil {
 			return err
 		}
-		for k := range vl.TextStyle {
-			vl.TextStyle[k].Font.Size = vg.Points(7)
-			vl.TextStyle[k].XAlign = draw.XCenter
-		}
-		vl.Offset = vg.Point{X: bars.Offset, Y: vg.Points(2)}
-		p.Add(vl)
 	}
 	p.Legend.Top = true
 	return nil

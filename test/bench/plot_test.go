@@ -55,22 +55,7 @@ func TestPlotShaped(t *testing.T) {
 	if err := plotShaped(path, ss); err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := png.Decode(bytes.NewReader(b))
-	if err != nil {
-		t.Fatalf("not a PNG: %v", err)
-	}
-	if w := img.Bounds().Dx(); w < 500 {
-		t.Fatalf("width %d px", w)
-	}
-	if out := os.Getenv("COOP_BENCH_PLOT_OUT"); out != "" {
-		if err := os.WriteFile(out, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	checkPNG(t, path, 500, "COOP_BENCH_PLOT_OUT")
 }
 
 // TestPlotBurst renders a P5 scenario with a killed and a failed
@@ -95,6 +80,13 @@ func TestPlotBurst(t *testing.T) {
 	if err := plotBurst(path, s); err != nil {
 		t.Fatal(err)
 	}
+	checkPNG(t, path, 600, "COOP_BENCH_PLOT_BURST_OUT")
+}
+
+// checkPNG fails unless path is a PNG at least minWidth pixels wide; with
+// the environment variable outEnv set, it keeps a copy there to look at.
+func checkPNG(t *testing.T, path string, minWidth int, outEnv string) {
+	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -103,10 +95,10 @@ func TestPlotBurst(t *testing.T) {
 	if err != nil {
 		t.Fatalf("not a PNG: %v", err)
 	}
-	if w := img.Bounds().Dx(); w < 600 {
+	if w := img.Bounds().Dx(); w < minWidth {
 		t.Fatalf("width %d px", w)
 	}
-	if out := os.Getenv("COOP_BENCH_PLOT_BURST_OUT"); out != "" {
+	if out := os.Getenv(outEnv); out != "" {
 		if err := os.WriteFile(out, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
