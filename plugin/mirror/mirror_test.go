@@ -998,6 +998,27 @@ func TestMirrorLocatesChildren(t *testing.T) {
 	}
 }
 
+// newSwarmMirror is a mirror whose downloads are swarm members, answering
+// containerd once a blob is verified.
+func newSwarmMirror(t *testing.T, res resolver.Resolver) *Mirror {
+	t.Helper()
+	ps, err := peers.NewPartials(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, Partials: ps,
+		StallTimeout: time.Second, HeaderDelay: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Close() })
+	return m
+}
+
 // partialLiar says it is downloading every blob asked, has every chunk,
 // and serves random bytes.
 func partialLiar(t *testing.T, sizes map[digest.Digest]int64) (*httptest.Server, *liarGets) {
@@ -1083,20 +1104,7 @@ func TestMirrorDistrustsPartialLiar(t *testing.T) {
 		d1: {{Node: "good", URL: good1.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
 		d2: {{Node: "good", URL: good2.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}},
 	}
-	ps, err := peers.NewPartials(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, Partials: ps,
-		StallTimeout: time.Second, HeaderDelay: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newSwarmMirror(t, res)
 	srv := httptest.NewServer(m)
 	defer srv.Close()
 	get := func(d digest.Digest, want []byte) {
@@ -1146,19 +1154,7 @@ func TestClaimDistrustsPartialLiar(t *testing.T) {
 	liar, gets := partialLiar(t, map[digest.Digest]int64{d1: size})
 	good := delayed(t, blobPeer(t, b1, "good"))
 	res := staticResolver{d1: {{Node: "good", URL: good.URL, Size: size}, {Node: "liar", URL: liar.URL, Size: size, Partial: true}}}
-	ps, err := peers.NewPartials(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := content.NewStore(context.Background(), t.TempDir(), content.NewInventory())
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := New(Options{Resolver: res, Peers: &peers.Client{HTTP: &http.Client{}, Node: "test"}, Store: store, Partials: ps, StallTimeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newSwarmMirror(t, res)
 	w := &verifyingWriter{want: d1, d: digest.Canonical.Digester()}
 	if err := m.FetchClaim(context.Background(), d1, size, w); !errdefs.IsDataLoss(err) {
 		t.Fatalf("claim from a liar: %v, want data loss", err)
