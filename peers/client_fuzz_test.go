@@ -69,6 +69,9 @@ func noEmpty(ir *InventoryResponse) InventoryResponse {
 	if len(c.Removed) == 0 {
 		c.Removed = nil
 	}
+	if len(c.Partial) == 0 {
+		c.Partial = nil
+	}
 	return c
 }
 

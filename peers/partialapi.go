@@ -52,7 +52,7 @@ func (s *Server) servePartial(w http.ResponseWriter, r *http.Request, p *Partial
 			s.metrics.partial.WithLabelValues("not_yet").Inc()
 			w.Header().Set(NotYetHeader, "1")
 			w.Header().Set("Retry-After", "1")
-			return newError(http.StatusServiceUnavailable, CodeNotYet, errdefs.ErrUnavailable, "blob %s bytes %d-%d: %v", p.Digest(), start, start+length-1, err)
+			return newError(http.StatusServiceUnavailable, CodeNotYet, errdefs.ErrUnavailable, "blob %s bytes %d-%d: chunk %d is not here yet", p.Digest(), start, start+length-1, i)
 		}
 	}
 	release, err := s.acquireUpload(w, r)

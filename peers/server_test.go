@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -56,6 +57,12 @@ func writeTestBlob(ctx context.Context, t testing.TB, s ctdcontent.Ingester, dat
 
 func newFixture(ctx context.Context, t testing.TB, bigSize int) *fixture {
 	t.Helper()
+	return newFixtureWith(ctx, t, bigSize, nil)
+}
+
+// newFixtureWith is newFixture with more server options.
+func newFixtureWith(ctx context.Context, t testing.TB, bigSize int, more func(*ServerOptions)) *fixture {
+	t.Helper()
 	inv := content.NewInventory()
 	store, err := content.NewStore(ctx, t.TempDir(), inv)
 	if err != nil {
@@ -91,13 +98,17 @@ func newFixture(ctx context.Context, t testing.TB, bigSize int) *fixture {
 	f.bigManifestLikeD = writeTestBlob(ctx, t, store, bigLike)
 	f.bigManifestLikeLen = len(bigLike)
 
-	f.srv, err = NewServer(ServerOptions{
+	opts := ServerOptions{
 		Node:       "node-a",
 		Store:      store,
 		Inventory:  inv,
 		Registerer: f.reg,
 		Gatherer:   f.reg,
-	})
+	}
+	if more != nil {
+		more(&opts)
+	}
+	f.srv, err = NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -343,8 +354,26 @@ func TestServerMetrics(t *testing.T) {
 // answer is consistent with its Content-Range.
 func FuzzServer(f *testing.F) {
 	ctx := context.Background()
-	fx := newFixture(ctx, f, 4096)
+	// A blob still downloading here: chunks 0 and 2 of 5.
+	ps, err := NewPartials(f.TempDir())
+	if err != nil {
+		f.Fatal(err)
+	}
+	partData := bytes.Repeat([]byte("partial!"), (4*MinPartialChunk+100)/8)
+	partD := digest.FromBytes(partData)
+	part, _, err := ps.Start(partD, int64(len(partData)), MinPartialChunk)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, i := range []int{0, 2} {
+		off, n := part.Span(i)
+		if err := part.Put(i, partData[off:off+n]); err != nil {
+			f.Fatal(err)
+		}
+	}
+	fx := newFixtureWith(ctx, f, 4096, func(o *ServerOptions) { o.Partials, o.PartialWait = ps, 10*time.Millisecond })
 	blob := "/v2/library/busybox/blobs/" + fx.bigD.String()
+	partial := "/v2/x/blobs/" + partD.String()
 	for _, seed := range []struct{ path, rng string }{
 		{blob, ""},
 		{blob, "bytes=0-10"},
@@ -377,6 +406,15 @@ func FuzzServer(f *testing.F) {
 		{MetricsPath, ""},
 		{"*", ""},
 		{"/\x00", ""},
+		{partial, "bytes=0-65535"},
+		{partial, "bytes=100-70000"},
+		{partial, "bytes=131072-196607"},
+		{partial, "bytes=-10"},
+		{partial, ""},
+		{PartialPath + "/" + partD.String(), ""},
+		{PartialPath + "/" + fx.bigD.String(), ""},
+		{PartialPath + "/sha256:zz", ""},
+		{PartialPath + "/", ""},
 	} {
 		f.Add(seed.path, seed.rng)
 	}
@@ -403,7 +441,12 @@ func FuzzServer(f *testing.F) {
 			}
 			rec := httptest.NewRecorder()
 			fx.srv.ServeHTTP(rec, req)
-			if rec.Code >= 500 {
+			notYet := rec.Code == http.StatusServiceUnavailable && rec.Header().Get(NotYetHeader) != "" && errorCode(rec.Body.Bytes()) == CodeNotYet
+			isPartial := strings.HasSuffix(u.Path, "/blobs/"+partD.String())
+			if notYet && !isPartial {
+				t.Fatalf("%s %q Range %q: not yet for a blob not downloading here", method, path, rng)
+			}
+			if rec.Code >= 500 && !notYet {
 				t.Fatalf("%s %q Range %q: %d %s", method, path, rng, rec.Code, rec.Body)
 			}
 			if rec.Code >= 400 && method != http.MethodHead && errorCode(rec.Body.Bytes()) == "" {
@@ -416,6 +459,17 @@ func FuzzServer(f *testing.F) {
 				}
 				if a < 0 || b < a || b >= size || (method == http.MethodGet && int64(rec.Body.Len()) != b-a+1) {
 					t.Fatalf("Content-Range %q with %d bytes", rec.Header().Get("Content-Range"), rec.Body.Len())
+				}
+				// A partial blob's chunks are served only when here, and right.
+				if isPartial && method == http.MethodGet {
+					if !bytes.Equal(rec.Body.Bytes(), partData[a:b+1]) {
+						t.Fatalf("partial blob bytes %d-%d differ", a, b)
+					}
+					for i := int(a / MinPartialChunk); i <= int(b/MinPartialChunk); i++ {
+						if !part.Has(i) {
+							t.Fatalf("partial blob bytes %d-%d served with chunk %d missing", a, b, i)
+						}
+					}
 				}
 			}
 		}
