@@ -261,7 +261,7 @@ func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int6
 		_ = m.store.Abort(context.WithoutCancel(ctx), ref)
 		m.distrust(ctx, st)
 		m.downloads.start(dgst, size)
-		if err := m.fetchSequential(ctx, dgst, size, whole(cands)); err != nil {
+		if err := m.fetchSequential(ctx, dgst, size, cands); err != nil {
 			return err
 		}
 		m.downloads.finish(dgst, nil, 0, nil)
@@ -276,6 +276,7 @@ func (m *Mirror) fetchStriped(ctx context.Context, dgst digest.Digest, size int6
 // next one resuming at the offset where the last one failed. A blob that
 // does not verify is discarded and fetched whole from the next candidate.
 func (m *Mirror) fetchSequential(ctx context.Context, dgst digest.Digest, size int64, cands []peers.Candidate) error {
+	cands = whole(cands) // a partial holder cannot serve a whole blob
 	ref := "coop-mirror-" + dgst.Encoded()
 	w, err := m.openWriter(ctx, ref, dgst, size)
 	if w == nil {
