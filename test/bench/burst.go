@@ -212,27 +212,9 @@ func runBurst(ctx context.Context, o options, want func(string) bool) ([]Scenari
 func burstOuter(ctx context.Context, name string) (Scenario, error) {
 	t0 := time.Now()
 	hosts := append([]cluster.Host{burstCtl, burstSrc, burstBad}, burstDstHosts()...)
-	t, err := cluster.Build(ctx, burstPrefix, hosts)
+	s, err := scenarioInNamespaces(ctx, burstPrefix, hosts, burstCtl.Name, burstEnv, burstOutEnv, name)
 	if err != nil {
 		return Scenario{}, err
-	}
-	defer t.Close()
-	f, err := os.CreateTemp("", "coop-bench-burst-*.json")
-	if err != nil {
-		return Scenario{}, err
-	}
-	f.Close()
-	defer os.Remove(f.Name())
-	if err := t.Reexec(ctx, burstCtl.Name, burstEnv+"="+name, burstOutEnv+"="+f.Name()); err != nil {
-		return Scenario{}, fmt.Errorf("%s: %w", name, err)
-	}
-	b, err := os.ReadFile(f.Name())
-	if err != nil {
-		return Scenario{}, err
-	}
-	var s Scenario
-	if err := json.Unmarshal(b, &s); err != nil {
-		return Scenario{}, fmt.Errorf("%s: %w", name, err)
 	}
 	fmt.Fprintf(os.Stderr, "  %s: section took %.0f s\n", name, time.Since(t0).Seconds())
 	return s, nil

@@ -91,34 +91,42 @@ func runShaped(ctx context.Context, o options, want func(string) bool) ([]Scenar
 		if !want(spec.name) {
 			continue
 		}
-		t, err := cluster.Build(ctx, linksPrefix, append([]cluster.Host{linksCtl, linksDst}, spec.holders...))
+		s, err := scenarioInNamespaces(ctx, linksPrefix, append([]cluster.Host{linksCtl, linksDst}, spec.holders...), linksCtl.Name, linksEnv, linksOutEnv, spec.name)
 		if err != nil {
 			return nil, err
-		}
-		f, err := os.CreateTemp("", "coop-bench-shaped-*.json")
-		if err != nil {
-			t.Close()
-			return nil, err
-		}
-		f.Close()
-		err = t.Reexec(ctx, linksCtl.Name, linksEnv+"="+spec.name, linksOutEnv+"="+f.Name())
-		t.Close()
-		if err != nil {
-			os.Remove(f.Name())
-			return nil, fmt.Errorf("%s: %w", spec.name, err)
-		}
-		b, err := os.ReadFile(f.Name())
-		os.Remove(f.Name())
-		if err != nil {
-			return nil, err
-		}
-		var s Scenario
-		if err := json.Unmarshal(b, &s); err != nil {
-			return nil, fmt.Errorf("%s: %w", spec.name, err)
 		}
 		out = append(out, s)
 	}
 	return out, nil
+}
+
+// scenarioInNamespaces builds a topology of hosts, runs this program again
+// inside host ctl with envKey=name and outKey naming a file, and returns
+// the scenario it wrote there. The namespaces go whatever happens.
+func scenarioInNamespaces(ctx context.Context, prefix string, hosts []cluster.Host, ctl, envKey, outKey, name string) (Scenario, error) {
+	t, err := cluster.Build(ctx, prefix, hosts)
+	if err != nil {
+		return Scenario{}, err
+	}
+	defer t.Close()
+	f, err := os.CreateTemp("", "coop-bench-"+name+"-*.json")
+	if err != nil {
+		return Scenario{}, err
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	if err := t.Reexec(ctx, ctl, envKey+"="+name, outKey+"="+f.Name()); err != nil {
+		return Scenario{}, fmt.Errorf("%s: %w", name, err)
+	}
+	b, err := os.ReadFile(f.Name())
+	if err != nil {
+		return Scenario{}, err
+	}
+	var s Scenario
+	if err := json.Unmarshal(b, &s); err != nil {
+		return Scenario{}, fmt.Errorf("%s: %w", name, err)
+	}
+	return s, nil
 }
 
 // shapedInner runs one scenario from inside the control namespace and
