@@ -123,6 +123,12 @@ const (
 	claimCancelled = "cancelled"
 )
 
+// ErrRewound is the error of a read of a claimed blob whose source rewound
+// it (see claim.Rewind): the bytes read before were bad, and the blob is
+// being written again from its start. An unpack that gets it starts over
+// (the Diff service's applier does, see restartingApplier).
+var ErrRewound = fmt.Errorf("claimed blob rewound: the bytes read were bad and it is fetched again: %w", errdefs.ErrAborted)
+
 // errClaimStoreClosed ends the claims still running when the store closes.
 var errClaimStoreClosed = fmt.Errorf("claim store closed: %w", errdefs.ErrUnavailable)
 
@@ -462,6 +468,8 @@ func (p applyProvider) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (c
 	ra, err := p.cs.ReaderAt(ctx, desc)
 	if r, ok := ra.(*claimReader); ok {
 		r.apply = true
+		r.state, _ = ctx.Value(applyStateKey{}).(*applyState)
+		r.state.read(r.c, r.gen)
 	}
 	return ra, err
 }
@@ -656,6 +664,9 @@ type claim struct {
 
 	mu      sync.Mutex
 	written int64
+	// gen counts the rewinds: a reader opened at another gen read bytes
+	// since dropped.
+	gen     int
 	done    bool // every byte arrived and verified
 	err     error
 	readers int
@@ -719,6 +730,32 @@ func (c *claim) Verify() error {
 	return nil
 }
 
+// Rewind drops the bytes written so far: the source found them bad (the
+// blob did not verify) and writes the blob again from its start. The
+// readers opened before fail with ErrRewound from now on. A ClaimSource may
+// ask it of its writer; it is called between writes, never during one.
+func (c *claim) Rewind() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return c.err
+	}
+	if c.done {
+		return fmt.Errorf("claimed blob %s is verified: %w", c.dgst, errdefs.ErrFailedPrecondition)
+	}
+	if err := c.f.Truncate(0); err != nil {
+		return fmt.Errorf("rewind claimed blob %s: %w", c.dgst, err)
+	}
+	if _, err := c.f.Seek(0, io.SeekStart); err != nil {
+		return fmt.Errorf("rewind claimed blob %s: %w", c.dgst, err)
+	}
+	c.written = 0
+	c.digester = c.dgst.Algorithm().Digester()
+	c.gen++
+	c.signalLocked()
+	return nil
+}
+
 // finish marks c verified (err nil) or failed, and wakes its readers.
 func (c *claim) finish(err error) {
 	c.mu.Lock()
@@ -746,8 +783,9 @@ func (c *claim) open(ctx context.Context, cs *ClaimStore) (*claimReader, error) 
 	}
 	c.mu.Lock()
 	c.readers++
+	gen := c.gen
 	c.mu.Unlock()
-	return &claimReader{ctx: ctx, c: c, cs: cs, f: f}, nil
+	return &claimReader{ctx: ctx, c: c, cs: cs, f: f, gen: gen}, nil
 }
 
 // claimReader reads a claimed blob, waiting for its bytes.
@@ -758,21 +796,54 @@ type claimReader struct {
 	f     *os.File
 	apply bool // an unpack reads
 	end   bool // a read reached the end
+	gen   int  // the claim's gen when opened
+	// state is the unpack's (restartingApplier), which settles a claim
+	// its failure leaves unverified.
+	state *applyState
+}
+
+// rewoundLocked says, c.mu held, whether the claim was rewound since r was
+// opened.
+func (r *claimReader) rewoundLocked() bool { return r.c.gen != r.gen }
+
+// settle waits until c is verified, failed or rewound past gen, or ctx
+// ends; it says whether it was rewound.
+func (c *claim) settle(ctx context.Context, gen int) bool {
+	for {
+		c.mu.Lock()
+		if c.gen != gen {
+			c.mu.Unlock()
+			return true
+		}
+		if c.done || c.err != nil {
+			c.mu.Unlock()
+			return false
+		}
+		ch := c.changed
+		c.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return false
+		}
+	}
 }
 
 func (r *claimReader) Size() int64 { return r.c.size }
 
 // Close closes the reader. An unpack that stops before the end of a blob
 // not verified yet failed on its bytes: the claim fails, and containerd
-// forgets it before the unpack's error reaches it.
+// forgets it before the unpack's error reaches it; under a
+// restartingApplier, which waits for the claim to settle, it goes on.
 func (r *claimReader) Close() error {
 	err := r.f.Close()
-	if !r.apply || r.end {
+	if !r.apply || r.end || r.state != nil {
 		return err
 	}
 	c := r.c
 	c.mu.Lock()
-	suspect := !c.done && c.err == nil
+	// A rewound claim is being fetched again: the unpack starts over.
+	suspect := !c.done && c.err == nil && !r.rewoundLocked()
 	at := c.written
 	c.mu.Unlock()
 	if suspect {
@@ -797,6 +868,9 @@ func (r *claimReader) ReadAt(p []byte, off int64) (int, error) {
 	for {
 		c.mu.Lock()
 		switch {
+		case r.rewoundLocked():
+			c.mu.Unlock()
+			return 0, fmt.Errorf("read claimed blob %s: %w", c.dgst, ErrRewound)
 		case c.err != nil:
 			err := c.err
 			c.mu.Unlock()
@@ -815,6 +889,12 @@ func (r *claimReader) ReadAt(p []byte, off int64) (int, error) {
 				r.cs.waits.Observe(time.Since(start).Seconds())
 			}
 			n, err := r.f.ReadAt(p[:end-off], off)
+			c.mu.Lock()
+			rewound := r.rewoundLocked()
+			c.mu.Unlock()
+			if rewound {
+				return 0, fmt.Errorf("read claimed blob %s: %w", c.dgst, ErrRewound)
+			}
 			if err == nil && end == c.size && n < len(p) {
 				err = io.EOF
 			}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,6 +18,7 @@ import (
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/content/testsuite"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -30,6 +32,9 @@ type fakeSource struct {
 	piece   int
 	step    chan struct{}
 	corrupt bool
+	// rewind: after the corrupt bytes, rewind the claim and write the
+	// right ones (a registry fallback).
+	rewind  bool
 	failAt  int64 // fail after this many bytes (0: never)
 	started []digest.Digest
 	ctxs    map[digest.Digest]context.Context
@@ -59,11 +64,22 @@ func (f *fakeSource) FetchClaim(ctx context.Context, d digest.Digest, size int64
 	b := append([]byte(nil), f.blobs[d]...)
 	f.started = append(f.started, d)
 	f.ctxs[d] = ctx
-	corrupt, failAt, step, piece := f.corrupt, f.failAt, f.step, f.piece
+	corrupt, rewind, failAt, step, piece := f.corrupt, f.rewind, f.failAt, f.step, f.piece
 	f.mu.Unlock()
+	good := slices.Clone(b)
 	if corrupt {
 		b[len(b)-1] ^= 0xff
 	}
+	if err := f.write(ctx, b, w, failAt, step, piece); err != nil || !rewind {
+		return err
+	}
+	if err := w.(interface{ Rewind() error }).Rewind(); err != nil {
+		return err
+	}
+	return f.write(ctx, good, w, 0, step, piece)
+}
+
+func (f *fakeSource) write(ctx context.Context, b []byte, w io.Writer, failAt int64, step chan struct{}, piece int) error {
 	for off := 0; off < len(b); off += piece {
 		if failAt > 0 && int64(off) >= failAt {
 			return fmt.Errorf("peer died at %d: %w", off, errdefs.ErrUnavailable)
@@ -738,5 +754,107 @@ func TestClaimMinSize(t *testing.T) {
 	}
 	if info, err := cs.Info(context.Background(), big); err != nil || info.Size != 4<<10 {
 		t.Fatalf("Info of a blob above the minimum: %+v, %v; want claimed", info, err)
+	}
+}
+
+// TestClaimRewind: the source finds the claimed bytes bad and rewinds the
+// claim: a reader opened before fails with ErrRewound (and the unpack that
+// opened it learns the claim was rewound), a new reader gets the right
+// bytes, and the claim is stored verified.
+func TestClaimRewind(t *testing.T) {
+	src := newFakeSource()
+	src.step, src.corrupt, src.rewind = make(chan struct{}), true, true
+	cs, _, _ := newClaimStore(t, src, ClaimOptions{})
+	blob := make([]byte, 4<<10)
+	if _, err := rand.Read(blob); err != nil {
+		t.Fatal(err)
+	}
+	d := src.add(blob)
+	desc := ocispec.Descriptor{Digest: d, Size: int64(len(blob))}
+	ctx := context.Background()
+	if _, err := cs.Info(ctx, d); err != nil {
+		t.Fatalf("not claimed: %v", err)
+	}
+	st := &applyState{}
+	r1, err := cs.ApplyProvider().ReaderAt(context.WithValue(ctx, applyStateKey{}, st), desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.step <- struct{}{}
+	p := make([]byte, 1<<10)
+	if _, err := r1.ReadAt(p, 0); err != nil {
+		t.Fatalf("read the first piece: %v", err)
+	}
+	for range 3 {
+		src.step <- struct{}{} // the rest, its last byte wrong; then the rewind
+	}
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if !st.settle(sctx) {
+		t.Fatal("the unpack was not told the claim was rewound")
+	}
+	if _, err := r1.ReadAt(p, 0); !errors.Is(err, ErrRewound) {
+		t.Fatalf("a reader opened before the rewind read: %v; want ErrRewound", err)
+	}
+	r1.Close()
+	r2, err := cs.ApplyProvider().ReaderAt(ctx, desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r2.Close()
+	go func() {
+		for range 4 {
+			src.step <- struct{}{}
+		}
+	}()
+	got := make([]byte, len(blob))
+	if _, err := r2.ReadAt(got, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatalf("read after the rewind: %v", err)
+	}
+	if !bytes.Equal(got, blob) {
+		t.Fatal("the bytes read after the rewind are not the blob's")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := cs.Store.Info(ctx, d); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the rewound claim is not stored: %v", err)
+		}
+	}
+}
+
+func TestEmptyTarget(t *testing.T) {
+	empty, full := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(full, "f"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		mounts []mount.Mount
+		want   string
+	}{
+		{"bind, empty", []mount.Mount{{Type: "bind", Source: empty, Options: []string{"rbind", "rw"}}}, empty},
+		{"bind, not empty", []mount.Mount{{Type: "bind", Source: full}}, ""},
+		{"overlay, empty upper", []mount.Mount{{Type: "overlay", Source: "overlay", Options: []string{"lowerdir=" + full, "upperdir=" + empty, "workdir=/w"}}}, empty},
+		{"overlay, upper not empty", []mount.Mount{{Type: "overlay", Options: []string{"upperdir=" + full}}}, ""},
+		{"two mounts", []mount.Mount{{Type: "bind", Source: empty}, {Type: "bind", Source: empty}}, ""},
+		{"relative", []mount.Mount{{Type: "bind", Source: "rel"}}, ""},
+		{"missing", []mount.Mount{{Type: "bind", Source: filepath.Join(empty, "no")}}, ""},
+		{"other type", []mount.Mount{{Type: "erofs", Source: empty}}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := emptyTarget(tc.mounts); got != tc.want {
+				t.Fatalf("emptyTarget = %q; want %q", got, tc.want)
+			}
+		})
+	}
+	if err := os.MkdirAll(filepath.Join(empty, "a", "b"), 0o500); err != nil {
+		t.Fatal(err)
+	}
+	if err := emptyDir(empty); err != nil {
+		t.Fatal(err)
+	}
+	if emptyTarget([]mount.Mount{{Type: "bind", Source: empty}}) != empty {
+		t.Fatal("emptyDir left something")
 	}
 }

@@ -27,18 +27,24 @@ const (
 )
 
 // ExpectedSizes remembers the sizes the manifests and indexes committed on
-// this node give the blobs they name. A pull commits a manifest before it
-// fetches the manifest's children, so the size of a blob being pulled is
-// known from its descriptor, not from what peers say: a peer that reports
-// another size is not a candidate. It keeps the last Max sizes learned. It is
-// safe for concurrent use.
+// this node give the blobs they name, and which manifest named each. A pull
+// commits a manifest before it fetches the manifest's children, so the size
+// of a blob being pulled is known from its descriptor, not from what peers
+// say: a peer that reports another size is not a candidate. The parent
+// links a blob to the pull's registry (plugin/upstream). It keeps the last
+// Max blobs learned. It is safe for concurrent use.
 type ExpectedSizes struct {
 	max int
 
 	mu    sync.Mutex
-	sizes map[digest.Digest]int64
+	sizes map[digest.Digest]expected
 	ring  []digest.Digest // insertion order, for eviction
 	next  int             // ring slot the next new digest takes
+}
+
+type expected struct {
+	size   int64
+	parent digest.Digest
 }
 
 // NewExpectedSizes returns an ExpectedSizes keeping at most max sizes
@@ -47,7 +53,7 @@ func NewExpectedSizes(max int) *ExpectedSizes {
 	if max <= 0 {
 		max = DefaultExpectedSizes
 	}
-	return &ExpectedSizes{max: max, sizes: map[digest.Digest]int64{}}
+	return &ExpectedSizes{max: max, sizes: map[digest.Digest]expected{}}
 }
 
 // Size returns the size the last manifest naming dgst gave it.
@@ -57,8 +63,19 @@ func (e *ExpectedSizes) Size(dgst digest.Digest) (int64, bool) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	s, ok := e.sizes[dgst]
-	return s, ok
+	x, ok := e.sizes[dgst]
+	return x.size, ok
+}
+
+// Parent returns the manifest or index that last named dgst.
+func (e *ExpectedSizes) Parent(dgst digest.Digest) (digest.Digest, bool) {
+	if e == nil {
+		return "", false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	x, ok := e.sizes[dgst]
+	return x.parent, ok && x.parent != ""
 }
 
 // ExpectedSize is Size, for the mirror.
@@ -76,11 +93,12 @@ func (e *ExpectedSizes) Len() int {
 	return len(e.sizes)
 }
 
-// Learn reads b as an OCI or Docker image manifest or index and remembers
-// the size of every blob it names (config, layers, manifests). Anything else
-// (a layer, a config, JSON of another shape, more than MaxManifestSize
-// bytes) teaches nothing. It returns how many sizes it learned.
-func (e *ExpectedSizes) Learn(b []byte) int {
+// Learn reads b, the blob parent, as an OCI or Docker image manifest or
+// index and remembers the size of every blob it names (config, layers,
+// manifests), and that parent named it. Anything else (a layer, a config,
+// JSON of another shape, more than MaxManifestSize bytes) teaches nothing.
+// It returns how many sizes it learned.
+func (e *ExpectedSizes) Learn(parent digest.Digest, b []byte) int {
 	ds := ManifestChildren(b)
 	if len(ds) == 0 {
 		return 0
@@ -88,14 +106,15 @@ func (e *ExpectedSizes) Learn(b []byte) int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, d := range ds {
-		e.putLocked(d.Digest, d.Size)
+		e.putLocked(d.Digest, expected{size: d.Size, parent: parent})
 	}
 	return len(ds)
 }
 
-// LearnBlob learns from a blob of size bytes read through ra, if it may be a
-// manifest or an index: a blob not starting like JSON costs one small read.
-func (e *ExpectedSizes) LearnBlob(ra io.ReaderAt, size int64) int {
+// LearnBlob learns from the blob parent of size bytes read through ra, if it
+// may be a manifest or an index: a blob not starting like JSON costs one
+// small read.
+func (e *ExpectedSizes) LearnBlob(parent digest.Digest, ra io.ReaderAt, size int64) int {
 	if size <= 0 || size > MaxManifestSize {
 		return 0
 	}
@@ -107,12 +126,12 @@ func (e *ExpectedSizes) LearnBlob(ra io.ReaderAt, size int64) int {
 	if n, err := ra.ReadAt(b, 0); int64(n) != size || (err != nil && !errors.Is(err, io.EOF)) {
 		return 0
 	}
-	return e.Learn(b)
+	return e.Learn(parent, b)
 }
 
-func (e *ExpectedSizes) putLocked(d digest.Digest, size int64) {
+func (e *ExpectedSizes) putLocked(d digest.Digest, x expected) {
 	if _, ok := e.sizes[d]; ok {
-		e.sizes[d] = size
+		e.sizes[d] = x
 		return
 	}
 	if len(e.ring) < e.max {
@@ -122,7 +141,7 @@ func (e *ExpectedSizes) putLocked(d digest.Digest, size int64) {
 		e.ring[e.next] = d
 		e.next = (e.next + 1) % e.max
 	}
-	e.sizes[d] = size
+	e.sizes[d] = x
 }
 
 // LooksLikeManifest says whether a blob whose first bytes are head and whose

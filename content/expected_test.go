@@ -103,28 +103,35 @@ func TestExpectedSizes(t *testing.T) {
 		}
 		return b
 	}
-	if n := e.Learn(doc(1, 2)); n != 2 {
+	m1 := digest.FromString("manifest 1")
+	if n := e.Learn(m1, doc(1, 2)); n != 2 {
 		t.Fatalf("learned %d sizes, want 2", n)
 	}
 	if s, ok := e.Size(digest.FromString("1")); !ok || s != 2 {
 		t.Fatalf("size of layer 1 = %d, %v; want 2", s, ok)
 	}
+	if p, ok := e.Parent(digest.FromString("1")); !ok || p != m1 {
+		t.Fatalf("parent of layer 1 = %s, %v; want %s", p, ok, m1)
+	}
+	if _, ok := e.Parent(m1); ok {
+		t.Fatal("a manifest no index named has a parent")
+	}
 	// A later manifest giving another size wins; the oldest entries go
 	// first once 3 are kept.
-	if n := e.LearnBlob(bytes.NewReader(doc(1, 5, 7)), int64(len(doc(1, 5, 7)))); n != 3 {
+	if n := e.LearnBlob("", bytes.NewReader(doc(1, 5, 7)), int64(len(doc(1, 5, 7)))); n != 3 {
 		t.Fatalf("learned %d sizes, want 3", n)
 	}
 	if s, _ := e.Size(digest.FromString("1")); s != 5 {
 		t.Fatalf("size of layer 1 = %d; want 5 (the last manifest's)", s)
 	}
-	e.Learn(doc(1, 1, 1, 9))
+	e.Learn("", doc(1, 1, 1, 9))
 	if _, ok := e.Size(digest.FromString("0")); ok {
 		t.Fatal("the oldest size is still kept beyond the bound")
 	}
 	if s, ok := e.Size(digest.FromString("3")); !ok || s != 9 {
 		t.Fatalf("size of the newest = %d, %v; want 9", s, ok)
 	}
-	if e.LearnBlob(bytes.NewReader([]byte("\x1f\x8b rest")), 7) != 0 {
+	if e.LearnBlob("", bytes.NewReader([]byte("\x1f\x8b rest")), 7) != 0 {
 		t.Fatal("learned from a gzip blob")
 	}
 	var nilSizes *ExpectedSizes
@@ -152,7 +159,7 @@ func FuzzManifestChildren(f *testing.F) {
 			}
 		}
 		e := NewExpectedSizes(4)
-		if n := e.Learn(b); n != len(ds) {
+		if n := e.Learn("", b); n != len(ds) {
 			t.Fatalf("Learn learned %d of %d children", n, len(ds))
 		}
 	})

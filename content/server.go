@@ -47,7 +47,7 @@ func NewGRPCServer(store ctdcontent.Store, opts ...GRPCOpt) *grpc.Server {
 		unpackFrom = ap.ApplyProvider()
 	}
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(
-		apply.NewFileSystemApplier(unpackFrom),
+		restartingApplier{apply.NewFileSystemApplier(unpackFrom)},
 		walking.NewWalkingDiff(store),
 	))
 	return srv

@@ -159,7 +159,7 @@ func (s *Store) learn(ctx context.Context, info ctdcontent.Info) {
 		return
 	}
 	defer ra.Close()
-	if n := s.sizes.LearnBlob(ra, info.Size); n > 0 {
+	if n := s.sizes.LearnBlob(info.Digest, ra, info.Size); n > 0 {
 		log.G(ctx).WithField("digest", info.Digest).WithField("blobs", n).Debug("sizes learned from a manifest")
 	}
 }

@@ -285,7 +285,7 @@ func (o *Observer) learn(ctx context.Context, d digest.Digest, ns string, size i
 		return
 	}
 	defer ra.Close()
-	if n := o.sizes.LearnBlob(ra, size); n > 0 {
+	if n := o.sizes.LearnBlob(d, ra, size); n > 0 {
 		log.G(ctx).WithField("digest", d).WithField("blobs", n).Debug("sizes learned from a manifest")
 	}
 }

@@ -876,7 +876,7 @@ func TestMirrorBlobSizes(t *testing.T) {
 				m, _ := json.Marshal(ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest,
 					Config: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromString("cfg"), Size: 2},
 					Layers: []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: d, Size: tc.manifest}}})
-				if sizes.Learn(m) != 2 {
+				if sizes.Learn("", m) != 2 {
 					t.Fatal("the test manifest taught nothing")
 				}
 			}
