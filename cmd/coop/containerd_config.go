@@ -27,7 +27,7 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 	var (
 		socket      = fs.String("content-socket", defaultContentSocket, "coop node's content and diff socket")
 		mirror      = fs.String("mirror-listen", defaultMirrorListen, "coop node's mirror address (loopback)")
-		hostsDir    = fs.String("hosts-dir", "/etc/containerd/certs.d", "registry hosts directory (CRI config_path; pass it to `ctr pull --hosts-dir`)")
+		hostsDir    = fs.String("hosts-dir", defaultHostsDir, "registry hosts directory (CRI config_path; pass it to `ctr pull --hosts-dir`)")
 		base        = fs.String("base", "", "an existing containerd config.toml (version 3) to merge coop's settings into; without it only coop's part is printed")
 		output      = fs.String("output", "", "write the config here (atomically) instead of stdout")
 		mode        = fs.String("content-mode", node.ContentObserver, "coop node's --content-mode: observer (containerd keeps its store; only the mirror and CRI's config_path are set) or proxy (coop is containerd's content store and differ)")

@@ -87,7 +87,7 @@ func runInstall(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs.StringVar(&o.UnitDir, "unit-dir", "/etc/systemd/system", "systemd's unit directory: "+unitName+" goes there")
 	fs.StringVar(&o.ConfigDir, "config-dir", "/etc/coop", "node.toml (the node flags after --) and "+installStateFile+" go there")
 	fs.StringVar(&o.ContainerdConfig, "containerd-config", "/etc/containerd/config.toml", "containerd's config.toml (version 3): coop's settings are merged in, the original kept as FILE"+configBackupSuffix)
-	fs.StringVar(&o.HostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's registry hosts directory (CRI config_path)")
+	fs.StringVar(&o.HostsDir, "hosts-dir", defaultHostsDir, "containerd's registry hosts directory (CRI config_path)")
 	fs.StringVar(&o.Restart, "restart", "systemd", "systemd: reload systemd, enable and (re)start "+unitName+", restart containerd when its config changed (the host's systemctl, run chrooted into --host-root); none: only write the files and say what to restart")
 	fs.BoolVar(&o.Uninstall, "uninstall", false, "undo it: containerd's config restored, the blobs moved back into containerd's store, the unit, binary and node.toml removed")
 	fs.BoolVar(&o.Wait, "wait", false, "then block until SIGTERM (a DaemonSet's main container)")

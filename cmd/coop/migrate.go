@@ -32,7 +32,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.StringVar(&o.Containerd, "containerd-address", "/run/containerd/containerd.sock", "this node's containerd socket")
 	fs.StringVar(&mirrorURL, "mirror", mirrorURL, "this node's coop mirror URL")
 	tokenFile := fs.String("mirror-token-file", filepath.Join("/var/lib/coop", mirror.TokenFile), "the mirror's API token, which this node's coop node creates in its --root (readable by its user only)")
-	fs.StringVar(&o.HostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml directory (the one coop containerd-config --write wrote)")
+	fs.StringVar(&o.HostsDir, "hosts-dir", defaultHostsDir, "containerd's hosts.toml directory (the one coop containerd-config --write wrote)")
 	fs.StringVar(&o.Snapshotter, "snapshotter", "", "snapshotter to use here (default: the source's)")
 	fs.StringVar(&o.CgroupsPath, "cgroups-path", "", "cgroups path for the container here (default: the source's)")
 	fs.StringVar(&o.RuncRoot, "runc-root", "", "runc state directory (default: runc's)")

@@ -27,7 +27,10 @@ const (
 	// defaultContainerdAddress is containerd's own default socket.
 	defaultContainerdAddress = "/run/containerd/containerd.sock"
 	defaultMirrorListen      = "127.0.0.1:5051"
-	defaultPeerPort          = "5050"
+	// defaultHostsDir is where containerd's CRI reads hosts.toml when
+	// coop containerd-config sets it up.
+	defaultHostsDir = "/etc/containerd/certs.d"
+	defaultPeerPort = "5050"
 )
 
 // nodeConfig is coop node's configuration: flags, or the same keys in a TOML
@@ -63,6 +66,9 @@ type nodeConfig struct {
 	ShareNSs      string  `toml:"share_namespaces"`
 	Claim         bool    `toml:"claim"`
 	ClaimParallel int     `toml:"claim_parallel"`
+	ClaimRegistry bool    `toml:"claim_registry"`
+	HostsDir      string  `toml:"hosts_dir"`
+	RegistryCreds string  `toml:"registry_credentials"`
 	Swarm         bool    `toml:"swarm"`
 	TLSDir        string  `toml:"tls_dir"`
 	Insecure      bool    `toml:"insecure"`
@@ -80,6 +86,8 @@ func defaultNodeConfig() nodeConfig {
 		Period:        "10s",
 		MaxUploads:    16,
 		ClaimParallel: 3,
+		ClaimRegistry: true,
+		HostsDir:      defaultHostsDir,
 		Swarm:         true,
 		Policy:        peers.PolicyStripe,
 		ContentMode:   node.ContentObserver,
@@ -120,6 +128,9 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "observer (default): leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address); proxy: be containerd's content store (content + diff proxy plugins; needed by --claim)")
 	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
+	fs.BoolVar(&c.ClaimRegistry, "claim-registry", c.ClaimRegistry, "claims fall back to the pull's registry (learned from the mirror's manifest requests, endpoints from --hosts-dir), and blobs no peer holds are claimed from it, so a claim never fails its pull; a registry coop cannot pull from gets claims only with two peers (--claim-registry=false: a claim whose peers fail fails its pull once)")
+	fs.StringVar(&c.HostsDir, "hosts-dir", c.HostsDir, "containerd's registry config_path (hosts.toml tree): where coop finds the registries' endpoints and TLS settings, its own mirror left out")
+	fs.StringVar(&c.RegistryCreds, "registry-credentials", c.RegistryCreds, "registry credentials for claims, a Docker config.json ({\"auths\": {\"HOST\": {\"auth\": base64(user:password)}}}, mode 0600); empty: anonymous token flow only")
 	fs.BoolVar(&c.Swarm, "swarm", c.Swarm, "share the blobs being downloaded: serve their chunks to peers as they arrive, take chunks from peers still downloading them (stripe policy; --swarm=false: only whole blobs)")
 	fs.StringVar(&c.ServeCtrs, "serve-containers", c.ServeCtrs, "NS[,NS...]: containerd namespaces whose container records (image and OCI spec, environment included) cluster nodes may read for coop migrate; others are refused (empty: records off)")
 	fs.BoolVar(&c.AllowStop, "allow-remote-stop", c.AllowStop, "let a migration destination stop a container of --serve-containers here (coop migrate --stop-source)")
@@ -217,6 +228,7 @@ func (c nodeConfig) options() (node.Options, error) {
 		MirrorListen: c.MirrorListen, DebugListen: c.DebugListen,
 		UploadLimit: c.UploadLimit, MaxUploads: c.MaxUploads, Policy: c.Policy,
 		Claim: c.Claim, ClaimParallel: c.ClaimParallel, AllowRemoteStop: c.AllowStop, Swarm: c.Swarm,
+		ClaimRegistry: c.ClaimRegistry, HostsDir: c.HostsDir, RegistryCredentials: c.RegistryCreds,
 		Insecure: c.Insecure,
 		Index: modes.Options{
 			Mode: c.Index, NeighborsFromKB: c.NeighborsKB, NATSURL: c.NATSURL,

@@ -2,74 +2,243 @@ package mirror
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
-	"slices"
+	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/plugin/upstream"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
 )
 
 var _ content.ClaimSource = (*Mirror)(nil)
 
-// Claimable says whether the node knows, without asking the network, live
-// peers holding dgst (the index of periodic and push modes, a migration's
-// source, a recent locate), and the size they agree on. A blob whose peer
-// transfer failed recently is not claimable.
+// RegistryNode names the registry in a download's bytes by node.
+const RegistryNode = "(registry)"
+
+// Claim decisions (coop_claim_decisions_total).
+const (
+	claimPeersRegistry = "peers_registry"
+	claimPeers         = "peers" // two or more holders, or a registry that does not answer
+	claimRegistry      = "registry"
+	claimNoFallback    = "no_fallback"
+)
+
+// errBadBytes marks a claim whose bytes did not verify.
+var errBadBytes = errors.New("claimed bytes do not verify")
+
+// Claimable says whether the node knows, without asking the network, where
+// to fetch dgst from, and its size. Peers come from the index of periodic
+// and push modes, a migration's source, or a recent locate, and must hold
+// the whole blob; a blob whose peer transfer failed recently has none. With
+// an Upstream, a claim must not fail where containerd could have fetched the
+// blob: it needs the blob's registry as its fallback (then a blob no peer
+// holds is claimed from the registry alone, its size from the manifest),
+// or a second peer holding it whole, or a registry that does not answer
+// (containerd could not fetch from it either).
 func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
-	if m.recentlyFailed(dgst) {
-		return 0, false
+	var cs []peers.Candidate
+	if !m.recentlyFailed(dgst) {
+		cs = m.agreeOnSize(context.Background(), dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst]))
 	}
-	cs := m.agreeOnSize(context.Background(), dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst]))
-	if len(cs) == 0 || cs[0].Size > m.maxBlob {
-		return 0, false
+	holders := len(whole(cs))
+	if len(cs) > 0 && cs[0].Size > m.maxBlob {
+		holders = 0
 	}
-	// A claim has no fallback inside its pull: only with a peer holding
-	// the whole blob (partial ones then help).
-	if !slices.ContainsFunc(cs, func(c peers.Candidate) bool { return !c.Partial }) {
-		return 0, false
+	if m.upstream == nil {
+		// No fallback inside the pull: only with a peer holding the
+		// whole blob (partial ones then help).
+		if holders == 0 {
+			return 0, false
+		}
+		return cs[0].Size, true
 	}
-	return cs[0].Size, true
+	reach := m.upstream.Reach(dgst)
+	reg := reach == upstream.Usable
+	switch {
+	case holders > 0 && reg:
+		m.claimChoices.WithLabelValues(claimPeersRegistry).Inc()
+		return cs[0].Size, true
+	case holders >= 2 || (holders == 1 && reach == upstream.Down):
+		m.claimChoices.WithLabelValues(claimPeers).Inc()
+		return cs[0].Size, true
+	case holders == 1:
+		m.claimChoices.WithLabelValues(claimNoFallback).Inc()
+		return 0, false
+	case reg && m.sizes != nil:
+		size, ok := m.sizes.ExpectedSize(context.Background(), dgst)
+		if !ok || size <= 0 || size > m.maxBlob {
+			return 0, false
+		}
+		m.claimChoices.WithLabelValues(claimRegistry).Inc()
+		return size, true
+	}
+	return 0, false
 }
 
-// FetchClaim downloads a claimed blob from its peers into w, in order, with
-// the multi-source downloader. It shows in /coop/v1/downloads like the
-// mirror's fetches.
+// FetchClaim downloads a claimed blob into w, in order: from its peers with
+// the multi-source downloader, and when they fail (or none is left) from
+// its registry, from where they stopped; when the bytes do not verify, it
+// rewinds w and fetches the blob again from the registry. It shows in
+// /coop/v1/downloads like the mirror's fetches.
 func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64, w io.Writer) error {
-	cs := sized(m.agreeOnSize(ctx, dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])), size)
-	if len(cs) == 0 {
-		// Forgotten since the claim (a neighbour expired): ask again.
-		cs = sized(m.candidates(ctx, dgst), size)
+	m.downloads.start(dgst, size)
+	cw := &countingWriter{w: w}
+	byNode, hedged, err := m.claimFromPeers(ctx, dgst, size, w, cw)
+	if err != nil && m.upstream != nil && m.upstream.Reach(dgst) == upstream.Usable {
+		var n int64
+		n, err = m.claimFromRegistry(ctx, dgst, size, w, cw, err)
+		if n > 0 {
+			if byNode == nil {
+				byNode = map[string]int64{}
+			}
+			byNode[RegistryNode] += n
+		}
+	}
+	m.downloads.finish(dgst, byNode, hedged, err)
+	return err
+}
+
+// claimFromPeers downloads dgst from its peers into cw (whose writer is w),
+// and verifies it when w can.
+func (m *Mirror) claimFromPeers(ctx context.Context, dgst digest.Digest, size int64, w io.Writer, cw *countingWriter) (map[string]int64, int, error) {
+	var cs []peers.Candidate
+	if !m.recentlyFailed(dgst) {
+		cs = sized(m.agreeOnSize(ctx, dgst, m.trusted(resolver.Known(m.resolver, []digest.Digest{dgst})[dgst])), size)
+		if len(cs) == 0 {
+			// Forgotten since the claim (a neighbour expired): ask again.
+			cs = sized(m.candidates(ctx, dgst), size)
+		}
 	}
 	if len(cs) == 0 {
-		return fmt.Errorf("claimed blob %s: no peer holds it any more: %w", dgst, peers.ErrAllPeersFailed)
+		return nil, 0, fmt.Errorf("claimed blob %s: no peer holds it: %w", dgst, peers.ErrAllPeersFailed)
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size))
 	defer cancel()
 	m.noteLoads(cs)
-	m.downloads.start(dgst, size)
-	st, err := m.downloader.Download(ctx, dgst, size, cs, w)
+	st, err := m.downloader.Download(ctx, dgst, size, cs, cw)
 	if err != nil {
 		m.markFailed(dgst)
-		m.downloads.finish(dgst, st.BytesByNode, st.Hedged, err)
-		return fmt.Errorf("claimed blob %s: %w", dgst, err)
+		return st.BytesByNode, st.Hedged, fmt.Errorf("claimed blob %s: %w", dgst, err)
 	}
 	// Partial peers' chunks were verified by no one: when the claim does
 	// not verify, they are not candidates for a while.
-	if v, ok := w.(interface{ Verify() error }); ok && len(st.Partial) > 0 {
+	if v, ok := w.(interface{ Verify() error }); ok {
 		if err := v.Verify(); err != nil {
 			m.distrust(ctx, st)
 			m.markFailed(dgst)
-			m.downloads.finish(dgst, st.BytesByNode, st.Hedged, err)
-			return err
+			return st.BytesByNode, st.Hedged, fmt.Errorf("%w: %w", errBadBytes, err)
 		}
 	}
-	m.downloads.finish(dgst, st.BytesByNode, st.Hedged, nil)
 	log.G(ctx).WithField("bytes_by_node", st.BytesByNode).WithField("hedged", st.Hedged).Debug("claimed blob downloaded")
-	return nil
+	return st.BytesByNode, st.Hedged, nil
+}
+
+// claimFromRegistry completes a claim its peers failed (peerErr) from the
+// blob's registry: from where the peers stopped, or, when their bytes did
+// not verify, from the start after rewinding w. It returns the bytes the
+// registry sent.
+func (m *Mirror) claimFromRegistry(ctx context.Context, dgst digest.Digest, size int64, w io.Writer, cw *countingWriter, peerErr error) (int64, error) {
+	rw, canRewind := w.(interface{ Rewind() error })
+	v, canVerify := w.(interface{ Verify() error })
+	bad := errors.Is(peerErr, errBadBytes)
+	reason := "failed"
+	if bad {
+		reason = "corrupt"
+	}
+	var total int64
+	for try := 0; try < 2; try++ {
+		if bad {
+			if !canRewind {
+				return total, peerErr
+			}
+			if err := rw.Rewind(); err != nil {
+				return total, errors.Join(peerErr, err)
+			}
+			cw.n = 0
+		}
+		from := cw.n
+		log.G(ctx).WithError(peerErr).WithField("from", from).Warn("claimed blob: the peers failed; fetching it from its registry")
+		n, err := m.copyFromRegistry(ctx, dgst, size, from, cw)
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("claimed blob %s: peers: %w; registry: %w", dgst, peerErr, err)
+		}
+		if !canVerify {
+			break
+		}
+		if err := v.Verify(); err != nil {
+			// The peers' part was bad too: once more, all of it.
+			peerErr, bad = fmt.Errorf("%w: %w", errBadBytes, err), true
+			reason = "corrupt"
+			continue
+		}
+		m.claimFallbacks.WithLabelValues(reason).Inc()
+		return total, nil
+	}
+	if bad {
+		return total, peerErr
+	}
+	m.claimFallbacks.WithLabelValues(reason).Inc()
+	return total, nil
+}
+
+// copyFromRegistry copies dgst's bytes from offset from its registry to w.
+// A registry that sends nothing for 6 stall timeouts is cut off.
+func (m *Mirror) copyFromRegistry(ctx context.Context, dgst digest.Digest, size, from int64, w io.Writer) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.fetchDeadline(size-from))
+	defer cancel()
+	idle := max(6*m.stall, 30*time.Second)
+	watchdog := time.AfterFunc(idle, cancel)
+	defer watchdog.Stop()
+	rc, err := m.upstream.Fetch(ctx, dgst, size, from)
+	if err != nil {
+		return 0, err
+	}
+	defer rc.Close()
+	buf := make([]byte, 1<<20)
+	var n int64
+	for n < size-from {
+		k, rerr := rc.Read(buf[:min(int64(len(buf)), size-from-n)])
+		if k > 0 {
+			watchdog.Reset(idle)
+			if _, werr := w.Write(buf[:k]); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+			m.downloads.add(dgst, RegistryNode, k)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if ctx.Err() != nil {
+				return n, fmt.Errorf("registry sent nothing for %v or took too long: %w", idle, ctx.Err())
+			}
+			return n, rerr
+		}
+	}
+	if n != size-from {
+		return n, fmt.Errorf("registry sent %d of %d bytes: %w", n, size-from, errdefs.ErrDataLoss)
+	}
+	return n, nil
+}
+
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // sized keeps the candidates reporting size.

@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
+	"github.com/coopnet/coop/plugin/upstream"
 	"github.com/coopnet/coop/resolver"
 	digest "github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
@@ -100,6 +101,29 @@ type Options struct {
 	// claims of its blobs, decided without a round trip, know their peers
 	// (claim mode with an index that asks the network: online, kb).
 	LocateChildren bool
+	// Upstream, when set, learns the registry of each pull from the
+	// manifest requests, and is a claim's fallback: a claimed blob the
+	// peers fail to deliver is fetched from its registry, and a blob no
+	// peer holds is claimed from the registry alone. A blob whose
+	// registry refuses coop (containerd may have credentials coop lacks)
+	// is claimed only when two peers hold it whole, so that the pull never
+	// fails where containerd could have fetched it. nil: claims have no
+	// fallback (a failed claim fails its pull once).
+	Upstream Upstream
+}
+
+// Upstream fetches blobs from the registry of the pull they belong to
+// (upstream.Registries).
+type Upstream interface {
+	// Seen records a manifest request containerd sent the mirror: repo
+	// at the registry host, ref a tag or a digest.
+	Seen(ctx context.Context, host, repo, ref string)
+	// Reach says, without a network round trip, whether coop may fetch
+	// dgst from its registry.
+	Reach(dgst digest.Digest) upstream.Reach
+	// Fetch opens dgst, of size bytes, at its registry from offset. If
+	// its registry is not known, ErrNotFound is returned.
+	Fetch(ctx context.Context, dgst digest.Digest, size, offset int64) (io.ReadCloser, error)
 }
 
 // Sizes tell the size a manifest committed on the node gives a blob
@@ -131,7 +155,9 @@ type Mirror struct {
 	// locateChildren: see Options.LocateChildren.
 	locateChildren bool
 	// swarm: downloads spool their chunks too (Options.Partials).
-	swarm     bool
+	swarm bool
+	// upstream: see Options.Upstream.
+	upstream  Upstream
 	srcMu     sync.Mutex
 	srcs      map[string]migrationSource
 	srcClosed bool
@@ -150,6 +176,10 @@ type Mirror struct {
 	locateErrors prometheus.Counter
 	// sizeRefused counts candidates dropped for a size the manifest denies.
 	sizeRefused prometheus.Counter
+	// claimChoices counts the claim decisions with their fallback.
+	claimChoices *prometheus.CounterVec
+	// claimFallbacks counts the claims the registry completed.
+	claimFallbacks *prometheus.CounterVec
 }
 
 var _ http.Handler = (*Mirror)(nil)
@@ -173,6 +203,7 @@ func New(opts Options) (*Mirror, error) {
 		budget:         opts.Budget,
 		locateChildren: opts.LocateChildren,
 		swarm:          opts.Partials != nil,
+		upstream:       opts.Upstream,
 		srcs:           map[string]migrationSource{},
 		failed:         recent[digest.Digest]{},
 		distrusted:     recent[string]{},
@@ -192,6 +223,14 @@ func New(opts Options) (*Mirror, error) {
 			Name: "coop_mirror_size_refused_total",
 			Help: "Candidates dropped because the size they reported is not the one the manifest being pulled gives the blob.",
 		}),
+		claimChoices: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coop_claim_decisions_total",
+			Help: "Blobs of 1 MiB or more containerd asked about, by what coop decided: peers_registry (claimed from peers, the registry as fallback), peers (claimed from two or more peers, the registry unusable), registry (claimed from the registry alone), no_fallback (one peer holds it and coop cannot pull from its registry: not claimed, containerd fetches it).",
+		}, []string{"decision"}),
+		claimFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coop_claim_registry_fallbacks_total",
+			Help: "Claims whose peers failed and that the registry completed, by why: failed (died, stalled, short) or corrupt (did not verify: fetched again from the start).",
+		}, []string{"reason"}),
 		locate: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "coop_mirror_locate_seconds",
 			Help:    "Time the mirror spent asking the resolver for candidates.",
@@ -249,7 +288,7 @@ func New(opts Options) (*Mirror, error) {
 	}
 	m.downloader = dl
 	if opts.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors, m.sizeRefused} {
+		for _, c := range []prometheus.Collector{m.requests, m.bytes, m.locate, m.locateErrors, m.sizeRefused, m.claimChoices, m.claimFallbacks} {
 			if err := opts.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("mirror metrics: %w", err)
 			}
@@ -330,6 +369,11 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.requests.WithLabelValues(kind, "loop").Inc()
 		writeOCIError(ctx, w, http.StatusNotFound, unknownCode(dp.Kind), "coop mirrors do not forward")
 		return
+	}
+	if dp.Kind == peers.KindManifest && m.upstream != nil {
+		if ns := r.URL.Query().Get("ns"); ns != "" {
+			m.upstream.Seen(ctx, ns, dp.Name, ref)
+		}
 	}
 	dgst, err := digest.Parse(ref)
 	if err != nil {

@@ -30,6 +30,7 @@ import (
 	"github.com/coopnet/coop/peers/trust"
 	"github.com/coopnet/coop/plugin"
 	"github.com/coopnet/coop/plugin/mirror"
+	"github.com/coopnet/coop/plugin/upstream"
 	"github.com/coopnet/coop/resolver"
 	"github.com/coopnet/coop/resolver/modes"
 	digest "github.com/opencontainers/go-digest"
@@ -105,6 +106,21 @@ type Options struct {
 	Claim bool
 	// ClaimParallel is how many claimed blobs download at once.
 	ClaimParallel int
+	// ClaimRegistry gives claims the pull's registry as their fallback,
+	// and claims from the registry alone the blobs no peer holds, so that
+	// no layer crosses containerd's content Write stream
+	// (plugin/upstream). A blob whose registry coop cannot pull from is
+	// then claimed only when two peers hold it. Off: a claim whose peers
+	// fail fails its pull once.
+	ClaimRegistry bool
+	// HostsDir is containerd's registry config_path, the hosts.toml tree
+	// the registries' endpoints come from (coop's mirror left out). Empty:
+	// https://<registry>.
+	HostsDir string
+	// RegistryCredentials is a file of registry credentials in Docker's
+	// config.json format (upstream.LoadCredentials); empty: the anonymous
+	// token flow only.
+	RegistryCredentials string
 	// Swarm shares the blobs being downloaded: their chunks are served to
 	// peers as they arrive, and peers still downloading a blob serve
 	// theirs (peers.Partials, under Root/partials). Needs the stripe
@@ -168,6 +184,9 @@ func (o Options) Validate() error {
 	}
 	if o.Claim && o.Containerd == "" {
 		bad("--claim needs --containerd-address (a failed claim must be removed from containerd's records)")
+	}
+	if o.RegistryCredentials != "" && (!o.Claim || !o.ClaimRegistry) {
+		bad("--registry-credentials: only claims use them (--claim, --claim-registry)")
 	}
 	if o.ClaimParallel < 1 {
 		bad("--claim-parallel %d: want 1 or more", o.ClaimParallel)
@@ -279,6 +298,7 @@ type Node struct {
 	containers *plugin.Containers
 	index      *modes.Index
 	mirror     *mirror.Mirror
+	upstream   *upstream.Registries
 	claims     *content.ClaimStore
 	peerSrv    *peers.Server
 
@@ -382,18 +402,44 @@ func New(ctx context.Context, o Options) (_ *Node, retErr error) {
 	if n.budget, err = content.NewBudget(content.BudgetOptions{Max: o.MaxUnverified, Dir: o.Root}); err != nil {
 		return nil, err
 	}
-	if n.mirror, err = mirror.New(mirror.Options{
+	mopts := mirror.Options{
 		Resolver: res, Peers: n.client, Store: n.store, StallTimeout: o.StallTimeout, Registerer: n.reg,
 		Policy: o.Policy, DownloadBuffer: o.DownloadBuffer, Sources: resolver.NewSources(), APIToken: token,
 		Sizes: n.expectedSizes(), MaxBlobSize: o.MaxBlobSize, Budget: n.budget,
 		LocateChildren: o.Claim && !n.index.Local(), Partials: partials,
-	}); err != nil {
+	}
+	if o.Claim && o.ClaimRegistry {
+		if n.upstream, err = n.newUpstream(ctx); err != nil {
+			return nil, err
+		}
+		mopts.Upstream = n.upstream
+	}
+	if n.mirror, err = mirror.New(mopts); err != nil {
 		return nil, err
 	}
 	if err := n.listen(ctx); err != nil {
 		return nil, err
 	}
 	return n, nil
+}
+
+var _ mirror.Upstream = (*upstream.Registries)(nil)
+
+// newUpstream returns the registries claims fall back to.
+func (n *Node) newUpstream(ctx context.Context) (*upstream.Registries, error) {
+	o := n.opts
+	mu, err := plugin.MirrorURL(o.MirrorListen)
+	if err != nil {
+		return nil, err
+	}
+	uo := upstream.Options{HostsDir: o.HostsDir, Skip: []string{strings.TrimPrefix(mu, "http://")}, Parents: n.sizes, Registerer: n.reg,
+		OnBytes: func(k int) { n.registryBytes.Add(int64(k)) }}
+	if o.RegistryCredentials != "" {
+		if uo.Credentials, err = upstream.LoadCredentials(o.RegistryCredentials); err != nil {
+			return nil, err
+		}
+	}
+	return upstream.New(ctx, uo)
 }
 
 // openStores opens coop's content store and, in observer mode, the
@@ -594,6 +640,9 @@ func (n *Node) Close() error {
 		}
 		if n.mirror != nil {
 			errs = append(errs, n.mirror.Close())
+		}
+		if n.upstream != nil {
+			errs = append(errs, n.upstream.Close())
 		}
 		if n.index != nil {
 			errs = append(errs, n.index.Close())

@@ -354,7 +354,7 @@ func (n *Node) coopArgs() []string {
 		args = append(args, "--content-mode", "proxy")
 	}
 	if n.opts.Claim {
-		args = append(args, "--claim")
+		args = append(args, "--claim", "--hosts-dir", n.HostsDir)
 	}
 	return append(args, n.opts.ExtraCoopArgs...)
 }

@@ -344,6 +344,10 @@ func (n *Node) Locate(ctx context.Context, dgsts []digest.Digest) (map[digest.Di
 // Metric names of claim mode.
 const (
 	MetricClaims = "coop_claims_total"
+	// MetricClaimFallbacks counts the claims the registry completed.
+	MetricClaimFallbacks = "coop_claim_registry_fallbacks_total"
+	// MetricClaimDecisions counts claim decisions by their fallback.
+	MetricClaimDecisions = "coop_claim_decisions_total"
 )
 
 // Status runs `coop status --json` against the node (in its network

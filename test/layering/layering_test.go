@@ -28,6 +28,7 @@ var ranks = []struct {
 	{"resolver/clusterkb", 32},
 	{"resolver/modes", 33},
 	{"plugin", 40},
+	{"plugin/upstream", 40}, // beside plugin: the registries claims fall back to
 	{"plugin/mirror", 41},
 	{"plugin/migrate", 42},
 	{"plugin/node", 43},
