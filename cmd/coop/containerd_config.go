@@ -30,7 +30,7 @@ func runContainerdConfig(ctx context.Context, args []string, stdout, stderr io.W
 		hostsDir    = fs.String("hosts-dir", defaultHostsDir, "registry hosts directory (CRI config_path; pass it to `ctr pull --hosts-dir`)")
 		base        = fs.String("base", "", "an existing containerd config.toml (version 3) to merge coop's settings into; without it only coop's part is printed")
 		output      = fs.String("output", "", "write the config here (atomically) instead of stdout")
-		mode        = fs.String("content-mode", node.ContentObserver, "coop node's --content-mode: observer (containerd keeps its store; only the mirror and CRI's config_path are set) or proxy (coop is containerd's content store and differ)")
+		mode        = fs.String("content-mode", node.ContentProxy, "coop node's --content-mode: proxy (the default: coop is containerd's content store and differ) or observer (containerd keeps its store; only the mirror and CRI's config_path are set)")
 		write       = fs.Bool("write", false, "also write HOSTS_DIR/<registry>/hosts.toml for each --registry, merging existing files")
 		existing    = fs.Bool("existing", false, "with --write: also every registry that already has a directory in HOSTS_DIR (its own hosts.toml would bypass _default's mirror)")
 		quiet       = fs.Bool("quiet", false, "do not print the config (with --write: only the hosts.toml files are wanted)")

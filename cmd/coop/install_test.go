@@ -242,7 +242,7 @@ func TestInstallRestartNone(t *testing.T) {
 	}
 	// The observer mode on a host: only CRI's config_path, nothing moved.
 	h2 := newFakeHost(t)
-	if err := h2.install(t, "none", false, "--name=n1", "--insecure"); err != nil {
+	if err := h2.install(t, "none", false, "--name=n1", "--insecure", "--content-mode=observer"); err != nil {
 		t.Fatal(err)
 	}
 	cfg := h2.read(t, "etc/containerd/config.toml")

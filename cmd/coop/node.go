@@ -85,12 +85,13 @@ func defaultNodeConfig() nodeConfig {
 		Index:         "online",
 		Period:        "10s",
 		MaxUploads:    16,
+		Claim:         true,
 		ClaimParallel: 3,
 		ClaimRegistry: true,
 		HostsDir:      defaultHostsDir,
 		Swarm:         true,
 		Policy:        peers.PolicyStripe,
-		ContentMode:   node.ContentObserver,
+		ContentMode:   node.ContentProxy,
 		Containerd:    defaultContainerdAddress,
 		DownloadBuf:   "64MiB",
 		MaxBlobSize:   "64GiB",
@@ -125,8 +126,8 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.StallTimeout, "stall-timeout", c.StallTimeout, "a peer that sends nothing for this long is cut off mid-blob")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
 	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: observer mode watches it; claims need it; container records for migration destinations (coop migrate) come from it (empty: none)")
-	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "observer (default): leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address); proxy: be containerd's content store (content + diff proxy plugins; needed by --claim)")
-	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers hold as found, fetch it from them at once and unpack it as it streams in (needs --containerd-address)")
+	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "proxy: be containerd's content store (content + diff proxy plugins; needed by --claim; containerd set up by coop containerd-config or coop install); observer: leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address; no claims)")
+	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers (or, with --claim-registry, its registry) can serve as found, fetch it at once and unpack it as it streams in (needs --containerd-address); off by default in observer mode")
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
 	fs.BoolVar(&c.ClaimRegistry, "claim-registry", c.ClaimRegistry, "claims fall back to the pull's registry (learned from the mirror's manifest requests, endpoints from --hosts-dir), and blobs no peer holds are claimed from it, so a claim never fails its pull; a registry coop cannot pull from gets claims only with two peers (--claim-registry=false: a claim whose peers fail fails its pull once)")
 	fs.StringVar(&c.HostsDir, "hosts-dir", c.HostsDir, "containerd's registry config_path (hosts.toml tree): where coop finds the registries' endpoints and TLS settings, its own mirror left out")
@@ -154,12 +155,21 @@ func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
+	// Claims are on by default, in proxy mode: observer mode turns the
+	// default off, and refuses only a claim asked for.
+	claimSet := false
+	fs.Visit(func(f *flag.Flag) { claimSet = claimSet || f.Name == "claim" })
 	if *configPath != "" {
 		b, err := os.ReadFile(*configPath)
 		if err != nil {
 			return cfg, fmt.Errorf("--config: %w", err)
 		}
 		fileCfg := defaultNodeConfig()
+		var keys map[string]any
+		if err := toml.Unmarshal(b, &keys); err == nil {
+			_, inFile := keys["claim"]
+			claimSet = claimSet || inFile
+		}
 		dec := toml.NewDecoder(strings.NewReader(string(b)))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&fileCfg); err != nil {
@@ -180,6 +190,9 @@ func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
 				return cfg, err
 			}
 		}
+	}
+	if cfg.ContentMode == node.ContentObserver && !claimSet {
+		cfg.Claim = false
 	}
 	if cfg.Advertise == "" {
 		_, port, err := net.SplitHostPort(cfg.PeerListen)

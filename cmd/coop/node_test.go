@@ -17,6 +17,10 @@ func TestParseNodeFlags(t *testing.T) {
 	if err := os.WriteFile(file, []byte("name = \"from-file\"\nroot = \"/file/root\"\nindex = \"none\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	observerFile := filepath.Join(dir, "observer.toml")
+	if err := os.WriteFile(observerFile, []byte("content_mode = \"observer\"\nclaim = true\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	bad := filepath.Join(dir, "bad.toml")
 	if err := os.WriteFile(bad, []byte("nmea = \"typo\"\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -28,7 +32,17 @@ func TestParseNodeFlags(t *testing.T) {
 		wantErr bool
 	}{
 		{"defaults", nil, func(c nodeConfig) bool {
-			return c.Index == "online" && c.MirrorListen == defaultMirrorListen && c.Advertise != ""
+			return c.Index == "online" && c.MirrorListen == defaultMirrorListen && c.Advertise != "" &&
+				c.ContentMode == "proxy" && c.Claim && c.ClaimRegistry && c.Swarm && c.HostsDir == defaultHostsDir
+		}, false},
+		{"observer turns the claim default off", []string{"--content-mode", "observer"}, func(c nodeConfig) bool {
+			return c.ContentMode == "observer" && !c.Claim
+		}, false},
+		{"a claim asked for in observer mode stays (and is refused later)", []string{"--content-mode", "observer", "--claim"}, func(c nodeConfig) bool {
+			return c.Claim
+		}, false},
+		{"... in the file too", []string{"--config", observerFile}, func(c nodeConfig) bool {
+			return c.ContentMode == "observer" && c.Claim
 		}, false},
 		{"flags", []string{"--name", "a", "--peer-listen", "127.0.0.1:7000"}, func(c nodeConfig) bool {
 			return c.Name == "a" && c.Advertise != "" && c.PeerListen == "127.0.0.1:7000"

@@ -1,11 +1,12 @@
 package main
 
 // The failure matrix: a destination pulls an image whose layer its only
-// neighbour holds, and the neighbour fails in one of four ways, during a
-// claimed pull and during a mirror pull. Each cell counts the pulls it took
-// to complete (a failed claim fails one pull; containerd's retry goes to the
-// mirror and the registry), the failed claims, what the registry served, and
-// the committed blobs that do not hash to their digest (must be 0).
+// neighbour holds, and the neighbour fails in one of four ways, or the
+// destination's own coop is killed, in coop's default mode (claims, with
+// the registry as their fallback) and in observer mode (the mirror). Each
+// cell counts the pulls it took to complete (retried as kubelet does, after
+// a backoff doubling from 1 s), the failed claims, what the registry served,
+// and the committed blobs that do not hash to their digest (must be 0).
 
 import (
 	"context"
@@ -30,11 +31,15 @@ import (
 type FailureCell struct {
 	Fault string `json:"fault"`
 	Path  string `json:"path"`
+	// Default: the destination ran in coop's default mode.
+	Default bool `json:"default,omitempty"`
 	// Attempts is the number of pulls until one completed (0: none did
 	// within maxAttempts).
-	Attempts          int     `json:"attempts"`
-	FirstError        string  `json:"first_error,omitempty"`
-	ClaimsFailed      float64 `json:"claims_failed"`
+	Attempts     int     `json:"attempts"`
+	FirstError   string  `json:"first_error,omitempty"`
+	ClaimsFailed float64 `json:"claims_failed"`
+	// ClaimFallbacks counts the claims the registry completed inside coop.
+	ClaimFallbacks    float64 `json:"claim_registry_fallbacks"`
 	MirrorFailed      float64 `json:"mirror_failed"`
 	RegistryBlobBytes int64   `json:"registry_blob_bytes"`
 	Seconds           float64 `json:"seconds"`
@@ -42,7 +47,9 @@ type FailureCell struct {
 	CorruptCommitted  int     `json:"corrupt_committed"`
 }
 
-const maxAttempts = 3
+// maxAttempts bounds the pulls of one cell; they are retried after 1, 2, 4
+// and 8 s, as kubelet backs off (from 10 s there).
+const maxAttempts = 5
 
 var faults = []struct {
 	name, description string
@@ -51,6 +58,7 @@ var faults = []struct {
 	{"stalls", "the peer's coop is frozen (SIGSTOP) mid-layer"},
 	{"lies-size", "the peer's layer file is cut to half: it serves fewer bytes than its inventory says"},
 	{"corrupt", "the peer's layer file is overwritten with random bytes of the same size"},
+	{"coop-killed", "the destination's own coop is killed mid-layer and started again 2 s later (systemd's Restart=always)"},
 }
 
 func runFailures(ctx context.Context, o options) ([]FailureCell, error) {
@@ -76,7 +84,7 @@ func runFailures(ctx context.Context, o options) ([]FailureCell, error) {
 	}
 	var cells []FailureCell
 	for _, f := range faults {
-		for _, path := range []string{"claim", "mirror"} {
+		for _, path := range []string{"default", "observer"} {
 			c, err := failureCell(ctx, tools, reg, img, f.name, path)
 			if err != nil {
 				return nil, fmt.Errorf("%s during a %s pull: %w", f.name, path, err)
@@ -89,7 +97,7 @@ func runFailures(ctx context.Context, o options) ([]FailureCell, error) {
 }
 
 func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registry, img *harness.Image, fault, path string) (FailureCell, error) {
-	cell := FailureCell{Fault: fault, Path: path}
+	cell := FailureCell{Fault: fault, Path: path, Default: path == "default"}
 	up := []harness.Upstream{harness.UpstreamOf(reg)}
 	// 16 MiB/s: the layer takes seconds, so a fault lands in its middle.
 	a, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: "a", Registries: up, UploadLimit: 16 << 20, CoopLogLevel: "info"})
@@ -123,14 +131,11 @@ func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registr
 		}
 	}
 	b, err := harness.StartNode(ctx, tools, harness.NodeOptions{Name: "b", Registries: up, Neighbors: []harness.Neighbor{a.AsNeighbor()},
-		Index: "periodic", ExtraCoopArgs: []string{"--period", "500ms"}, Claim: path == "claim", CoopLogLevel: "info"})
+		Default: path == "default", Observer: path == "observer", CoopLogLevel: "info"})
 	if err != nil {
 		return cell, err
 	}
 	defer func() { _ = b.Stop() }()
-	if err := waitIndexed(ctx, b, img.Digests()); err != nil {
-		return cell, err
-	}
 	reg.ResetCounts()
 	start := time.Now()
 	pull := func() error {
@@ -140,20 +145,30 @@ func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registr
 	}
 	first := make(chan error, 1)
 	go func() { first <- pull() }()
-	if fault == "dies" || fault == "stalls" {
+	if fault == "dies" || fault == "stalls" || fault == "coop-killed" {
 		if err := waitUploading(ctx, a); err != nil {
 			return cell, err
 		}
 		time.Sleep(300 * time.Millisecond)
-		if fault == "dies" {
+		switch fault {
+		case "dies":
 			if err := a.KillCoop(); err != nil {
 				return cell, err
 			}
-		} else {
+		case "stalls":
 			a.SignalCoop(syscall.SIGSTOP)
+		case "coop-killed":
+			if err := b.KillCoop(); err != nil {
+				return cell, err
+			}
+			time.Sleep(2 * time.Second)
+			if err := b.StartCoop(ctx); err != nil {
+				return cell, err
+			}
 		}
 	}
 	err = <-first
+	backoff := time.Second
 	for attempt := 1; attempt <= maxAttempts; attempt++ {
 		if err == nil {
 			cell.Attempts = attempt
@@ -163,6 +178,8 @@ func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registr
 			cell.FirstError = err.Error()
 		}
 		if attempt < maxAttempts {
+			time.Sleep(backoff)
+			backoff *= 2
 			err = pull()
 		}
 	}
@@ -170,6 +187,7 @@ func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registr
 	cell.RegistryBlobBytes = reg.Counts().BlobBytes
 	if m, err := b.Metrics(ctx); err == nil {
 		cell.ClaimsFailed, _ = m.Sum(harness.MetricClaims, "result", "failed")
+		cell.ClaimFallbacks, _ = m.Sum(harness.MetricClaimFallbacks)
 		f, _ := m.Sum(harness.MetricMirrorRequests, "kind", "blob", "result", "failed")
 		ab, _ := m.Sum(harness.MetricMirrorRequests, "kind", "blob", "result", "aborted")
 		cell.MirrorFailed = f + ab
@@ -253,14 +271,14 @@ func checkCommittedNS(ctx context.Context, n *harness.Node, ns string) (checked,
 
 func printFailures(cells []FailureCell) {
 	fmt.Println()
-	fmt.Println("| fault | path | pulls to complete | failed claims | mirror blob failures | registry blob MiB | seconds | blobs checked | corrupt committed |")
-	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	fmt.Println("| fault | path | pulls to complete | failed claims | claims the registry completed | mirror blob failures | registry blob MiB | seconds | blobs checked | corrupt committed |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|")
 	for _, c := range cells {
 		attempts := fmt.Sprint(c.Attempts)
 		if c.Attempts == 0 {
 			attempts = fmt.Sprintf("none in %d", maxAttempts)
 		}
-		fmt.Printf("| %s | %s | %s | %g | %g | %.1f | %.1f | %d | %d |\n", c.Fault, c.Path, attempts, c.ClaimsFailed, c.MirrorFailed,
+		fmt.Printf("| %s | %s | %s | %g | %g | %g | %.1f | %.1f | %d | %d |\n", c.Fault, c.Path, attempts, c.ClaimsFailed, c.ClaimFallbacks, c.MirrorFailed,
 			float64(c.RegistryBlobBytes)/mib, c.Seconds, c.BlobsChecked, c.CorruptCommitted)
 	}
 }

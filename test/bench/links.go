@@ -196,6 +196,7 @@ func shapedInner(ctx context.Context, o options, name string) error {
 		claim    bool
 		observer bool
 		tls      bool
+		dflt     bool // coop's defaults: no mode flag
 	}
 	stripe := []string{"--index", "online", "--policy", "stripe"}
 	// Claim mode decides from a local index: periodic, warmed before the
@@ -211,6 +212,8 @@ func shapedInner(ctx context.Context, o options, name string) error {
 		{label: "claim-stripe-tls", args: claimStripe, mbit: sumMbit, claim: true, tls: true},
 		{label: "observer-stripe", args: stripe, mbit: sumMbit, observer: true},
 		{label: "observer-stripe-tls", args: stripe, mbit: sumMbit, observer: true, tls: true},
+		{label: "default", mbit: sumMbit, dflt: true},
+		{label: "default-tls", mbit: sumMbit, dflt: true, tls: true},
 	} {
 		if o.shapedRuns == "" || strings.Contains(","+o.shapedRuns+",", ","+r.label+",") {
 			runs = append(runs, r)
@@ -269,7 +272,7 @@ func shapedInner(ctx context.Context, o options, name string) error {
 	for _, r := range runs {
 		hs := sets[r.tls]
 		dst, err := start(linksDst, harness.NodeOptions{Registries: []harness.Upstream{harness.UpstreamOf(srcReg)}, Neighbors: hs.neighbours, ExtraCoopArgs: r.args,
-			Claim: r.claim, Observer: r.observer, PKI: hs.pki})
+			Claim: r.claim, Observer: r.observer, Default: r.dflt, PKI: hs.pki})
 		if err != nil {
 			return err
 		}
@@ -327,7 +330,7 @@ func shapedInner(ctx context.Context, o options, name string) error {
 		run := Run{Label: r.label, Seconds: took, Samples: []float64{took}, LimitSeconds: limit(r.mbit),
 			FractionOfLimit: s.LimitSeconds / took, OwnFraction: limit(r.mbit) / took, BytesByNode: byNode,
 			BlobDiskBytes: disk.Total(), BlobDiskByStore: map[string]int64{"coop": disk.Coop, "containerd": disk.Containerd},
-			Copies: float64(disk.Total()) / float64(bytes), TLS: r.tls, ServerCPUSeconds: cpu, ServedBytes: served}
+			Copies: float64(disk.Total()) / float64(bytes), TLS: r.tls, ServerCPUSeconds: cpu, ServedBytes: served, Default: r.dflt}
 		if served > 0 {
 			run.ServerCPUSecondsPerGiB = cpu / (float64(served) / gib)
 		}

@@ -92,6 +92,10 @@ type NodeOptions struct {
 	// index knows peers hold are claimed at containerd's Info and unpacked
 	// as they stream in.
 	Claim bool
+	// Default runs coop node and coop containerd-config with their
+	// defaults: no --content-mode, no --claim (Observer and Claim must be
+	// false). It is what an operator who follows the README gets.
+	Default bool
 	// BaseDir holds the node's data directory (default os.TempDir()).
 	BaseDir string
 	// KeepDirs leaves the node's directories in place after Stop (for
@@ -348,14 +352,16 @@ func (n *Node) coopArgs() []string {
 	if n.opts.Migrations {
 		args = append(args, "--serve-containers", "default,k8s.io", "--allow-remote-stop")
 	}
-	if n.opts.Observer {
-		args = append(args, "--content-mode", "observer")
-	} else {
-		args = append(args, "--content-mode", "proxy")
+	switch {
+	case n.opts.Default:
+	case n.opts.Observer:
+		args = append(args, "--content-mode", "observer", "--claim=false")
+	case n.opts.Claim:
+		args = append(args, "--content-mode", "proxy", "--claim")
+	default:
+		args = append(args, "--content-mode", "proxy", "--claim=false")
 	}
-	if n.opts.Claim {
-		args = append(args, "--claim", "--hosts-dir", n.HostsDir)
-	}
+	args = append(args, "--hosts-dir", n.HostsDir)
 	return append(args, n.opts.ExtraCoopArgs...)
 }
 
@@ -426,6 +432,17 @@ func (n *Node) KillContainerd() error {
 	}
 	n.logf("killing containerd (pid %d)", p.pid())
 	return p.kill()
+}
+
+// ContainerdPID is the node's containerd process id; 0 when it was never
+// started.
+func (n *Node) ContainerdPID() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.containerd == nil {
+		return 0
+	}
+	return n.containerd.pid()
 }
 
 // CoopPID is the coop node's process id; 0 when it was never started.
@@ -515,6 +532,9 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 	if n.opts.Plain || n.opts.Observer {
 		base.RegistryConfigPath = n.HostsDir
 	}
+	if n.opts.Default && (n.opts.Plain || n.opts.Observer || n.opts.Claim) {
+		return errors.New("a node in coop's default mode sets neither Plain, Observer nor Claim")
+	}
 	basePath := filepath.Join(n.Dir, "base.toml")
 	if err := writeFileAtomic(basePath, []byte(base.render())); err != nil {
 		return err
@@ -542,7 +562,6 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 		snapshotters += ",native"
 	}
 	args := []string{"containerd-config",
-		"--content-mode", "proxy",
 		"--base", basePath,
 		"--output", cfgPath,
 		"--content-socket", n.ContentSocket,
@@ -551,6 +570,9 @@ func (n *Node) writeContainerdConfig(ctx context.Context) error {
 		"--snapshotter", snapshotters,
 		"--platform", "linux/amd64",
 		"--write",
+	}
+	if !n.opts.Default {
+		args = append(args, "--content-mode", "proxy")
 	}
 	for _, r := range n.opts.Registries {
 		args = append(args, "--registry", r.Host+"="+r.URL)
