@@ -24,7 +24,7 @@ const RegistryNode = "(registry)"
 // Claim decisions (coop_claim_decisions_total).
 const (
 	claimPeersRegistry = "peers_registry"
-	claimPeers         = "peers" // two or more holders, or a registry that does not answer
+	claimPeers         = "peers" // two or more holders, or a registry not known to refuse coop
 	claimRegistry      = "registry"
 	claimNoFallback    = "no_fallback"
 )
@@ -39,8 +39,8 @@ var errBadBytes = errors.New("claimed bytes do not verify")
 // an Upstream, a claim must not fail where containerd could have fetched the
 // blob: it needs the blob's registry as its fallback (then a blob no peer
 // holds is claimed from the registry alone, its size from the manifest),
-// or a second peer holding it whole, or a registry that does not answer
-// (containerd could not fetch from it either).
+// or a second peer holding it whole, unless the registry is known to refuse
+// coop (containerd, with credentials coop lacks, could fetch it there).
 func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 	var cs []peers.Candidate
 	if !m.recentlyFailed(dgst) {
@@ -64,7 +64,10 @@ func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 	case holders > 0 && reg:
 		m.claimChoices.WithLabelValues(claimPeersRegistry).Inc()
 		return cs[0].Size, true
-	case holders >= 2 || (holders == 1 && reach == upstream.Down):
+	case holders >= 2 || (holders == 1 && reach != upstream.Denied):
+		// Down: containerd could not fetch from it either. Unknown (its
+		// check is running, or no pull named it: a migration): the
+		// registry is the fallback if the check passes by then.
 		m.claimChoices.WithLabelValues(claimPeers).Inc()
 		return cs[0].Size, true
 	case holders == 1:
@@ -152,7 +155,7 @@ func (m *Mirror) claimFromRegistry(ctx context.Context, dgst digest.Digest, size
 		reason = "corrupt"
 	}
 	var total int64
-	for try := 0; try < 2; try++ {
+	for {
 		if bad {
 			if !canRewind {
 				return total, peerErr
@@ -170,22 +173,21 @@ func (m *Mirror) claimFromRegistry(ctx context.Context, dgst digest.Digest, size
 			return total, fmt.Errorf("claimed blob %s: peers: %w; registry: %w", dgst, peerErr, err)
 		}
 		if !canVerify {
-			break
+			m.claimFallbacks.WithLabelValues(reason).Inc()
+			return total, nil
 		}
-		if err := v.Verify(); err != nil {
-			// The peers' part was bad too: once more, all of it.
-			peerErr, bad = fmt.Errorf("%w: %w", errBadBytes, err), true
-			reason = "corrupt"
-			continue
+		verr := v.Verify()
+		if verr == nil {
+			m.claimFallbacks.WithLabelValues(reason).Inc()
+			return total, nil
 		}
-		m.claimFallbacks.WithLabelValues(reason).Inc()
-		return total, nil
+		if from == 0 {
+			// The registry's own bytes: nothing left to try.
+			return total, fmt.Errorf("claimed blob %s: the registry's bytes do not verify either: %w", dgst, verr)
+		}
+		// The peers' part was bad too: once more, all of it.
+		peerErr, bad, reason = fmt.Errorf("%w: %w", errBadBytes, verr), true, "corrupt"
 	}
-	if bad {
-		return total, peerErr
-	}
-	m.claimFallbacks.WithLabelValues(reason).Inc()
-	return total, nil
 }
 
 // copyFromRegistry copies dgst's bytes from offset from its registry to w.

@@ -22,8 +22,9 @@ import (
 
 // fakeUpstream is a registry coop may (reach Usable) or may not pull from.
 type fakeUpstream struct {
-	reach upstream.Reach
-	blobs map[digest.Digest][]byte
+	reach   upstream.Reach
+	blobs   map[digest.Digest][]byte
+	corrupt bool // serve every byte flipped
 
 	mu      sync.Mutex
 	offsets []int64
@@ -46,7 +47,13 @@ func (u *fakeUpstream) Fetch(_ context.Context, d digest.Digest, size, offset in
 	u.mu.Lock()
 	u.offsets = append(u.offsets, offset)
 	u.mu.Unlock()
-	return io.NopCloser(bytes.NewReader(b[offset:size])), nil
+	body := bytes.Clone(b[offset:size])
+	if u.corrupt {
+		for i := range body {
+			body[i] ^= 0xff
+		}
+	}
+	return io.NopCloser(bytes.NewReader(body)), nil
 }
 
 func (u *fakeUpstream) asked() []int64 {
@@ -120,7 +127,7 @@ func TestClaimableFallbacks(t *testing.T) {
 		{"no upstream, no peer", nil, false, upstream.Unknown, true, false, ""},
 		{"one peer, registry", one, true, upstream.Usable, false, true, claimPeersRegistry},
 		{"one peer, registry denies coop", one, true, upstream.Denied, false, false, claimNoFallback},
-		{"one peer, registry not checked yet", one, true, upstream.Unknown, false, false, claimNoFallback},
+		{"one peer, registry not checked yet", one, true, upstream.Unknown, false, true, claimPeers},
 		{"one peer, registry down", one, true, upstream.Down, false, true, claimPeers},
 		{"two peers, registry denies coop", two, true, upstream.Denied, false, true, claimPeers},
 		{"no peer, registry, size known", nil, true, upstream.Usable, true, true, claimRegistry},
@@ -211,6 +218,28 @@ func TestFetchClaimFallsBackToRegistry(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestFetchClaimRegistryLies: the peer and the registry both send bad
+// bytes: the claim fails with data loss after one rewind and one fetch from
+// the registry, not in a loop.
+func TestFetchClaimRegistryLies(t *testing.T) {
+	b := make([]byte, 2<<20)
+	_, _ = rand.Read(b)
+	d, size := digest.FromBytes(b), int64(len(b))
+	res := staticResolver{d: {{Node: "a", URL: blobPeer(t, b, "corrupt").URL, Size: size}}}
+	up := &fakeUpstream{reach: upstream.Usable, blobs: map[digest.Digest][]byte{d: b}, corrupt: true}
+	m := newUpstreamMirror(t, res, up, fixedSizes{d: size})
+	w := &rewindingWriter{want: d}
+	if err := m.FetchClaim(context.Background(), d, size, w); !errdefs.IsDataLoss(err) {
+		t.Fatalf("claim from liars: %v; want data loss", err)
+	}
+	if got := up.asked(); len(got) != 1 || got[0] != 0 {
+		t.Fatalf("registry asked from %v; want once, from 0", got)
+	}
+	if w.rewinds != 1 {
+		t.Fatalf("%d rewinds; want 1", w.rewinds)
 	}
 }
 

@@ -225,7 +225,7 @@ func New(opts Options) (*Mirror, error) {
 		}),
 		claimChoices: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_claim_decisions_total",
-			Help: "Blobs of 1 MiB or more containerd asked about, by what coop decided: peers_registry (claimed from peers, the registry as fallback), peers (claimed from two or more peers, the registry unusable), registry (claimed from the registry alone), no_fallback (one peer holds it and coop cannot pull from its registry: not claimed, containerd fetches it).",
+			Help: "Blobs of 1 MiB or more containerd asked about, by what coop decided: peers_registry (claimed from peers, the registry as fallback), peers (claimed from peers only: two or more hold it, or one and its registry is down or not checked yet), registry (claimed from the registry alone), no_fallback (one peer holds it and its registry refuses coop: not claimed, containerd fetches it).",
 		}, []string{"decision"}),
 		claimFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_claim_registry_fallbacks_total",

@@ -112,6 +112,7 @@ func TestSecuritySuite(t *testing.T) {
 			{"size-2^62", secHugeSize},
 			{"size-lie", secSizeLie},
 			{"swarm-liar", secSwarmLiar},
+			{"registry-liar", secRegistryLiar},
 			{"slow-readers", secSlowReaders},
 		} {
 			t.Run(part.name, func(t *testing.T) {
