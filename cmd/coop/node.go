@@ -127,7 +127,7 @@ func (c *nodeConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace, debug, info, warn or error")
 	fs.StringVar(&c.Containerd, "containerd-address", c.Containerd, "containerd's socket: observer mode watches it; claims need it; container records for migration destinations (coop migrate) come from it (empty: none)")
 	fs.StringVar(&c.ContentMode, "content-mode", c.ContentMode, "proxy: be containerd's content store (content + diff proxy plugins; needed by --claim; containerd set up by coop containerd-config or coop install); observer: leave containerd's built-in store alone, learn its blobs from its events (needs --containerd-address; no claims)")
-	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers (or, with --claim-registry, its registry) can serve as found, fetch it at once and unpack it as it streams in (needs --containerd-address); off by default in observer mode")
+	fs.BoolVar(&c.Claim, "claim", c.Claim, "proxy mode: answer containerd's Info for a missing blob that known peers (or, with --claim-registry, its registry) can serve as found, fetch it at once and unpack it as it streams in (needs --containerd-address); off by default in observer mode and without --containerd-address")
 	fs.IntVar(&c.ClaimParallel, "claim-parallel", c.ClaimParallel, "claimed blobs downloaded at once, each from all its peers; the one being unpacked goes first, a blob in its last 8 MiB frees its slot (P2 measured best at 3)")
 	fs.BoolVar(&c.ClaimRegistry, "claim-registry", c.ClaimRegistry, "claims fall back to the pull's registry (learned from the mirror's manifest requests, endpoints from --hosts-dir), and blobs no peer holds are claimed from it, so a claim never fails its pull; a registry coop cannot pull from gets claims only with two peers (--claim-registry=false: a claim whose peers fail fails its pull once)")
 	fs.StringVar(&c.HostsDir, "hosts-dir", c.HostsDir, "containerd's registry config_path (hosts.toml tree): where coop finds the registries' endpoints and TLS settings, its own mirror left out")
@@ -155,8 +155,9 @@ func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
-	// Claims are on by default, in proxy mode: observer mode turns the
-	// default off, and refuses only a claim asked for.
+	// Claims are on by default, in proxy mode with containerd's socket:
+	// observer mode, or no --containerd-address, turns the default off,
+	// and refuses only a claim asked for.
 	claimSet := false
 	fs.Visit(func(f *flag.Flag) { claimSet = claimSet || f.Name == "claim" })
 	if *configPath != "" {
@@ -191,7 +192,7 @@ func parseNodeFlags(args []string, stderr io.Writer) (nodeConfig, error) {
 			}
 		}
 	}
-	if cfg.ContentMode == node.ContentObserver && !claimSet {
+	if !claimSet && (cfg.ContentMode == node.ContentObserver || cfg.Containerd == "") {
 		cfg.Claim = false
 	}
 	if cfg.Advertise == "" {

@@ -38,6 +38,9 @@ func TestParseNodeFlags(t *testing.T) {
 		{"observer turns the claim default off", []string{"--content-mode", "observer"}, func(c nodeConfig) bool {
 			return c.ContentMode == "observer" && !c.Claim
 		}, false},
+		{"no containerd socket turns the claim default off", []string{"--containerd-address", ""}, func(c nodeConfig) bool {
+			return c.ContentMode == "proxy" && !c.Claim
+		}, false},
 		{"a claim asked for in observer mode stays (and is refused later)", []string{"--content-mode", "observer", "--claim"}, func(c nodeConfig) bool {
 			return c.Claim
 		}, false},

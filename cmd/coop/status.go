@@ -95,6 +95,9 @@ func printStatus(w io.Writer, s node.Status, now time.Time) {
 	mode := s.ContentMode
 	if s.Claim {
 		mode += " + claim"
+		if s.ClaimRegistry {
+			mode += " (registry fallback)"
+		}
 	}
 	fmt.Fprintf(w, "content   %s; advertised at %s\n", mode, s.Advertise)
 	if !s.TLSNotAfter.IsZero() {

@@ -25,7 +25,9 @@ type Status struct {
 	Started     time.Time `json:"started"`
 	ContentMode string    `json:"content_mode"`
 	Claim       bool      `json:"claim"`
-	Advertise   string    `json:"advertise"`
+	// ClaimRegistry: claims fall back to the pull's registry.
+	ClaimRegistry bool   `json:"claim_registry,omitempty"`
+	Advertise     string `json:"advertise"`
 	// TLSNotAfter is when the node's certificate expires (zero without
 	// TLS).
 	TLSNotAfter time.Time        `json:"tls_not_after,omitzero"`
@@ -105,7 +107,7 @@ const certWarning = 24 * time.Hour
 // With all, it adds ClusterKB's members.
 func (n *Node) Status(ctx context.Context, all bool) Status {
 	o := n.opts
-	s := Status{Node: o.Name, Started: n.started, ContentMode: o.ContentMode, Claim: o.Claim, Advertise: o.Advertise,
+	s := Status{Node: o.Name, Started: n.started, ContentMode: o.ContentMode, Claim: o.Claim, ClaimRegistry: n.upstream != nil, Advertise: o.Advertise,
 		Index: IndexStatus{Mode: n.index.Mode()}}
 	if o.TLS != nil {
 		s.TLSNotAfter = o.TLS.NotAfter()
