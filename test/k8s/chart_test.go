@@ -83,7 +83,8 @@ func TestChart(t *testing.T) {
 		refused string
 		check   func(t *testing.T, objs []object)
 	}{
-		{name: "defaults", check: checkDefaults},
+		{name: "defaults: host mode, claims", check: checkHostMode(hostMode{claim: true, restart: "systemd"})},
+		{name: "observer", set: []string{"node.contentMode=observer"}, check: checkObserver},
 		{name: "CA from a secret", set: []string{"tls.ca.source=secret", "tls.ca.secretName=my-ca"}, check: func(t *testing.T, objs []object) {
 			if find(objs, "Secret", "") != nil {
 				t.Error("a CA Secret is rendered although the operator gives one")
@@ -131,11 +132,14 @@ func TestChart(t *testing.T) {
 				t.Error("ClusterKB rendered although disabled")
 			}
 		}},
-		{name: "host mode", set: []string{"node.contentMode=proxy"}, check: checkHostMode(hostMode{restart: "systemd"})},
+		{name: "host mode, no claims", set: []string{"node.claim=false"}, check: checkHostMode(hostMode{restart: "systemd"})},
 		{name: "host mode, claim, files only", set: []string{"node.contentMode=proxy", "node.claim=true", "node.host.restart=none"},
 			check: checkHostMode(hostMode{claim: true, restart: "none"})},
-		{name: "host mode, uninstall", set: []string{"node.contentMode=proxy", "node.host.uninstall=true"}, check: checkHostMode(hostMode{restart: "systemd", uninstall: true})},
-		{name: "claim in observer mode", set: []string{"node.claim=true"}, refused: "node.claim needs node.contentMode proxy"},
+		{name: "host mode, credentials", set: []string{"node.registryCredentials=/etc/coop/registry.json"},
+			check: checkHostMode(hostMode{claim: true, restart: "systemd", credentials: "/etc/coop/registry.json"})},
+		{name: "host mode, uninstall", set: []string{"node.host.uninstall=true"}, check: checkHostMode(hostMode{claim: true, restart: "systemd", uninstall: true})},
+		{name: "credentials without claims", set: []string{"node.claim=false", "node.registryCredentials=/etc/coop/r.json"}, refused: "node.registryCredentials: only claims"},
+		{name: "credentials in observer mode", set: []string{"node.contentMode=observer", "node.registryCredentials=/etc/coop/r.json"}, refused: "node.registryCredentials: only claims"},
 		{name: "unknown content mode", set: []string{"node.contentMode=bogus"}, refused: `node.contentMode "bogus"`},
 		{name: "unknown host restart", set: []string{"node.host.restart=bogus"}, refused: `node.host.restart "bogus"`},
 		{name: "unknown index", set: []string{"node.index=gossip"}, refused: `node.index "gossip"`},
@@ -170,8 +174,9 @@ func TestChart(t *testing.T) {
 	}
 }
 
-// checkDefaults: what the default rendering promises.
-func checkDefaults(t *testing.T, objs []object) {
+// checkObserver: what an observer rendering promises (no privilege, no
+// restart of containerd).
+func checkObserver(t *testing.T, objs []object) {
 	ds := find(objs, "DaemonSet", "")
 	if ds == nil {
 		t.Fatal("no DaemonSet")
@@ -228,9 +233,10 @@ func checkDefaults(t *testing.T, objs []object) {
 
 // hostMode is what a proxy (host mode) rendering was asked for.
 type hostMode struct {
-	claim     bool
-	restart   string
-	uninstall bool
+	claim       bool
+	restart     string
+	uninstall   bool
+	credentials string
 }
 
 // checkHostMode: what a proxy rendering promises. One privileged install
@@ -327,10 +333,16 @@ func checkHostMode(want hostMode) func(t *testing.T, objs []object) {
 				t.Errorf("node args %q lack %s", nodeArgs, w)
 			}
 		}
-		for _, w := range []string{"--claim", "--claim-parallel=3"} {
+		for _, w := range []string{"--claim", "--claim-parallel=3", "--claim-registry=true", "--hosts-dir=/etc/containerd/certs.d"} {
 			if slices.Contains(nodeArgs, w) != want.claim {
 				t.Errorf("node args %q: %s %v, want %v", nodeArgs, w, !want.claim, want.claim)
 			}
+		}
+		if slices.Contains(nodeArgs, "--claim=false") == want.claim {
+			t.Errorf("node args %q: claims off must be said (coop node claims by default)", nodeArgs)
+		}
+		if got := slices.Contains(nodeArgs, "--registry-credentials="+want.credentials); got != (want.credentials != "") {
+			t.Errorf("node args %q: credentials %q", nodeArgs, want.credentials)
 		}
 
 		hostPaths := map[string]string{}
@@ -404,6 +416,12 @@ func (o *object) args(c string) []string {
 	for _, ct := range v.Spec.Template.Spec.Containers {
 		if ct.Name == c {
 			return ct.Args
+		}
+	}
+	for _, ct := range v.Spec.Template.Spec.Containers {
+		// Host mode: coop node's args follow install's, after --.
+		if sep := slices.Index(ct.Args, "--"); c == "node" && ct.Name == "install" && sep >= 0 {
+			return ct.Args[sep+1:]
 		}
 	}
 	return nil

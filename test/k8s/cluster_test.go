@@ -137,7 +137,7 @@ func TestCluster(t *testing.T) {
 		// No cluster DNS nor kube-proxy here: ClusterKB on n1's address.
 		"--set", "kb.hostNetwork=true", "--set", "kb.endpoint="+kubeHosts[1].IP,
 		"--set", "kb.nodeSelector.kubernetes\\.io/hostname=n1",
-		"--set", "node.period=2s",
+		"--set", "node.period=2s", "--set", "node.contentMode=observer",
 		"--wait", "--timeout", "3m"); err != nil {
 		t.Fatalf("helm install: %v\n%s\n%s", err, out, describe(ctx, cp))
 	}

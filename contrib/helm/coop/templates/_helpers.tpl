@@ -90,6 +90,13 @@ container's environment, expanded by Kubernetes.
 {{- if $n.claim }}
 - --claim
 - --claim-parallel={{ $n.claimParallel }}
+- --claim-registry={{ $n.claimRegistry }}
+- --hosts-dir={{ $v.containerd.hostsDir }}
+{{- if $n.registryCredentials }}
+- --registry-credentials={{ $n.registryCredentials }}
+{{- end }}
+{{- else }}
+- --claim=false
 {{- end }}
 {{- end }}
 - --peer-listen=:{{ $n.peerPort }}
