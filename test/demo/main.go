@@ -131,7 +131,8 @@ type demo struct {
 
 func (d *demo) node(h cluster.Host, opts harness.NodeOptions) (*harness.Node, error) {
 	opts.Name, opts.NetNS, opts.ListenIP = h.Name, nsPath(h.Name), h.IP
-	opts.CoopLogLevel, opts.Logf, opts.PKI = "info", d.logf, d.pki
+	// coop as an operator gets it: the default mode (claims).
+	opts.CoopLogLevel, opts.Logf, opts.PKI, opts.Default = "info", d.logf, d.pki, true
 	n, err := harness.StartNode(d.ctx, d.tools, opts)
 	if err != nil {
 		return nil, err
