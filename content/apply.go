@@ -30,25 +30,28 @@ type applyState struct {
 	reads []claimRead
 }
 
-// claimRead is a claim an unpack read, at its gen then.
+// claimRead is a claim of cs an unpack read, at its gen then.
 type claimRead struct {
+	cs  *ClaimStore
 	c   *claim
 	gen int
 }
 
-// read records that the unpack opened c at gen (nil: no unpack to tell).
-func (s *applyState) read(c *claim, gen int) {
+// read records that the unpack opened c of cs at gen (nil: no unpack to
+// tell).
+func (s *applyState) read(cs *ClaimStore, c *claim, gen int) {
 	if s == nil {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.reads = append(s.reads, claimRead{c, gen})
+	s.reads = append(s.reads, claimRead{cs, c, gen})
 }
 
 // settle waits until every claim the unpack read is verified, failed or
 // rewound, and says whether one was rewound: its bytes were bad, and it is
-// being fetched again.
+// being fetched again. A failed one is forgotten by containerd before
+// settle returns, so that the pull's error finds no record of it.
 func (s *applyState) settle(ctx context.Context) bool {
 	s.mu.Lock()
 	reads := slices.Clone(s.reads)
@@ -57,6 +60,13 @@ func (s *applyState) settle(ctx context.Context) bool {
 	for _, r := range reads {
 		if r.c.settle(ctx, r.gen) {
 			rewound = true
+			continue
+		}
+		r.c.mu.Lock()
+		failed := r.c.err != nil
+		r.c.mu.Unlock()
+		if failed {
+			r.cs.forgetFailed(ctx, r.c)
 		}
 	}
 	return rewound

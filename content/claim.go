@@ -469,7 +469,7 @@ func (p applyProvider) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (c
 	if r, ok := ra.(*claimReader); ok {
 		r.apply = true
 		r.state, _ = ctx.Value(applyStateKey{}).(*applyState)
-		r.state.read(r.c, r.gen)
+		r.state.read(p.cs, r.c, r.gen)
 	}
 	return ra, err
 }
@@ -643,6 +643,16 @@ func (cs *ClaimStore) end(c *claim, err error, result string) {
 		})
 		cs.mu.Unlock()
 	}
+}
+
+// forgetFailed has containerd forget the failed claim c, once, before it
+// returns.
+func (cs *ClaimStore) forgetFailed(ctx context.Context, c *claim) {
+	c.forgot.Do(func() {
+		if ferr := cs.forget(context.WithoutCancel(ctx), c.dgst); ferr != nil {
+			log.G(ctx).WithError(ferr).WithField("digest", c.dgst).Warn("could not have containerd forget a failed claim")
+		}
+	})
 }
 
 // claim is one blob being fetched for containerd. It is the download's
@@ -874,14 +884,10 @@ func (r *claimReader) ReadAt(p []byte, off int64) (int, error) {
 		case c.err != nil:
 			err := c.err
 			c.mu.Unlock()
-			c.forgot.Do(func() {
-				// containerd recorded the blob when Info said found:
-				// have it forget the blob before the caller's error
-				// ends the pull, so that a retry fetches it.
-				if ferr := r.cs.forget(context.WithoutCancel(r.ctx), c.dgst); ferr != nil {
-					log.G(r.ctx).WithError(ferr).WithField("digest", c.dgst).Warn("could not have containerd forget a failed claim")
-				}
-			})
+			// containerd recorded the blob when Info said found: have
+			// it forget the blob before the caller's error ends the
+			// pull, so that a retry fetches it.
+			r.cs.forgetFailed(r.ctx, c)
 			return 0, fmt.Errorf("read claimed blob: %w", err)
 		case c.done || (end < c.size && c.written >= end):
 			c.mu.Unlock()

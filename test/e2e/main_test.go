@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -223,29 +224,43 @@ func (e *env) requireHolds(n *harness.Node, blobs []harness.Blob) {
 // each hashes to its digest. It returns the digests checked.
 func (e *env) verifyContent(n *harness.Node, ns string) []digest.Digest {
 	e.t.Helper()
-	out, err := n.CtrNamespace(e.ctx, ns, "content", "ls", "-q")
+	checked, err := e.checkContent(n, ns)
 	if err != nil {
 		e.t.Fatal(err)
+	}
+	return checked
+}
+
+// errCorrupt marks a blob that reads but does not hash to its digest.
+var errCorrupt = errors.New("corrupt data committed")
+
+// checkContent is verifyContent's check: a blob that does not hash to its
+// digest is errCorrupt; one listed that cannot be read is another error (a
+// failed claim's record, which coop has containerd forget right after).
+func (e *env) checkContent(n *harness.Node, ns string) ([]digest.Digest, error) {
+	out, err := n.CtrNamespace(e.ctx, ns, "content", "ls", "-q")
+	if err != nil {
+		return nil, err
 	}
 	var checked []digest.Digest
 	for _, f := range strings.Fields(out) {
 		d, err := digest.Parse(f)
 		if err != nil {
-			e.t.Fatalf("content ls: %q: %v", f, err)
+			return nil, fmt.Errorf("content ls: %q: %w", f, err)
 		}
 		h := d.Algorithm().Digester()
 		ctx, cancel := context.WithTimeout(e.ctx, 2*time.Minute)
 		err = n.CtrTo(ctx, h.Hash(), ns, "content", "get", d.String())
 		cancel()
 		if err != nil {
-			e.t.Fatalf("node %s: content get %s: %v", n.Name, d, err)
+			return nil, fmt.Errorf("node %s: content get %s: %w", n.Name, d, err)
 		}
 		if h.Digest() != d {
-			e.t.Fatalf("node %s: content %s hashes to %s: corrupt data committed", n.Name, d, h.Digest())
+			return nil, fmt.Errorf("node %s: content %s hashes to %s: %w", n.Name, d, h.Digest(), errCorrupt)
 		}
 		checked = append(checked, d)
 	}
-	return checked
+	return checked, nil
 }
 
 // verifyStoreFiles hashes every file of coop's store on disk, when it uses
