@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -113,7 +114,7 @@ func runInstall(ctx context.Context, args []string, _, stderr io.Writer) error {
 		rest = rest[1:]
 	}
 	var err error
-	if o.Node, err = parseNodeFlags(rest, stderr); err != nil {
+	if o.Node, err = installNodeFlags(rest, o.HostsDir, stderr); err != nil {
 		return err
 	}
 	if o.Restart != "systemd" && o.Restart != "none" {
@@ -168,6 +169,20 @@ func chrootRunner(hostRoot string, out io.Writer) hostRunner {
 		}
 		return nil
 	}
+}
+
+// installNodeFlags parses the node's flags (after `-- node`). The node's
+// claims read the hosts.toml tree containerd is given (install's
+// --hosts-dir) unless the node's flags name another.
+func installNodeFlags(args []string, hostsDir string, stderr io.Writer) (nodeConfig, error) {
+	cfg, err := parseNodeFlags(args, stderr)
+	if err != nil {
+		return cfg, err
+	}
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(strings.TrimLeft(a, "-"), "hosts-dir") }) {
+		cfg.HostsDir = hostsDir
+	}
+	return cfg, nil
 }
 
 // host returns the host path p as seen here.

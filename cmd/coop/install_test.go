@@ -89,7 +89,7 @@ func (h *fakeHost) install(t *testing.T, restart string, uninstall bool, nodeArg
 		ContainerdConfig: "/etc/containerd/config.toml", HostsDir: "/etc/containerd/certs.d", Restart: restart, Uninstall: uninstall,
 	}
 	var err error
-	if o.Node, err = parseNodeFlags(nodeArgs, io.Discard); err != nil {
+	if o.Node, err = installNodeFlags(nodeArgs, o.HostsDir, io.Discard); err != nil {
 		return err
 	}
 	in := &installer{o: o, run: h.runner(t), self: func() ([]byte, error) { return []byte("coop binary"), nil }, stderr: io.Discard}
@@ -248,6 +248,22 @@ func TestInstallRestartNone(t *testing.T) {
 	cfg := h2.read(t, "etc/containerd/config.toml")
 	if usesCoopContent([]byte(cfg)) || !strings.Contains(cfg, "/etc/containerd/certs.d") || h2.exists("var/lib/coop/blobs/sha256/"+testBlob) {
 		t.Errorf("observer install: config\n%s", cfg)
+	}
+}
+
+func TestInstallNodeHostsDir(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--name=n1"}, "/srv/certs.d"},
+		{[]string{"--name=n1", "--hosts-dir=/etc/other"}, "/etc/other"},
+		{[]string{"--name=n1", "--hosts-dir", "/etc/other"}, "/etc/other"},
+	} {
+		cfg, err := installNodeFlags(tc.args, "/srv/certs.d", io.Discard)
+		if err != nil || cfg.HostsDir != tc.want {
+			t.Errorf("%q: hosts dir %q, %v; want %q", tc.args, cfg.HostsDir, err, tc.want)
+		}
 	}
 }
 
