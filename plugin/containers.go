@@ -44,6 +44,25 @@ func (c *Containers) Ping(ctx context.Context) error {
 	return err
 }
 
+// BuiltinContent says whether containerd runs its own content store
+// (io.containerd.content.v1.content, loaded): it then does not use coop's
+// (proxy mode needs it disabled, as coop containerd-config does).
+func (c *Containers) BuiltinContent(ctx context.Context) (bool, error) {
+	resp, err := c.client.IntrospectionService().Plugins(ctx, "type=="+builtinContentType)
+	if err != nil {
+		return false, err
+	}
+	for _, p := range resp.Plugins {
+		if p.Type == builtinContentType && p.ID == "content" && p.InitErr == nil {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// builtinContentType is the plugin type of content stores.
+const builtinContentType = "io.containerd.content.v1"
+
 // Record returns the record of container id in namespace ns.
 func (c *Containers) Record(ctx context.Context, ns, id string) (*peers.ContainerRecord, error) {
 	if err := identifiers.Validate(ns); err != nil {

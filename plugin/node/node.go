@@ -608,6 +608,9 @@ func (n *Node) Run(ctx context.Context) error {
 	if n.debugHTTP != nil {
 		g.Go(func() error { return peers.Serve(gctx, n.debugHTTP, n.debugL) })
 	}
+	if n.containers != nil && n.opts.ContentMode == ContentProxy {
+		g.Go(func() error { n.checkContainerdContent(gctx); return nil })
+	}
 	o := n.opts
 	log.G(ctx).WithFields(log.Fields{
 		"root": o.Root, "socket": o.ContentSocket, "content_mode": o.ContentMode, "peer": n.peerL.Addr().String(),
@@ -620,6 +623,32 @@ func (n *Node) Run(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// checkContainerdContent warns once containerd answers if it keeps its own
+// content store (proxy mode needs containerd set up for coop). containerd
+// usually starts after coop: it is asked every 2 s for 2 minutes.
+func (n *Node) checkContainerdContent(ctx context.Context) {
+	for range 60 {
+		cctx, cancel := context.WithTimeout(ctx, statusProbeTimeout)
+		err := n.containers.Ping(cctx)
+		p := ""
+		if err == nil {
+			p = n.contentProblem(cctx)
+		}
+		cancel()
+		if err == nil {
+			if p != "" {
+				log.G(ctx).Warn(p)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
 }
 
 // Close releases everything New took: listeners, the claim store, the

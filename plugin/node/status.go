@@ -182,6 +182,8 @@ func (n *Node) Status(ctx context.Context, all bool) Status {
 		cctx, cancel := context.WithTimeout(ctx, statusProbeTimeout)
 		if err := n.containers.Ping(cctx); err != nil {
 			s.Problems = append(s.Problems, "containerd does not answer: "+err.Error())
+		} else if p := n.contentProblem(cctx); p != "" {
+			s.Problems = append(s.Problems, p)
 		}
 		cancel()
 	}
@@ -189,6 +191,20 @@ func (n *Node) Status(ctx context.Context, all bool) Status {
 		s.Errors = n.errors.Recent()
 	}
 	return s
+}
+
+// contentProblem says what is wrong when containerd, in proxy mode, keeps
+// its own content store: it then never uses coop's (no claims, and blobs
+// coop lands stay beside containerd's copies).
+func (n *Node) contentProblem(ctx context.Context) string {
+	if n.opts.ContentMode != ContentProxy {
+		return ""
+	}
+	builtin, err := n.containers.BuiltinContent(ctx)
+	if err != nil || !builtin {
+		return ""
+	}
+	return "containerd runs its own content store, not coop's: set it up for proxy mode (coop containerd-config, coop install) or run coop with --content-mode observer"
 }
 
 // probeNeighbors asks every neighbour an empty have at once: up or why not,

@@ -72,4 +72,14 @@ func TestStatus(t *testing.T) {
 			}
 		})
 	}
+	// coop in proxy mode beside a containerd set up for observer mode (its
+	// own content store): coop status says so.
+	t.Run("proxy beside containerd's own store", func(t *testing.T) {
+		e := e.sub(t)
+		c := e.node(harness.NodeOptions{Name: "c", Observer: true, ExtraCoopArgs: []string{"--content-mode", "proxy"}})
+		s, code, err := c.Status(e.ctx)
+		if err != nil || code != 1 || !strings.Contains(strings.Join(s.Problems, "; "), "containerd runs its own content store") {
+			t.Fatalf("status: exit %d (%v), mode %q, problems %q; want exit 1 naming containerd's own store", code, err, s.ContentMode, s.Problems)
+		}
+	})
 }
