@@ -65,9 +65,10 @@ func (m *Mirror) Claimable(dgst digest.Digest) (int64, bool) {
 		m.claimChoices.WithLabelValues(claimPeersRegistry).Inc()
 		return cs[0].Size, true
 	case holders >= 2 || (holders == 1 && reach != upstream.Denied):
-		// Down: containerd could not fetch from it either. Unknown (its
-		// check is running, or no pull named it: a migration): the
-		// registry is the fallback if the check passes by then.
+		// Down: containerd could not fetch from it either. Checking:
+		// the registry is the fallback if the check passes (FetchClaim
+		// waits for it). Unknown (no pull named it: a migration): as
+		// before the registry fallback.
 		m.claimChoices.WithLabelValues(claimPeers).Inc()
 		return cs[0].Size, true
 	case holders == 1:
@@ -93,7 +94,7 @@ func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64,
 	m.downloads.start(dgst, size)
 	cw := &countingWriter{w: w}
 	byNode, hedged, err := m.claimFromPeers(ctx, dgst, size, w, cw)
-	if err != nil && m.upstream != nil && m.upstream.Reach(dgst) == upstream.Usable {
+	if err != nil && m.upstream != nil && m.awaitReach(ctx, dgst) == upstream.Usable {
 		var n int64
 		n, err = m.claimFromRegistry(ctx, dgst, size, w, cw, err)
 		if n > 0 {
@@ -106,6 +107,27 @@ func (m *Mirror) FetchClaim(ctx context.Context, dgst digest.Digest, size int64,
 	m.downloads.finish(dgst, byNode, hedged, err)
 	return err
 }
+
+// awaitReach returns what coop knows of dgst's registry, waiting while its
+// first check runs (a claim from one peer may be made before it ends; the
+// peer may fail sooner), at most reachWait.
+func (m *Mirror) awaitReach(ctx context.Context, dgst digest.Digest) upstream.Reach {
+	deadline := time.Now().Add(reachWait)
+	for {
+		r := m.upstream.Reach(dgst)
+		if r != upstream.Checking || time.Now().After(deadline) {
+			return r
+		}
+		select {
+		case <-ctx.Done():
+			return r
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// reachWait bounds awaitReach: a registry check's own bound, and a little.
+const reachWait = 20 * time.Second
 
 // claimFromPeers downloads dgst from its peers into cw (whose writer is w),
 // and verifies it when w can.

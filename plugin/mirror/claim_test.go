@@ -21,7 +21,9 @@ import (
 )
 
 // fakeUpstream is a registry coop may (reach Usable) or may not pull from.
+// With checked set, Reach says Checking until it is closed, then reach.
 type fakeUpstream struct {
+	checked chan struct{}
 	reach   upstream.Reach
 	blobs   map[digest.Digest][]byte
 	corrupt bool // serve every byte flipped
@@ -37,7 +39,16 @@ func (u *fakeUpstream) Seen(_ context.Context, host, repo, ref string) {
 	u.seen = append(u.seen, host+" "+repo+" "+ref)
 }
 
-func (u *fakeUpstream) Reach(digest.Digest) upstream.Reach { return u.reach }
+func (u *fakeUpstream) Reach(digest.Digest) upstream.Reach {
+	if u.checked != nil {
+		select {
+		case <-u.checked:
+		default:
+			return upstream.Checking
+		}
+	}
+	return u.reach
+}
 
 func (u *fakeUpstream) Fetch(_ context.Context, d digest.Digest, size, offset int64) (io.ReadCloser, error) {
 	b, ok := u.blobs[d]
@@ -127,7 +138,8 @@ func TestClaimableFallbacks(t *testing.T) {
 		{"no upstream, no peer", nil, false, upstream.Unknown, true, false, ""},
 		{"one peer, registry", one, true, upstream.Usable, false, true, claimPeersRegistry},
 		{"one peer, registry denies coop", one, true, upstream.Denied, false, false, claimNoFallback},
-		{"one peer, registry not checked yet", one, true, upstream.Unknown, false, true, claimPeers},
+		{"one peer, registry not named by a pull", one, true, upstream.Unknown, false, true, claimPeers},
+		{"one peer, registry being checked", one, true, upstream.Checking, false, true, claimPeers},
 		{"one peer, registry down", one, true, upstream.Down, false, true, claimPeers},
 		{"two peers, registry denies coop", two, true, upstream.Denied, false, true, claimPeers},
 		{"no peer, registry, size known", nil, true, upstream.Usable, true, true, claimRegistry},
@@ -240,6 +252,26 @@ func TestFetchClaimRegistryLies(t *testing.T) {
 	}
 	if w.rewinds != 1 {
 		t.Fatalf("%d rewinds; want 1", w.rewinds)
+	}
+}
+
+// TestFetchClaimAwaitsCheck: the only peer fails while the registry's check
+// still runs: the claim waits for the check, then completes from the
+// registry.
+func TestFetchClaimAwaitsCheck(t *testing.T) {
+	b := make([]byte, 2<<20)
+	_, _ = rand.Read(b)
+	d, size := digest.FromBytes(b), int64(len(b))
+	res := staticResolver{d: {{Node: "a", URL: blobPeer(t, b, "dead").URL, Size: size}}}
+	up := &fakeUpstream{checked: make(chan struct{}), reach: upstream.Usable, blobs: map[digest.Digest][]byte{d: b}}
+	m := newUpstreamMirror(t, res, up, fixedSizes{d: size})
+	time.AfterFunc(300*time.Millisecond, func() { close(up.checked) })
+	w := &rewindingWriter{want: d}
+	if err := m.FetchClaim(context.Background(), d, size, w); err != nil {
+		t.Fatalf("claim: %v", err)
+	}
+	if !bytes.Equal(w.buf.Bytes(), b) || len(up.asked()) != 1 {
+		t.Fatalf("registry asked from %v", up.asked())
 	}
 }
 

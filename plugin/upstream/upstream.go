@@ -125,10 +125,12 @@ const (
 	Denied
 	// Down: the registry does not answer: nobody can pull from it now.
 	Down
+	// Checking: the repository's first check is running.
+	Checking
 )
 
 func (r Reach) String() string {
-	return [...]string{"unknown", "usable", "denied", "down"}[r]
+	return [...]string{"unknown", "usable", "denied", "down", "checking"}[r]
 }
 
 type repoState struct {
@@ -321,13 +323,13 @@ func (r *Registries) probe(ctx context.Context, o Origin, ref string) {
 	default:
 		result, reach = resultError, Down
 	}
-	r.checks.WithLabelValues(result).Inc()
 	r.mu.Lock()
 	if st := r.repos[o]; st != nil {
 		st.reach, st.checked, st.running = reach, time.Now(), false
 	}
 	r.probes--
 	r.mu.Unlock()
+	r.checks.WithLabelValues(result).Inc()
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("result", result).Info("coop cannot pull from this repository itself: its claims fall back to other peers only")
 		return
@@ -355,8 +357,8 @@ func (r *Registries) Origin(dgst digest.Digest) (Origin, bool) {
 }
 
 // Reach says, without a network round trip, what the last check of dgst's
-// repository found (Unknown when no pull named it, or before its first
-// check ends).
+// repository found: Unknown when no pull named it, Checking while its first
+// check runs.
 func (r *Registries) Reach(dgst digest.Digest) Reach {
 	o, ok := r.Origin(dgst)
 	if !ok {
@@ -365,7 +367,12 @@ func (r *Registries) Reach(dgst digest.Digest) Reach {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := r.repos[o]
-	if st == nil || st.checked.IsZero() {
+	switch {
+	case st == nil:
+		return Unknown
+	case st.checked.IsZero() && st.running:
+		return Checking
+	case st.checked.IsZero():
 		return Unknown
 	}
 	return st.reach

@@ -141,6 +141,9 @@ func TestFetchThroughTokenFlow(t *testing.T) {
 	}
 	r.Seen(context.Background(), tr.host(), "public/app", "latest")
 	r.Seen(context.Background(), tr.host(), "public/app", tr.manifest.String())
+	if got := r.Reach(tr.dgst); got != Checking && got != Usable {
+		t.Fatalf("reach while the first check runs: %v", got)
+	}
 	waitChecked(t, r, 1)
 	if got := r.Reach(tr.dgst); got != Usable {
 		t.Fatalf("a layer of a manifest pulled from a public repository: %v", got)
