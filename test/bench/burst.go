@@ -31,7 +31,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -394,15 +393,7 @@ func (e *burstEnvState) startCorrupt(ctx context.Context) error {
 			layer = l
 		}
 	}
-	junk := make([]byte, layer.Size)
-	if _, err := rand.Read(junk); err != nil {
-		return err
-	}
-	p := n.BlobPath(layer.Digest)
-	if err := os.Chmod(p, 0o644); err != nil {
-		return err
-	}
-	if err := os.WriteFile(p, junk, 0o644); err != nil {
+	if err := n.CorruptBlob(layer.Digest); err != nil {
 		return err
 	}
 	e.logf("%s holds the image with layer %s (%d bytes) overwritten with random bytes", n.Name, layer.Digest, layer.Size)

@@ -10,7 +10,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -114,19 +113,11 @@ func failureCell(ctx context.Context, tools *harness.Tools, reg *harness.Registr
 	layer := img.Layers[0]
 	switch fault {
 	case "lies-size":
-		if err := os.Truncate(a.BlobPath(layer.Digest), layer.Size/2); err != nil {
+		if err := a.CutBlob(layer.Digest); err != nil {
 			return cell, err
 		}
 	case "corrupt":
-		junk := make([]byte, layer.Size)
-		if _, err := rand.Read(junk); err != nil {
-			return cell, err
-		}
-		p := a.BlobPath(layer.Digest)
-		if err := os.Chmod(p, 0o644); err != nil {
-			return cell, err
-		}
-		if err := os.WriteFile(p, junk, 0o644); err != nil {
+		if err := a.CorruptBlob(layer.Digest); err != nil {
 			return cell, err
 		}
 	}

@@ -471,6 +471,36 @@ func (n *Node) BlobPath(dgst digest.Digest) string {
 	return filepath.Join(n.Dir, "coop", "blobs", dgst.Algorithm().String(), dgst.Encoded())
 }
 
+// CorruptBlob overwrites the file of blob dgst in coop's store with random
+// bytes of the same size: a holder whose copy rotted, or lies.
+func (n *Node) CorruptBlob(dgst digest.Digest) error {
+	p := n.BlobPath(dgst)
+	fi, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	junk := make([]byte, fi.Size())
+	if _, err := crand.Read(junk); err != nil {
+		return err
+	}
+	// The store keeps blobs read-only.
+	if err := os.Chmod(p, 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(p, junk, 0o644)
+}
+
+// CutBlob truncates the file of blob dgst in coop's store to half its size:
+// a holder serving fewer bytes than its inventory says.
+func (n *Node) CutBlob(dgst digest.Digest) error {
+	p := n.BlobPath(dgst)
+	fi, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	return os.Truncate(p, fi.Size()/2)
+}
+
 // StopCoop stops the coop node with SIGTERM (SIGKILL after 10 s).
 func (n *Node) StopCoop() error {
 	n.mu.Lock()
