@@ -456,10 +456,9 @@ func (cs *ClaimStore) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ct
 }
 
 // ApplyProvider returns the provider the Diff service unpacks from: reads
-// as ReaderAt, but an unpack that stops before the end of a claimed blob
-// that is not verified yet fails the claim at once (its bytes are suspect),
-// so that containerd's retry, which starts as soon as the unpack fails, no
-// longer finds it.
+// as ReaderAt, and the claimed blobs an unpack reads are told to the
+// unpack's restartingApplier, which settles a claim its failure leaves
+// unverified (see restartingApplier).
 func (cs *ClaimStore) ApplyProvider() ctdcontent.Provider { return applyProvider{cs} }
 
 type applyProvider struct{ cs *ClaimStore }
@@ -467,9 +466,8 @@ type applyProvider struct{ cs *ClaimStore }
 func (p applyProvider) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (ctdcontent.ReaderAt, error) {
 	ra, err := p.cs.ReaderAt(ctx, desc)
 	if r, ok := ra.(*claimReader); ok {
-		r.apply = true
-		r.state, _ = ctx.Value(applyStateKey{}).(*applyState)
-		r.state.read(p.cs, r.c, r.gen)
+		st, _ := ctx.Value(applyStateKey{}).(*applyState)
+		st.read(p.cs, r.c, r.gen)
 	}
 	return ra, err
 }
@@ -800,16 +798,11 @@ func (c *claim) open(ctx context.Context, cs *ClaimStore) (*claimReader, error) 
 
 // claimReader reads a claimed blob, waiting for its bytes.
 type claimReader struct {
-	ctx   context.Context
-	c     *claim
-	cs    *ClaimStore
-	f     *os.File
-	apply bool // an unpack reads
-	end   bool // a read reached the end
-	gen   int  // the claim's gen when opened
-	// state is the unpack's (restartingApplier), which settles a claim
-	// its failure leaves unverified.
-	state *applyState
+	ctx context.Context
+	c   *claim
+	cs  *ClaimStore
+	f   *os.File
+	gen int // the claim's gen when opened
 }
 
 // rewoundLocked says, c.mu held, whether the claim was rewound since r was
@@ -841,36 +834,14 @@ func (c *claim) settle(ctx context.Context, gen int) bool {
 
 func (r *claimReader) Size() int64 { return r.c.size }
 
-// Close closes the reader. An unpack that stops before the end of a blob
-// not verified yet failed on its bytes: the claim fails, and containerd
-// forgets it before the unpack's error reaches it; under a
-// restartingApplier, which waits for the claim to settle, it goes on.
-func (r *claimReader) Close() error {
-	err := r.f.Close()
-	if !r.apply || r.end || r.state != nil {
-		return err
-	}
-	c := r.c
-	c.mu.Lock()
-	// A rewound claim is being fetched again: the unpack starts over.
-	suspect := !c.done && c.err == nil && !r.rewoundLocked()
-	at := c.written
-	c.mu.Unlock()
-	if suspect {
-		r.cs.end(c, fmt.Errorf("the unpack of claimed blob %s stopped at %d of %d bytes arrived: its bytes are suspect: %w", c.dgst, at, c.size, errdefs.ErrDataLoss), claimFailed)
-		if ferr := r.cs.forget(context.WithoutCancel(r.ctx), c.dgst); ferr != nil {
-			log.G(r.ctx).WithError(ferr).WithField("digest", c.dgst).Warn("could not have containerd forget a failed claim")
-		}
-	}
-	return err
-}
+// Close closes the reader.
+func (r *claimReader) Close() error { return r.f.Close() }
 
 // ReadAt waits until p's range has arrived (the end of the blob: until it is
 // verified), then reads it.
 func (r *claimReader) ReadAt(p []byte, off int64) (int, error) {
 	c := r.c
 	if off >= c.size {
-		r.end = true
 		return 0, io.EOF
 	}
 	end := min(off+int64(len(p)), c.size)
@@ -903,9 +874,6 @@ func (r *claimReader) ReadAt(p []byte, off int64) (int, error) {
 			}
 			if err == nil && end == c.size && n < len(p) {
 				err = io.EOF
-			}
-			if off+int64(n) == c.size {
-				r.end = true
 			}
 			return n, err
 		}

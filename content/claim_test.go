@@ -478,20 +478,23 @@ func TestMissingBlobForgotten(t *testing.T) {
 	}
 }
 
-// An unpack that stops before the end of a claimed blob failed on its
-// bytes: the claim fails at once and containerd forgets it, before the
-// unpack's error reaches containerd and its retry starts.
+// An unpack that fails before the end of a claimed blob (on its bytes, or
+// on a broken layer) does not end the claim: the unpack settles it. When
+// the claim then fails, containerd has forgotten it by the time settle
+// returns, before the unpack's error reaches containerd and its retry
+// starts.
 func TestClaimUnpackStopsEarly(t *testing.T) {
 	ctx := context.Background()
 	src := newFakeSource()
-	src.step = make(chan struct{}, 64)
+	src.step, src.failAt = make(chan struct{}, 64), 2<<10
 	blob := randomBytes(t, 64<<10)
 	d := src.add(blob)
 	cs, _, cl := newClaimStore(t, src, ClaimOptions{})
 	if _, err := cs.Info(ctx, d); err != nil {
 		t.Fatal(err)
 	}
-	ra, err := cs.ApplyProvider().ReaderAt(ctx, ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
+	st := &applyState{}
+	ra, err := cs.ApplyProvider().ReaderAt(context.WithValue(ctx, applyStateKey{}, st), ocispec.Descriptor{Digest: d, Size: int64(len(blob))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -502,11 +505,20 @@ func TestClaimUnpackStopsEarly(t *testing.T) {
 	if err := ra.Close(); err != nil {
 		t.Fatal(err)
 	}
+	if len(cs.Claimed()) != 1 || cl.has(d) {
+		t.Fatalf("claimed %v, forgotten %v after the unpack stopped: want the claim kept until it settles", cs.Claimed(), cl.has(d))
+	}
+	src.step <- struct{}{} // the source fails after its second piece
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if st.settle(sctx) {
+		t.Fatal("settle says rewound; the claim failed")
+	}
 	if !cl.has(d) {
-		t.Fatal("containerd not told to forget a claim whose unpack stopped early")
+		t.Fatal("containerd not told to forget the failed claim before settle returned")
 	}
 	if _, err := cs.Info(ctx, d); !errdefs.IsNotFound(err) {
-		t.Fatalf("Info after the unpack failed: %v, want not found", err)
+		t.Fatalf("Info after the claim failed: %v, want not found", err)
 	}
 	// A plain reader (containerd's Read RPCs read ranges) closing early
 	// changes nothing.
