@@ -3,15 +3,19 @@ package mirror_test
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"testing"
 
 	ctdcontent "github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
 	"github.com/coopnet/coop/content"
 	"github.com/coopnet/coop/peers"
 	"github.com/coopnet/coop/plugin/mirror"
+	"github.com/coopnet/coop/plugin/upstream"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -19,8 +23,10 @@ import (
 // FuzzMirror checks the mirror's router with any method, path, query and
 // Range: it never fails (5xx) or panics; the write endpoints never accept a
 // request without the token; what it serves from the local store is only
-// the blob the path names, whole or from the offset asked. A blob is in the
-// local store, no peer holds anything. Seeds: testdata/fuzz/FuzzMirror.
+// the blob the path names, whole or from the offset asked; what it tells
+// its Upstream is a manifest request's valid repository name, its ns and
+// its reference, nothing else. A blob is in the local store, no peer holds
+// anything. Seeds: testdata/fuzz/FuzzMirror.
 func FuzzMirror(f *testing.F) {
 	ctx := context.Background()
 	store, err := content.NewStore(ctx, f.TempDir(), content.NewInventory())
@@ -32,12 +38,15 @@ func FuzzMirror(f *testing.F) {
 	if err := ctdcontent.WriteBlob(ctx, store, "held", bytes.NewReader(blob), ocispec.Descriptor{Digest: held, Size: int64(len(blob))}); err != nil {
 		f.Fatal(err)
 	}
+	up := &seenUpstream{}
 	m, err := mirror.New(mirror.Options{Resolver: knownResolver{}, Peers: &peers.Client{HTTP: &http.Client{}, Node: "t"}, Store: store,
-		APIToken: "0123456789abcdef0123456789abcdef"})
+		APIToken: "0123456789abcdef0123456789abcdef", Upstream: up})
 	if err != nil {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { _ = m.Close() })
+	f.Add(http.MethodGet, "/v2/lib/app/manifests/latest", "ns=registry.example:5000", "")
+	f.Add(http.MethodHead, "/v2/lib/app/manifests/"+held.String(), "ns=docker.io&ns=other", "")
 	f.Fuzz(func(t *testing.T, method, path, query, rng string) {
 		req := (&http.Request{Method: method, URL: &url.URL{Path: path, RawQuery: query},
 			Header: http.Header{}, Body: http.NoBody, Host: "127.0.0.1:5051", RemoteAddr: "127.0.0.1:1"}).WithContext(ctx)
@@ -45,7 +54,15 @@ func FuzzMirror(f *testing.F) {
 			req.Header.Set("Range", rng)
 		}
 		rec := httptest.NewRecorder()
+		up.seen = nil
 		m.ServeHTTP(rec, req)
+		for _, sn := range up.seen {
+			dp, err := peers.ParseDistributionPath(path)
+			if err != nil || dp.Kind != peers.KindManifest || !peers.ValidName(sn.repo) || sn.repo != dp.Name || sn.ref != dp.Ref ||
+				sn.host == "" || sn.host != req.URL.Query().Get("ns") {
+				t.Fatalf("%s %q ?%q: the upstream was told %+v", method, path, query, sn)
+			}
+		}
 		switch {
 		case rec.Code >= 500:
 			t.Fatalf("%s %q ?%q Range %q: %d %s", method, path, query, rng, rec.Code, rec.Body)
@@ -66,4 +83,19 @@ func FuzzMirror(f *testing.F) {
 			}
 		}
 	})
+}
+
+// seenUpstream records what the mirror tells it; it knows no registry.
+type seenUpstream struct{ seen []seenRequest }
+
+type seenRequest struct{ host, repo, ref string }
+
+func (u *seenUpstream) Seen(_ context.Context, host, repo, ref string) {
+	u.seen = append(u.seen, seenRequest{host, repo, ref})
+}
+
+func (u *seenUpstream) Reach(digest.Digest) upstream.Reach { return upstream.Unknown }
+
+func (u *seenUpstream) Fetch(_ context.Context, d digest.Digest, _, _ int64) (io.ReadCloser, error) {
+	return nil, fmt.Errorf("blob %s: %w", d, errdefs.ErrNotFound)
 }

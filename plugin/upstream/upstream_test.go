@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/distribution/reference"
 	digest "github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -369,6 +370,30 @@ func FuzzParseCredentials(f *testing.F) {
 			if c.user == "" && c.secret == "" {
 				t.Fatalf("empty credentials for %q", host)
 			}
+		}
+	})
+}
+
+// FuzzParseOrigin: what the mirror passes from a manifest request (?ns= and
+// the repository): an origin is accepted only as a reference name whose
+// domain and path are exactly host and repo, at most 255 bytes.
+func FuzzParseOrigin(f *testing.F) {
+	f.Add("docker.io", "library/busybox")
+	f.Add("127.0.0.1:5000", "coop/app")
+	f.Add("registry.example", "UPPER")
+	f.Add("user@host", "a")
+	f.Add("[::1]:5000", "a/b")
+	f.Fuzz(func(t *testing.T, host, repo string) {
+		o, ok := parseOrigin(host, repo)
+		if !ok {
+			return
+		}
+		if o.Host != host || o.Repo != repo || len(o.Ref()) > 256 {
+			t.Fatalf("parseOrigin(%q, %q) = %+v", host, repo, o)
+		}
+		named, err := reference.ParseNamed(o.Ref())
+		if err != nil || reference.Domain(named) != host || reference.Path(named) != repo {
+			t.Fatalf("origin %q is not the reference name host/repo: %v", o.Ref(), err)
 		}
 	})
 }
