@@ -34,12 +34,8 @@ const (
 // links a blob to the pull's registry (plugin/upstream). It keeps the last
 // Max blobs learned. It is safe for concurrent use.
 type ExpectedSizes struct {
-	max int
-
 	mu    sync.Mutex
-	sizes map[digest.Digest]expected
-	ring  []digest.Digest // insertion order, for eviction
-	next  int             // ring slot the next new digest takes
+	sizes *Bounded[digest.Digest, expected]
 }
 
 type expected struct {
@@ -53,7 +49,7 @@ func NewExpectedSizes(max int) *ExpectedSizes {
 	if max <= 0 {
 		max = DefaultExpectedSizes
 	}
-	return &ExpectedSizes{max: max, sizes: map[digest.Digest]expected{}}
+	return &ExpectedSizes{sizes: NewBounded[digest.Digest, expected](max)}
 }
 
 // Size returns the size the last manifest naming dgst gave it.
@@ -63,7 +59,7 @@ func (e *ExpectedSizes) Size(dgst digest.Digest) (int64, bool) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	x, ok := e.sizes[dgst]
+	x, ok := e.sizes.Get(dgst)
 	return x.size, ok
 }
 
@@ -74,7 +70,7 @@ func (e *ExpectedSizes) Parent(dgst digest.Digest) (digest.Digest, bool) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	x, ok := e.sizes[dgst]
+	x, ok := e.sizes.Get(dgst)
 	return x.parent, ok && x.parent != ""
 }
 
@@ -90,7 +86,7 @@ func (e *ExpectedSizes) Len() int {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return len(e.sizes)
+	return e.sizes.Len()
 }
 
 // Learn reads b, the blob parent, as an OCI or Docker image manifest or
@@ -106,7 +102,7 @@ func (e *ExpectedSizes) Learn(parent digest.Digest, b []byte) int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, d := range ds {
-		e.putLocked(d.Digest, expected{size: d.Size, parent: parent})
+		e.sizes.Put(d.Digest, expected{size: d.Size, parent: parent})
 	}
 	return len(ds)
 }
@@ -127,21 +123,6 @@ func (e *ExpectedSizes) LearnBlob(parent digest.Digest, ra io.ReaderAt, size int
 		return 0
 	}
 	return e.Learn(parent, b)
-}
-
-func (e *ExpectedSizes) putLocked(d digest.Digest, x expected) {
-	if _, ok := e.sizes[d]; ok {
-		e.sizes[d] = x
-		return
-	}
-	if len(e.ring) < e.max {
-		e.ring = append(e.ring, d)
-	} else {
-		delete(e.sizes, e.ring[e.next])
-		e.ring[e.next] = d
-		e.next = (e.next + 1) % e.max
-	}
-	e.sizes[d] = x
 }
 
 // LooksLikeManifest says whether a blob whose first bytes are head and whose

@@ -26,6 +26,7 @@ import (
 	remoteerrors "github.com/containerd/containerd/v2/core/remotes/errors"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/coopnet/coop/content"
 	"github.com/distribution/reference"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -157,9 +158,7 @@ type Registries struct {
 
 	mu      sync.Mutex
 	closed  bool
-	origins map[digest.Digest]Origin
-	ring    []digest.Digest
-	next    int
+	origins *content.Bounded[digest.Digest, Origin]
 	repos   map[Origin]*repoState
 	probes  int
 	hosts   map[string]hostsEntry
@@ -191,7 +190,7 @@ func New(ctx context.Context, opts Options) (*Registries, error) {
 	}
 	r := &Registries{
 		o: o, skip: map[string]bool{},
-		origins: map[digest.Digest]Origin{}, repos: map[Origin]*repoState{}, hosts: map[string]hostsEntry{},
+		origins: content.NewBounded[digest.Digest, Origin](o.MaxOrigins), repos: map[Origin]*repoState{}, hosts: map[string]hostsEntry{},
 		checks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coop_registry_checks_total",
 			Help: "Checks that coop may pull from a repository of a registry (anonymous token flow or the credentials given), by result: ok, denied (401/403: claims there need other peers as their fallback), error.",
@@ -244,7 +243,7 @@ func (r *Registries) Seen(ctx context.Context, host, repo, ref string) {
 		return
 	}
 	if derr == nil {
-		r.putOriginLocked(dgst, o)
+		r.origins.Put(dgst, o)
 	}
 	st := r.repos[o]
 	now := time.Now()
@@ -289,21 +288,6 @@ func (r *Registries) evictRepoLocked(now time.Time) {
 	}
 }
 
-func (r *Registries) putOriginLocked(d digest.Digest, o Origin) {
-	if _, ok := r.origins[d]; ok {
-		r.origins[d] = o
-		return
-	}
-	if len(r.ring) < r.o.MaxOrigins {
-		r.ring = append(r.ring, d)
-	} else {
-		delete(r.origins, r.ring[r.next])
-		r.ring[r.next] = d
-		r.next = (r.next + 1) % r.o.MaxOrigins
-	}
-	r.origins[d] = o
-}
-
 // probe checks that coop may pull from o: it resolves ref there, with the
 // token flow and the credentials.
 func (r *Registries) probe(ctx context.Context, o Origin, ref string) {
@@ -342,7 +326,7 @@ func (r *Registries) probe(ctx context.Context, o Origin, ref string) {
 func (r *Registries) Origin(dgst digest.Digest) (Origin, bool) {
 	for range maxParentDepth {
 		r.mu.Lock()
-		o, ok := r.origins[dgst]
+		o, ok := r.origins.Get(dgst)
 		r.mu.Unlock()
 		if ok {
 			return o, true
